@@ -1,0 +1,167 @@
+"""Base class of the data-dependent curvature operators (Hessian, GGN, Fishers, Jacobians)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvops.linear_operator import LinearOperator
+from curvops.risk import Batch, EmpiricalRisk
+
+
+class NonDeterministicError(RuntimeError):
+    """Raised when two evaluations of the same quantity differ (see ``check_deterministic``)."""
+
+
+def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    return (1e-9, 1e-12) if dtype == torch.float64 else (1e-4, 1e-6)
+
+
+class CurvatureLinearOperator(LinearOperator):
+    """A linear operator defined by a sum of per-batch products over the data.
+
+    Subclasses implement :meth:`_batch_matmat`, the product of one batch's (batch-loss
+    scaled) matrix with ``V`` given with a *leading* column axis; the base class owns the
+    data loop, the batch weights, the reduction across processes, input/output checks and the
+    determinism check.
+
+    Args:
+        model_func: An ``nn.Module`` or a callable ``(params, X) -> output``.
+        loss_func: The loss module (``reduction`` ``"mean"`` or ``"sum"``), or ``None`` for
+            operators without a loss.
+        params: List of parameter tensors or dict name -> tensor.
+        data: Re-iterable of ``(X, y)`` batches.
+        progressbar: Show a progress bar over batches during products.
+        check_deterministic: Evaluate loss, gradient and a product twice at construction and
+            raise :class:`NonDeterministicError` if they differ.
+        num_data: Total number of data (counted if ``None``).
+        batch_size_fn: Maps ``X`` to its batch size (required for mapping inputs).
+        process_group: See :class:`curvops.risk.EmpiricalRisk`.
+    """
+
+    is_self_adjoint = True
+    _check_finite = True
+
+    def __init__(
+        self,
+        model_func: nn.Module | Callable,
+        loss_func: nn.Module | None,
+        params: list[Tensor] | dict[str, Tensor],
+        data: Iterable,
+        *,
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        process_group: Any = None,
+        out_shapes: list[tuple[int, ...]] | None = None,
+    ):
+        self._risk = EmpiricalRisk(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            process_group=process_group,
+        )
+        in_shapes = self._risk.in_shapes
+        super().__init__(
+            in_shapes,
+            in_shapes if out_shapes is None else out_shapes,
+            dtype=self._risk.dtype,
+            device=self._risk.device,
+        )
+        if check_deterministic:
+            self._check_deterministic()
+
+    # ---------------------------------------------------------------- public helpers
+    @property
+    def num_data(self) -> int:
+        """Total number of data the operator is defined over."""
+        return self._risk.num_data
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The parameters, in the operator's order."""
+        return list(self._risk.params)
+
+    def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
+        """Gradient and value of the empirical risk over the operator's data.
+
+        Returns:
+            The gradient as a tensor list shaped like the parameters, and the risk. Uses the
+            same scaling as the operator; does not touch ``.grad``.
+        """
+        loss, grads = self._risk.loss_and_gradient()
+        return grads, loss
+
+    # ---------------------------------------------------------------- the product
+    def _batch_matmat(self, params: list[Tensor], batch: Batch, V: list[Tensor]) -> list[Tensor]:
+        """Product of one batch's matrix (from the batch loss) with ``V``.
+
+        Args:
+            params: Detached parameter values to evaluate at.
+            batch: The batch.
+            V: Tensor list ``[K, *param_shape]``.
+
+        Returns:
+            Tensor list ``[K, *out_shape]`` (not yet multiplied by the batch weight).
+        """
+        raise NotImplementedError
+
+    def _before_pass(self) -> None:
+        """Hook run before each pass over the data (e.g. to reset a random generator)."""
+
+    def _matmat(self, X: list[Tensor]) -> list[Tensor]:
+        if self._check_finite and not all(torch.isfinite(x).all() for x in X):
+            raise ValueError(f"The input to {type(self).__name__} contains NaN or Inf entries.")
+        V = [x.movedim(-1, 0) for x in X]
+        K = V[0].shape[0]
+        out = [torch.zeros(K, *s, dtype=self.dtype, device=self.device) for s in self.out_shapes]
+        params = [p.detach() for p in self._risk.params]
+        self._before_pass()
+        for batch in self._risk.batches(desc=type(self).__name__):
+            for o, r in zip(out, self._batch_matmat(params, batch, V)):
+                o.add_(r.detach(), alpha=batch.weight)
+        self._risk.all_reduce_(out)
+        if self._check_finite and not all(torch.isfinite(o).all() for o in out):
+            raise FloatingPointError(
+                f"{type(self).__name__} produced NaN or Inf. Check the model and data for "
+                "non-finite values (e.g. log of zero, exploding activations) or use float64."
+            )
+        return [o.movedim(0, -1) for o in out]
+
+    # ---------------------------------------------------------------- safeguards
+    def _check_deterministic(self) -> None:
+        """Evaluate loss, gradient and a product twice; raise if they differ.
+
+        Raises:
+            NonDeterministicError: If any of them differ between the two evaluations.
+        """
+        rtol, atol_rel = _tolerances(self.dtype)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(self.shape[1], generator=gen, dtype=self.dtype).to(self.device)
+        results = []
+        for _ in range(2):
+            entry = []
+            if self._risk.loss is not None:
+                loss, grads = self._risk.loss_and_gradient()
+                entry += [loss.reshape(1), *[g.flatten() for g in grads]]
+            entry.append(self @ v)
+            results.append(torch.cat(entry))
+        first, second = results
+        scale = max(first.abs().max().item(), 1e-30)
+        if not torch.allclose(first, second, rtol=rtol, atol=atol_rel * scale):
+            raise NonDeterministicError(
+                f"{type(self).__name__}: two evaluations of loss, gradient and a matrix-vector "
+                "product differ, so the operator would not represent a fixed matrix. Usual "
+                "causes: dropout or BatchNorm in train mode (call model.eval()), a DataLoader "
+                "with shuffle=True or a random sampler, random data augmentation, or "
+                "drop_last=True. Fix the cause, or pass check_deterministic=False if you "
+                "know what you are doing."
+            )

@@ -1,0 +1,294 @@
+r"""The one loop over the data: binding of model, loss, parameters and data.
+
+Every data-dependent operator in ``curvops`` iterates over data through
+:meth:`EmpiricalRisk.batches`; no operator writes its own loop.
+
+NOTE [batch weights]: the empirical risk is
+:math:`\mathcal{L}_\mathbb{D} = \sum_\mathbb{B} (R_\mathbb{D}/R_\mathbb{B}) \mathcal{L}_\mathbb{B}`
+(paper eq. (7)). Any quantity linear in the batch loss (gradient, Hessian, GGN, Fisher, KFAC
+statistics) is computed per batch *from the batch loss* and multiplied by the batch weight
+:math:`w_\mathbb{B} = R_\mathbb{D}/R_\mathbb{B}`, which is :math:`N_\mathbb{B}/N` for
+``reduction="mean"`` and ``1`` for ``reduction="sum"`` (assuming every datum contributes the
+same number of loss terms, e.g. a fixed sequence length). Hence batching never changes the
+matrix: three uneven batches give the same operator as one batch holding all data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from curvops.losses import LossSpec, make_loss_spec
+from curvops.risk.distributed import ProcessGroupHandle
+
+
+@dataclass
+class Batch:
+    """One batch of the data loop.
+
+    Attributes:
+        X: Inputs on the operator's device (a tensor or a mapping of tensors).
+        y: Targets on the operator's device.
+        batch_size: Number of data in the batch.
+        weight: The batch weight :math:`R_\\mathbb{D}/R_\\mathbb{B}` (NOTE [batch weights]).
+    """
+
+    X: Any
+    y: Any
+    batch_size: int
+    weight: float
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    """Move a tensor, or the tensors of a mapping (e.g. a BatchEncoding), to ``device``."""
+    if isinstance(x, Tensor) or (isinstance(x, Mapping) and callable(getattr(x, "to", None))):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+class EmpiricalRisk:
+    """Binds ``(model_func, loss_func, params, data)`` and owns the loop over the data.
+
+    Args:
+        model_func: An ``nn.Module`` (called as ``model(X)``), or a callable
+            ``(params, X) -> output`` receiving the parameters as a dict (if ``params`` is a
+            dict) or a list.
+        loss_func: Loss module with ``reduction`` ``"mean"`` or ``"sum"``, or ``None`` for
+            operators that need no loss (Jacobians).
+        params: The parameters the curvature is taken with respect to: a list of tensors
+            (any subset of the model's parameters, any order) or a dict name -> tensor.
+        data: A re-iterable of ``(X, y)`` batches (a list, a ``DataLoader``).
+        progressbar: Show a tqdm progress bar over batches.
+        num_data: Total number of data (counted with one pass over ``data`` if ``None``).
+        batch_size_fn: Maps ``X`` to its batch size; required if ``X`` is a mapping.
+        process_group: ``torch.distributed`` process group whose ranks each hold a shard of
+            the data (default ``None``: the world group if ``torch.distributed`` is
+            initialised); pass ``False`` to opt out and treat the local data as everything.
+
+    Raises:
+        ValueError: For parameters that are not usable, empty data or a bad data format.
+        TypeError: For a one-shot iterator as data.
+    """
+
+    def __init__(
+        self,
+        model_func: nn.Module | Callable,
+        loss_func: nn.Module | None,
+        params: list[Tensor] | dict[str, Tensor],
+        data: Iterable,
+        *,
+        progressbar: bool = False,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        process_group: Any = None,
+    ):
+        self.model_func = model_func
+        self.module = model_func if isinstance(model_func, nn.Module) else None
+        if self.module is None and not callable(model_func):
+            raise TypeError(
+                f"model_func must be an nn.Module or a callable (params, X) -> output, got "
+                f"{type(model_func)}."
+            )
+        self.loss_func = loss_func
+        self.loss: LossSpec | None = None if loss_func is None else make_loss_spec(loss_func)
+        self.params, self.param_names, self._params_as_dict = self._bind_params(params)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.in_shapes = [tuple(p.shape) for p in self.params]
+        self.data = self._check_data(data)
+        self.batch_size_fn = batch_size_fn
+        self.progressbar = progressbar
+        self.group = ProcessGroupHandle(process_group)
+        local = self._count_data() if num_data is None else int(num_data)
+        if local <= 0 and not self.group.active:
+            raise ValueError("The data is empty: it yields no data points.")
+        self.local_num_data = local
+        self.num_data = self.group.global_num_data(local)
+
+    # ---------------------------------------------------------------- binding
+    def _bind_params(self, params) -> tuple[list[Tensor], list[str], bool]:
+        as_dict = isinstance(params, Mapping)
+        if as_dict:
+            names, tensors = list(params.keys()), list(params.values())
+        elif isinstance(params, (list, tuple)):
+            tensors = list(params)
+            names = None
+        else:
+            raise TypeError(
+                f"params must be a list of tensors or a dict name -> tensor, got {type(params)}."
+                " Tip: pass `list(model.parameters())`."
+            )
+        if not tensors:
+            raise ValueError("params is empty: pass at least one parameter tensor.")
+        for i, p in enumerate(tensors):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params[{i}] is a {type(p)}, not a torch.Tensor.")
+            if not p.requires_grad:
+                raise ValueError(
+                    f"params[{i}] (shape {tuple(p.shape)}) does not require grad. Pass only "
+                    "trainable parameters, or call `p.requires_grad_(True)` on it first."
+                )
+        if len({id(p) for p in tensors}) != len(tensors):
+            raise ValueError("params contains the same tensor more than once.")
+        if len({(p.dtype, p.device) for p in tensors}) != 1:
+            raise ValueError(
+                "All params must share one dtype and device; got "
+                f"{sorted({(str(p.dtype), str(p.device)) for p in tensors})}."
+            )
+        if self.module is not None:
+            by_id = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
+            module_names = []
+            for i, p in enumerate(tensors):
+                if id(p) not in by_id:
+                    raise ValueError(
+                        f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the model "
+                        "(not found in model.named_parameters()). Pass the model's own "
+                        "parameter tensors, not copies or non-leaf tensors derived from them."
+                    )
+                module_names.append(by_id[id(p)])
+            names = module_names
+        elif names is None:
+            names = [str(i) for i in range(len(tensors))]
+        return tensors, names, as_dict
+
+    def _check_data(self, data: Iterable) -> Iterable:
+        try:
+            it = iter(data)
+        except TypeError as e:
+            raise TypeError(f"data must be an iterable of (X, y) batches, got {type(data)}.") from e
+        if it is data:
+            raise TypeError(
+                "data is a one-shot iterator (iter(data) is data); operators traverse the data "
+                "many times. Pass a list of (X, y) batches or a torch DataLoader instead."
+            )
+        return data
+
+    def batch_size(self, X: Any) -> int:
+        """Number of data in the input batch ``X``."""
+        if self.batch_size_fn is not None:
+            return int(self.batch_size_fn(X))
+        if isinstance(X, Mapping):
+            raise ValueError(
+                "X is a mapping (e.g. a HuggingFace BatchEncoding): pass batch_size_fn, e.g. "
+                "`batch_size_fn=lambda X: X['input_ids'].shape[0]`."
+            )
+        if not isinstance(X, Tensor):
+            raise TypeError(f"X has type {type(X)}; pass tensors, or a mapping with batch_size_fn.")
+        return X.shape[0]
+
+    def _unpack(self, batch: Any) -> tuple[Any, Any]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                f"Each batch must be a pair (X, y); got {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                + "."
+            )
+        return batch[0], batch[1]
+
+    def _count_data(self) -> int:
+        return sum(self.batch_size(self._unpack(b)[0]) for b in self.data)
+
+    # ---------------------------------------------------------------- the data loop
+    def rng_isolation(self) -> contextlib.AbstractContextManager:
+        """Context that restores the global RNG state(s) on exit (dropout, shuffling)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
+    def batches(self, desc: str = "") -> Iterator[Batch]:
+        """Iterate over the data (the one data loop of ``curvops``).
+
+        Args:
+            desc: Description shown in the progress bar.
+
+        Yields:
+            :class:`Batch` objects with data on the device and their batch weights.
+
+        Raises:
+            ValueError: If a pass yields a different number of data than counted.
+        """
+        total = len(self.data) if hasattr(self.data, "__len__") else None
+        seen = 0
+        with self.rng_isolation():
+            for raw in tqdm(
+                self.data, desc=desc, total=total, disable=not self.progressbar, leave=False
+            ):
+                X, y = self._unpack(raw)
+                n = self.batch_size(X)
+                seen += n
+                weight = n / self.num_data if self._reduction == "mean" else 1.0
+                yield Batch(_to_device(X, self.device), _to_device(y, self.device), n, weight)
+        if seen != self.local_num_data:
+            raise ValueError(
+                f"A pass over the data yielded {seen} data, but num_data says "
+                f"{self.local_num_data}. Pass num_data matching the data (or leave it None), "
+                "and avoid loaders with drop_last=True and random sampling."
+            )
+
+    @property
+    def _reduction(self) -> str:
+        return "sum" if self.loss is None else self.loss.reduction
+
+    def forward(self, param_values: list[Tensor] | tuple[Tensor, ...], X: Any) -> Tensor:
+        """Evaluate the model with the given parameter values (functionally).
+
+        Args:
+            param_values: Values for :attr:`params`, in the same order.
+            X: The input batch.
+
+        Returns:
+            The model output.
+        """
+        if self.module is not None:
+            return functional_call(self.module, dict(zip(self.param_names, param_values)), (X,))
+        if self._params_as_dict:
+            return self.model_func(dict(zip(self.param_names, param_values)), X)
+        return self.model_func(list(param_values), X)
+
+    def batch_loss(self, param_values: list[Tensor] | tuple[Tensor, ...], batch: Batch) -> Tensor:
+        """The batch loss :math:`\\mathcal{L}_\\mathbb{B}` at ``param_values``."""
+        return self.loss(self.forward(param_values, batch.X), batch.y)
+
+    def all_reduce_(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Sum tensors across the processes of the group in place (no-op when not distributed).
+
+        Args:
+            tensors: Tensors holding this process's partial sums.
+
+        Returns:
+            The same tensors, now holding the sums over all processes.
+        """
+        return self.group.all_reduce_(tensors)
+
+    def loss_and_gradient(self) -> tuple[Tensor, list[Tensor]]:
+        r"""The empirical risk :math:`\mathcal{L}_\mathbb{D}` and its gradient.
+
+        Returns:
+            The risk (a scalar tensor) and its gradient as a tensor list shaped like the
+            parameters. Does not touch ``.grad``.
+        """
+        if self.loss is None:
+            raise ValueError("This operator has no loss function.")
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        grads = [torch.zeros_like(p) for p in self.params]
+        for batch in self.batches(desc="gradient"):
+            g, loss = self._grad_and_value(batch)
+            total += batch.weight * loss.detach()
+            for acc, gi in zip(grads, g):
+                acc.add_(gi, alpha=batch.weight)
+        self.all_reduce_([total, *grads])
+        return total, grads
+
+    def _grad_and_value(self, batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
+        params = [p.detach() for p in self.params]
+        return torch.func.grad_and_value(
+            lambda *p: self.batch_loss(p, batch), argnums=tuple(range(len(params)))
+        )(*params)
