@@ -1,0 +1,14 @@
+"""Structured linear operators: dense, eigendecomposed, identity, diagonal, Kronecker, blocks.
+
+Each operator knows closed forms for its ``trace()``, ``logdet()``, ``det()``,
+``frobenius_norm()``, ``diagonal()`` and ``inverse(damping)``, so that structured curvature
+approximations composed from them (KFAC, EKFAC, low-rank) inherit these for free.
+"""
+
+from curvops.structured.eigendecomposition import EigendecompositionLinearOperator
+from curvops.structured.tensor import TensorLinearOperator
+
+__all__ = [
+    "EigendecompositionLinearOperator",
+    "TensorLinearOperator",
+]
