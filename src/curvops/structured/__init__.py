@@ -5,10 +5,14 @@ Each operator knows closed forms for its ``trace()``, ``logdet()``, ``det()``,
 approximations composed from them (KFAC, EKFAC, low-rank) inherit these for free.
 """
 
+from curvops.structured.diagonal import DiagonalLinearOperator
 from curvops.structured.eigendecomposition import EigendecompositionLinearOperator
+from curvops.structured.identity import IdentityLinearOperator
 from curvops.structured.tensor import TensorLinearOperator
 
 __all__ = [
+    "DiagonalLinearOperator",
     "EigendecompositionLinearOperator",
+    "IdentityLinearOperator",
     "TensorLinearOperator",
 ]
