@@ -1,0 +1,474 @@
+r"""Dense float64 ground truths of curvature matrices, built with ``torch.func``.
+
+These references materialise the Hessian, the generalized Gauss-Newton (GGN), the empirical
+Fisher (EF) and the model Jacobian of an empirical risk as dense matrices. They are slow
+(:math:`\mathcal{O}(D^2)` memory) and meant for small problems: to test ``curvops``'s
+operators and to let users verify them. They are deliberately written without the rest of
+``curvops`` (no data loop, no loss knowledge), so that they stay an independent check.
+
+NOTE [risk scaling]: following Dangel et al. (2025), eqs. (1) and (7), the empirical risk
+on data :math:`\mathbb{D}` with per-datum losses :math:`\ell_n` is
+
+.. math::
+
+    \mathcal{L}_\mathbb{D}(\theta) = R_\mathbb{D} \sum_{n \in \mathbb{D}} \ell_n(\theta)
+    = \sum_\mathbb{B} \frac{R_\mathbb{D}}{R_\mathbb{B}} \mathcal{L}_\mathbb{B}(\theta),
+
+where a batch :math:`\mathbb{B}` with :math:`N_\mathbb{B}` data has the batch loss
+:math:`\mathcal{L}_\mathbb{B} = R_\mathbb{B} \sum_{n \in \mathbb{B}} \ell_n` returned by the
+loss module. For ``reduction="sum"`` :math:`R_\mathbb{D} / R_\mathbb{B} = 1`; for
+``reduction="mean"`` :math:`R_\mathbb{D} / R_\mathbb{B} = N_\mathbb{B} / N` with
+:math:`N = \sum_\mathbb{B} N_\mathbb{B}`. The datum loss :math:`\ell_n` sums over all loss
+terms of datum :math:`n` (the leading axis of the model output indexes data), e.g. over the
+positions of a sequence, and :math:`R_\mathbb{D} = 1 / (\text{number of loss terms})` for
+``"mean"``.
+
+NOTE [parameter order]: all matrices are indexed by the flattened parameters
+:math:`\theta = \mathrm{cat}(\mathrm{vec}\,\theta_1, \dots, \mathrm{vec}\,\theta_L)` in the
+order the caller gives them (list order, or dict insertion order), each flattened row-major.
+
+References:
+    Dangel, F., Eschenhagen, R., Ormaniec, W., Fernandez, A., Tatzel, L., Kristiadi, A.
+    (2025). Position: Curvature Matrices Should Be Democratized via Linear Operators.
+
+    Schraudolph, N. N. (2002). Fast Curvature Matrix-Vector Products for Second-Order
+    Gradient Descent.
+
+    Kunstner, F., Hennig, P., Balles, L. (2019). Limitations of the Empirical Fisher
+    Approximation for Natural Gradient Descent.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from math import prod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+Params = Sequence[Tensor] | Mapping[str, Tensor]
+Data = Iterable[tuple[Any, Tensor]]
+
+# losses whose "mean" reduction factor R_D the empirical Fisher reference knows
+_EF_MEAN_LOSSES = ("MSELoss", "BCEWithLogitsLoss", "CrossEntropyLoss")
+
+
+# ==================================================================== input handling
+def _param_list(params: Params) -> list[Tensor]:
+    """Return the parameters as a list, checking they form a valid parameter set."""
+    if isinstance(params, Mapping):
+        tensors = list(params.values())
+    elif isinstance(params, (list, tuple)):
+        tensors = list(params)
+    else:
+        raise TypeError(
+            f"params must be a list of tensors or a dict name -> tensor, got {type(params)}."
+        )
+    if not tensors:
+        raise ValueError("params is empty: pass at least one parameter tensor.")
+    for i, p in enumerate(tensors):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"Parameter {i} is a {type(p)}, not a Tensor.")
+        if not p.is_floating_point():
+            raise TypeError(f"Parameter {i} has dtype {p.dtype}; parameters must be floating.")
+    if len({id(p) for p in tensors}) != len(tensors):
+        raise ValueError("params contains the same tensor twice: pass each parameter once.")
+    dtype, device = tensors[0].dtype, tensors[0].device
+    for i, p in enumerate(tensors):
+        if p.dtype != dtype or p.device != device:
+            raise ValueError(
+                f"Parameter {i} has dtype/device {p.dtype}/{p.device}, but parameter 0 has "
+                f"{dtype}/{device}: move all parameters to one dtype and device."
+            )
+    return tensors
+
+
+def _make_forward(
+    model_func: nn.Module | Callable, params: Params
+) -> Callable[[list[Tensor], Any], Tensor]:
+    """Return ``forward(param_values, X)`` evaluating the model with replaced parameters.
+
+    For an ``nn.Module`` the parameters are located by identity in
+    ``model_func.named_parameters()`` and substituted with
+    :func:`torch.func.functional_call`; the module's other parameters stay fixed. A plain
+    callable is called as ``model_func(params, X)`` with a dict (if ``params`` is a dict)
+    or a list.
+    """
+    tensors = _param_list(params)
+    if isinstance(model_func, nn.Module):
+        names_by_id = {id(p): name for name, p in model_func.named_parameters()}
+        names = []
+        for i, p in enumerate(tensors):
+            if id(p) not in names_by_id:
+                raise ValueError(
+                    f"Parameter {i} (shape {tuple(p.shape)}) is not a parameter of the model "
+                    f"{type(model_func).__name__}. Pass tensors from model.parameters() "
+                    f"(the objects themselves, not copies), or pass a callable "
+                    f"(params, X) -> output as model_func."
+                )
+            names.append(names_by_id[id(p)])
+
+        def forward(values: list[Tensor], X: Any) -> Tensor:
+            return functional_call(model_func, dict(zip(names, values)), (X,))
+
+        return forward
+
+    if not callable(model_func):
+        raise TypeError(
+            f"model_func must be an nn.Module or a callable (params, X) -> output, got "
+            f"{type(model_func)}."
+        )
+    if isinstance(params, Mapping):
+        keys = list(params.keys())
+
+        def forward(values: list[Tensor], X: Any) -> Tensor:
+            return model_func(dict(zip(keys, values)), X)
+
+        return forward
+
+    def forward(values: list[Tensor], X: Any) -> Tensor:
+        return model_func(list(values), X)
+
+    return forward
+
+
+class _FlatModel:
+    """A model as a function of the flattened parameter vector :math:`\\theta`."""
+
+    def __init__(self, model_func: nn.Module | Callable, params: Params):
+        self.tensors = _param_list(params)
+        self.forward_list = _make_forward(model_func, params)
+        self.shapes = [p.shape for p in self.tensors]
+        self.sizes = [prod(s) for s in self.shapes]
+        self.dtype, self.device = self.tensors[0].dtype, self.tensors[0].device
+        self.theta = torch.cat([p.detach().reshape(-1) for p in self.tensors])
+
+    def __call__(self, theta: Tensor, X: Any) -> Tensor:
+        values = [t.reshape(s) for t, s in zip(theta.split(self.sizes), self.shapes)]
+        out = self.forward_list(values, X)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"The model must return a Tensor, got {type(out)}.")
+        return out
+
+
+def _to_device(X: Any, device: torch.device) -> Any:
+    if isinstance(X, Tensor):
+        return X.to(device)
+    if isinstance(X, Mapping):
+        return {k: _to_device(v, device) for k, v in X.items()}
+    return X
+
+
+def _batches(
+    data: Data, batch_size_fn: Callable[[Any], int] | None, device: torch.device
+) -> list[tuple[Any, Tensor, int]]:
+    """Return the batches as ``(X, y, N_B)`` on ``device``, checking the format."""
+    batches = []
+    for i, batch in enumerate(data):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(f"Batch {i} is not a pair (X, y): got {type(batch)}.")
+        X, y = batch
+        if batch_size_fn is not None:
+            n = int(batch_size_fn(X))
+        elif isinstance(X, Tensor):
+            n = X.shape[0]
+        else:
+            raise ValueError(
+                f"Batch {i} has inputs of type {type(X).__name__}, whose batch size is unknown. "
+                f"Pass batch_size_fn, e.g. batch_size_fn=lambda X: X['x'].shape[0]."
+            )
+        if n <= 0:
+            raise ValueError(f"Batch {i} has batch size {n}; batches must be non-empty.")
+        batches.append((_to_device(X, device), _to_device(y, device), n))
+    if not batches:
+        raise ValueError("data is empty: pass at least one batch (X, y).")
+    return batches
+
+
+def _reduction(loss_func: nn.Module) -> str:
+    reduction = getattr(loss_func, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"{type(loss_func).__name__} has reduction={reduction!r}, but the references need "
+            f"a scalar batch loss: construct the loss with reduction='mean' or 'sum'."
+        )
+    return reduction
+
+
+def _check_mean_is_per_datum(loss_func: nn.Module, y: Tensor) -> None:
+    """Refuse mean-reduced cross-entropy whose normaliser is not the number of loss terms."""
+    if type(loss_func).__name__ != "CrossEntropyLoss" or loss_func.reduction != "mean":
+        return
+    if loss_func.weight is not None:
+        raise ValueError(
+            "CrossEntropyLoss(reduction='mean') with class weights normalises by the summed "
+            "weights, not by the number of data: use reduction='sum' or no weights."
+        )
+    if not y.is_floating_point() and bool((y == loss_func.ignore_index).any()):
+        raise ValueError(
+            f"Targets contain ignore_index={loss_func.ignore_index}, so "
+            f"CrossEntropyLoss(reduction='mean') does not average over all data: remove "
+            f"those targets or use reduction='sum'."
+        )
+
+
+def _batch_factors(loss_func: nn.Module, batches: list[tuple[Any, Tensor, int]]) -> list[float]:
+    r"""The factors :math:`R_\mathbb{D} / R_\mathbb{B}` of NOTE [risk scaling]."""
+    reduction = _reduction(loss_func)
+    for _, y, _ in batches:
+        _check_mean_is_per_datum(loss_func, y)
+    if reduction == "sum":
+        return [1.0] * len(batches)
+    total = sum(n for _, _, n in batches)
+    return [n / total for _, _, n in batches]
+
+
+# ==================================================================== references
+def dense_hessian(
+    model_func: nn.Module | Callable,
+    loss_func: nn.Module,
+    params: Params,
+    data: Data,
+    *,
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> Tensor:
+    r"""Dense Hessian of the empirical risk, :math:`H = \nabla^2_\theta \mathcal{L}_\mathbb{D}`.
+
+    Accumulates per-batch Hessians (``torch.func.hessian``, forward over reverse mode),
+
+    .. math::
+
+        H = \sum_\mathbb{B} \frac{R_\mathbb{D}}{R_\mathbb{B}} \nabla^2_\theta
+        \mathcal{L}_\mathbb{B}(\theta),
+
+    with the factors of NOTE [risk scaling] (Dangel et al. (2025), eqs. (2) and (7)).
+
+    Args:
+        model_func: An ``nn.Module`` (``params`` must be among its parameters; the others
+            stay fixed) or a callable ``(params, X) -> output`` that receives a dict if
+            ``params`` is a dict, else a list.
+        loss_func: Loss module with ``reduction`` ``"mean"`` or ``"sum"``, mapping
+            ``(output, y)`` to the batch loss.
+        params: The parameters to differentiate, a list of tensors or a dict name -> tensor.
+        data: Iterable of batches ``(X, y)``; ``X`` is a tensor or e.g. a dict.
+        batch_size_fn: Maps ``X`` to its batch size; required if ``X`` is not a tensor.
+
+    Returns:
+        The ``[D, D]`` Hessian on the parameters' device and in their dtype.
+    """
+    model = _FlatModel(model_func, params)
+    batches = _batches(data, batch_size_fn, model.device)
+    factors = _batch_factors(loss_func, batches)
+    H = torch.zeros(model.theta.numel(), model.theta.numel(), dtype=model.dtype)
+    H = H.to(model.device)
+    for (X, y, _), c in zip(batches, factors):
+
+        def batch_loss(theta: Tensor, X=X, y=y) -> Tensor:
+            return loss_func(model(theta, X), y)
+
+        H = H + c * hessian(batch_loss)(model.theta)
+    return H
+
+
+def dense_ggn(
+    model_func: nn.Module | Callable,
+    loss_func: nn.Module,
+    params: Params,
+    data: Data,
+    *,
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> Tensor:
+    r"""Dense generalized Gauss-Newton matrix of the empirical risk.
+
+    .. math::
+
+        G = \sum_\mathbb{B} \frac{R_\mathbb{D}}{R_\mathbb{B}} J_\mathbb{B}^\top
+        \left(\nabla^2_{f} \mathcal{L}_\mathbb{B}\right) J_\mathbb{B},
+
+    where :math:`J_\mathbb{B}` is the Jacobian of the batch's stacked model outputs
+    :math:`f` w.r.t. :math:`\theta` (``torch.func.jacrev``) and
+    :math:`\nabla^2_f \mathcal{L}_\mathbb{B}` the Hessian of the batch loss w.r.t. those
+    outputs (``torch.func.hessian``); factors as in NOTE [risk scaling] (Schraudolph (2002);
+    Dangel et al. (2025), eq. (3)). For ``MSELoss``, ``CrossEntropyLoss`` and
+    ``BCEWithLogitsLoss`` this is also the exact (type-I) Fisher.
+
+    Args:
+        model_func: See :func:`dense_hessian`.
+        loss_func: See :func:`dense_hessian`.
+        params: See :func:`dense_hessian`.
+        data: See :func:`dense_hessian`.
+        batch_size_fn: See :func:`dense_hessian`.
+
+    Returns:
+        The ``[D, D]`` GGN on the parameters' device and in their dtype.
+    """
+    model = _FlatModel(model_func, params)
+    batches = _batches(data, batch_size_fn, model.device)
+    factors = _batch_factors(loss_func, batches)
+    D = model.theta.numel()
+    G = torch.zeros(D, D, dtype=model.dtype, device=model.device)
+    for (X, y, _), c in zip(batches, factors):
+        output = model(model.theta, X).detach()
+        J = jacrev(model)(model.theta, X).reshape(output.numel(), D)
+        H_out = hessian(lambda out, y=y: loss_func(out, y))(output)
+        H_out = H_out.reshape(output.numel(), output.numel())
+        G = G + c * (J.T @ H_out @ J)
+    return G
+
+
+def _datum_loss_sum(loss_func: nn.Module) -> nn.Module:
+    """A copy of ``loss_func`` with ``reduction="sum"`` (the caller's module is untouched)."""
+    loss_sum = copy.copy(loss_func)
+    loss_sum.reduction = "sum"
+    return loss_sum
+
+
+def _num_loss_terms(loss_func: nn.Module, output: Tensor) -> int:
+    """Number of terms a mean-reduced known loss averages over in a batch."""
+    name = type(loss_func).__name__
+    if name not in _EF_MEAN_LOSSES:
+        raise ValueError(
+            f"dense_ef knows the 'mean' reduction factor only for {', '.join(_EF_MEAN_LOSSES)}; "
+            f"got {name}. Use reduction='sum' for other losses."
+        )
+    if name == "CrossEntropyLoss":
+        if output.ndim < 2:
+            raise ValueError(
+                f"CrossEntropyLoss needs outputs [N, C, ...] with a leading data axis, got "
+                f"shape {tuple(output.shape)}."
+            )
+        return output.numel() // output.shape[1]
+    return output.numel()
+
+
+def dense_ef(
+    model_func: nn.Module | Callable,
+    loss_func: nn.Module,
+    params: Params,
+    data: Data,
+    *,
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> Tensor:
+    r"""Dense empirical Fisher, the un-centered covariance of per-datum loss gradients.
+
+    .. math::
+
+        E = R_\mathbb{D} \sum_{n \in \mathbb{D}} \nabla_\theta \ell_n
+        \left(\nabla_\theta \ell_n\right)^\top
+
+    (Dangel et al. (2025), eq. (6); Kunstner et al. (2019)). The datum loss
+    :math:`\ell_n` is the loss module with ``reduction="sum"`` on row ``n`` of the batch
+    output (so it sums the datum's loss terms, e.g. over sequence positions), and its
+    gradient comes from ``torch.func.jacrev`` of all of a batch's datum losses.
+    :math:`R_\mathbb{D} = 1` for ``"sum"``; for ``"mean"`` it is one over the total number
+    of loss terms: output entries for ``MSELoss`` and ``BCEWithLogitsLoss``, data times
+    extra output positions for ``CrossEntropyLoss`` (class axis 1).
+
+    Args:
+        model_func: See :func:`dense_hessian`.
+        loss_func: See :func:`dense_hessian`. Any twice-differentiable loss works with
+            ``reduction="sum"``; ``"mean"`` is supported for ``MSELoss``,
+            ``BCEWithLogitsLoss`` and ``CrossEntropyLoss``.
+        params: See :func:`dense_hessian`.
+        data: See :func:`dense_hessian`.
+        batch_size_fn: See :func:`dense_hessian`.
+
+    Returns:
+        The ``[D, D]`` empirical Fisher on the parameters' device and in their dtype.
+
+    Raises:
+        ValueError: For ``reduction="mean"`` with a loss whose number of terms is unknown, or
+            if a batch's model output does not have the batch size as leading axis.
+    """
+    model = _FlatModel(model_func, params)
+    batches = _batches(data, batch_size_fn, model.device)
+    reduction = _reduction(loss_func)
+    _batch_factors(loss_func, batches)  # input checks
+    loss_sum = _datum_loss_sum(loss_func)
+    D = model.theta.numel()
+    E = torch.zeros(D, D, dtype=model.dtype, device=model.device)
+    num_terms = 0
+    for i, (X, y, n) in enumerate(batches):
+        output = model(model.theta, X).detach()
+        if output.ndim == 0 or output.shape[0] != n:
+            raise ValueError(
+                f"Batch {i}: the model output has shape {tuple(output.shape)}, but the batch "
+                f"has {n} data; the empirical Fisher needs the data on the output's leading axis."
+            )
+        if reduction == "mean":
+            num_terms += _num_loss_terms(loss_func, output)
+
+        def datum_losses(theta: Tensor, X=X, y=y, n=n) -> Tensor:
+            out = model(theta, X)
+            return torch.stack([loss_sum(out[j : j + 1], y[j : j + 1]) for j in range(n)])
+
+        grads = jacrev(datum_losses)(model.theta)  # [N_B, D]
+        E = E + grads.T @ grads
+    return E / num_terms if reduction == "mean" else E
+
+
+def dense_jacobian(
+    model_func: nn.Module | Callable,
+    params: Params,
+    data: Data,
+    *,
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> Tensor:
+    r"""Dense Jacobian of the stacked model outputs w.r.t. the parameters.
+
+    .. math::
+
+        J = \begin{pmatrix} J_\theta f(X_{\mathbb{B}_1}) \\ \vdots \\
+        J_\theta f(X_{\mathbb{B}_K}) \end{pmatrix} \in \mathbb{R}^{N \cdot \dim(f_n)
+        \times D},
+
+    rows ordered by batch, then datum, then output entry (row-major); computed with
+    ``torch.func.jacrev``. No loss is involved.
+
+    Args:
+        model_func: See :func:`dense_hessian`.
+        params: See :func:`dense_hessian`.
+        data: Iterable of batches ``(X, y)``; the labels ``y`` are ignored.
+        batch_size_fn: See :func:`dense_hessian` (only used to validate the batches).
+
+    Returns:
+        The ``[N * out_dim, D]`` Jacobian on the parameters' device and in their dtype.
+    """
+    model = _FlatModel(model_func, params)
+    batches = _batches(data, batch_size_fn, model.device)
+    D = model.theta.numel()
+    rows = [jacrev(model)(model.theta, X).reshape(-1, D) for X, _, _ in batches]
+    return torch.cat(rows)
+
+
+def dense_block_diagonal(M: Tensor, sizes: Sequence[int]) -> Tensor:
+    r"""Keep the diagonal blocks of a square matrix and zero the rest.
+
+    For a partition :math:`D = d_1 + \dots + d_L` returns
+    :math:`\mathrm{blockdiag}(M_{11}, \dots, M_{LL})`, e.g. the per-layer blocks a
+    Kronecker-factored approximation targets.
+
+    Args:
+        M: Square ``[D, D]`` matrix.
+        sizes: Block sizes :math:`d_1, \dots, d_L` (positive, summing to ``D``), e.g.
+            ``[p.numel() for p in params]``.
+
+    Returns:
+        A new ``[D, D]`` matrix equal to ``M`` on the diagonal blocks and zero elsewhere.
+    """
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"M must be a square matrix, got shape {tuple(M.shape)}.")
+    sizes = [int(s) for s in sizes]
+    if any(s <= 0 for s in sizes) or sum(sizes) != M.shape[0]:
+        raise ValueError(
+            f"sizes {sizes} must be positive and sum to the matrix dimension {M.shape[0]}."
+        )
+    out = torch.zeros_like(M)
+    start = 0
+    for s in sizes:
+        out[start : start + s, start : start + s] = M[start : start + s, start : start + s]
+        start += s
+    return out
