@@ -8,11 +8,15 @@ approximations composed from them (KFAC, EKFAC, low-rank) inherit these for free
 from curvops.structured.diagonal import DiagonalLinearOperator
 from curvops.structured.eigendecomposition import EigendecompositionLinearOperator
 from curvops.structured.identity import IdentityLinearOperator
+from curvops.structured.kronecker import KroneckerProductLinearOperator
+from curvops.structured.kronecker_eigen import KroneckerEigenLinearOperator
 from curvops.structured.tensor import TensorLinearOperator
 
 __all__ = [
     "DiagonalLinearOperator",
     "EigendecompositionLinearOperator",
     "IdentityLinearOperator",
+    "KroneckerEigenLinearOperator",
+    "KroneckerProductLinearOperator",
     "TensorLinearOperator",
 ]
