@@ -5,6 +5,7 @@ Each operator knows closed forms for its ``trace()``, ``logdet()``, ``det()``,
 approximations composed from them (KFAC, EKFAC, low-rank) inherit these for free.
 """
 
+from curvops.structured.block_diagonal import BlockDiagonalLinearOperator
 from curvops.structured.diagonal import DiagonalLinearOperator
 from curvops.structured.eigendecomposition import EigendecompositionLinearOperator
 from curvops.structured.identity import IdentityLinearOperator
@@ -13,6 +14,7 @@ from curvops.structured.kronecker_eigen import KroneckerEigenLinearOperator
 from curvops.structured.tensor import TensorLinearOperator
 
 __all__ = [
+    "BlockDiagonalLinearOperator",
     "DiagonalLinearOperator",
     "EigendecompositionLinearOperator",
     "IdentityLinearOperator",
