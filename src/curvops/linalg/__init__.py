@@ -1,0 +1,19 @@
+"""Matrix-free linear algebra on linear operators (or dense matrices).
+
+Everything here sees only the :class:`~curvops.LinearOperator` interface (block products
+``A @ X`` with flat ``[D, K]`` matrices) and also accepts a plain dense ``torch.Tensor``.
+"""
+
+from curvops.linalg.inverses import (
+    CGInverseLinearOperator,
+    LSMRInverseLinearOperator,
+    NeumannInverseLinearOperator,
+)
+from curvops.linalg.submatrix import SubmatrixLinearOperator
+
+__all__ = [
+    "CGInverseLinearOperator",
+    "LSMRInverseLinearOperator",
+    "NeumannInverseLinearOperator",
+    "SubmatrixLinearOperator",
+]
