@@ -130,6 +130,8 @@ def test_error_bad_shapes():
         TensorLinearOperator(torch.zeros(4, 4).double(), out_shapes=[(2, 3)])
     with pytest.raises(ValueError, match="must be a list of shapes"):
         TensorLinearOperator(torch.zeros(4, 4).double(), in_shapes=[4])
+    with pytest.raises(ValueError, match="negative dimension"):
+        TensorLinearOperator(torch.zeros(4, 4).double(), in_shapes=[(-2, -2)])
 
 
 def test_error_declared_symmetry():
