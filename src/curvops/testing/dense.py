@@ -262,8 +262,8 @@ def dense_hessian(
     model = _FlatModel(model_func, params)
     batches = _batches(data, batch_size_fn, model.device)
     factors = _batch_factors(loss_func, batches)
-    H = torch.zeros(model.theta.numel(), model.theta.numel(), dtype=model.dtype)
-    H = H.to(model.device)
+    D = model.theta.numel()
+    H = torch.zeros(D, D, dtype=model.dtype, device=model.device)
     for (X, y, _), c in zip(batches, factors):
 
         def batch_loss(theta: Tensor, X=X, y=y) -> Tensor:
