@@ -258,6 +258,15 @@ def dense_hessian(
 
     Returns:
         The ``[D, D]`` Hessian on the parameters' device and in their dtype.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 2).double()
+        >>> X, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+        >>> H = dense_hessian(model, nn.MSELoss(), list(model.parameters()), [(X, y)])
+        >>> H.shape
+        torch.Size([8, 8])
     """
     model = _FlatModel(model_func, params)
     batches = _batches(data, batch_size_fn, model.device)
