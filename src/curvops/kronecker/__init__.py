@@ -1,0 +1,24 @@
+"""The Kronecker family: KFAC, EKFAC and their damped inverses as linear operators.
+
+Layer statistics (inputs, output gradients) are collected in one pass over the data
+(:mod:`curvops.kronecker.collection`); per-layer-type math (:mod:`curvops.kronecker.layers`)
+turns them into factors (:mod:`curvops.kronecker.factors`); the operators are assembled from
+the structured operators of :mod:`curvops.structured`.
+"""
+
+from curvops.kronecker.ekfac import EKFACLinearOperator
+from curvops.kronecker.factors import LayerFactors
+from curvops.kronecker.inverse import EKFACInverseLinearOperator, KFACInverseLinearOperator
+from curvops.kronecker.kfac import KFACLinearOperator
+from curvops.kronecker.options import FallbackType, FisherType, KFACType
+
+__all__ = [
+    "EKFACInverseLinearOperator",
+    "EKFACLinearOperator",
+    "FallbackType",
+    "FisherType",
+    "KFACInverseLinearOperator",
+    "KFACLinearOperator",
+    "KFACType",
+    "LayerFactors",
+]

@@ -1,0 +1,190 @@
+r"""The statistics pass: layer inputs by forward hooks, output gradients by one batched backward.
+
+For every batch of the data loop (:meth:`curvops.risk.EmpiricalRisk.batches`) the pass
+
+1. evaluates the model functionally while forward hooks record each tracked layer's input
+   and output (and count the calls, to reject layers used twice);
+2. asks the loss for the per-datum output factors :math:`S = [s_1, \dots, s_K]`
+   (:meth:`curvops.losses.LossSpec.output_factors`; ``K = C`` for type-2 with ``C``
+   classes, ``mc_samples`` for MC, 1 for the empirical Fisher);
+3. backpropagates all :math:`K` factors at once (``torch.autograd.grad`` with
+   ``is_grads_batched=True``, a vmapped backward) to every tracked layer's output;
+4. hands inputs and output gradients to a consumer (the KFAC factors, or the EKFAC
+   eigenvalue correction), which multiplies by the batch weight :math:`w_\mathbb{B}`.
+
+The ``forward-only`` type skips steps 2-3. Every fisher type shares this code path.
+
+NOTE [MC seeding] of :mod:`curvops.curvature.fisher` applies: each pass re-seeds a private
+generator with ``seed + 7919 * rank``, so repeated passes (EKFAC's second pass) draw the same
+would-be labels and the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvops.kronecker.fallback import per_datum_vjps
+from curvops.kronecker.layers import KFACLayer
+from curvops.kronecker.options import FisherType
+from curvops.risk import Batch, EmpiricalRisk
+
+
+@dataclass
+class BatchStatistics:
+    """What the statistics pass hands to a consumer for one batch.
+
+    Attributes:
+        batch: The batch (its ``weight`` is :math:`w_\\mathbb{B}`).
+        inputs: Per tracked layer, its positional inputs (detached).
+        grad_outputs: Per tracked layer, the output gradients ``[K, *output.shape]``, or
+            ``None`` for ``forward-only``.
+        fallback_grads: Per fallback parameter, per-datum gradients ``[K, N, *shape]``
+            (empty if none were requested).
+    """
+
+    batch: Batch
+    inputs: list[tuple]
+    grad_outputs: list[Tensor | None]
+    fallback_grads: list[Tensor]
+
+
+class _Recorder:
+    """Forward hooks recording each tracked layer's inputs and output during one forward."""
+
+    def __init__(self, layers: list[KFACLayer]):
+        self.layers = layers
+        self.active = False
+        self.inputs: dict[int, tuple] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self.calls: dict[int, int] = {}
+
+    def _hook(self, index: int) -> Callable:
+        def hook(module, args, output):
+            if not self.active:
+                return None
+            self.calls[index] = self.calls.get(index, 0) + 1
+            self.inputs[index] = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            self.outputs[index] = output
+            return None
+
+        return hook
+
+    @contextmanager
+    def installed(self):
+        handles = [
+            layer.module.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def recording(self):
+        self.inputs, self.outputs, self.calls = {}, {}, {}
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def check_calls(self) -> None:
+        for i, layer in enumerate(self.layers):
+            calls = self.calls.get(i, 0)
+            if calls == 0:
+                raise ValueError(
+                    f"{layer.type_name} '{layer.name}' holds parameters in `params` but was "
+                    "not called during the forward pass (its weights may be used directly, "
+                    "e.g. by nn.MultiheadAttention, or the layer is unused). KFAC needs to see "
+                    "the layer's input: remove these parameters from `params`."
+                )
+            if calls > 1:
+                raise ValueError(
+                    f"{layer.type_name} '{layer.name}' was called {calls} times in one "
+                    "forward pass. KFAC supports layers applied once per forward pass (a "
+                    "layer reused across calls, e.g. a recurrent cell or tied application, "
+                    "has no Kronecker structure here). Remove its parameters from `params`."
+                )
+
+
+def generator_for(risk: EmpiricalRisk, seed: int) -> torch.Generator:
+    """A fresh private generator for one pass (NOTE [MC seeding])."""
+    return torch.Generator(device=risk.device).manual_seed(int(seed) + 7919 * risk.group.rank)
+
+
+def statistics_pass(
+    risk: EmpiricalRisk,
+    layers: list[KFACLayer],
+    consume: Callable[[BatchStatistics], None],
+    *,
+    fisher_type: FisherType,
+    mc_samples: int,
+    seed: int,
+    fallback_indices: list[int] | None = None,
+    desc: str = "KFAC statistics",
+) -> None:
+    """Run one pass over the data and feed each batch's layer statistics to ``consume``.
+
+    Args:
+        risk: The data loop.
+        layers: The tracked layers.
+        consume: Called once per batch with its :class:`BatchStatistics`.
+        fisher_type: Which output factors to backpropagate (none for ``forward-only``).
+        mc_samples: Number of Monte-Carlo samples (``mc`` only).
+        seed: Seed of the pass's private generator.
+        fallback_indices: Positions of parameters needing per-datum gradients (fallback).
+        desc: Progress bar description.
+    """
+    fallback_indices = fallback_indices or []
+    backward = fisher_type != FisherType.FORWARD_ONLY
+    generator = generator_for(risk, seed)
+    recorder = _Recorder(layers)
+    with recorder.installed():
+        for batch in risk.batches(desc=desc):
+            values = [p.detach().requires_grad_(backward) for p in risk.params]
+            with torch.set_grad_enabled(backward), recorder.recording():
+                output = risk.forward(values, batch.X)
+            recorder.check_calls()
+            inputs = [recorder.inputs[i] for i in range(len(layers))]
+            grads: list[Tensor | None] = [None] * len(layers)
+            fallback_grads: list[Tensor] = []
+            if backward:
+                S = risk.loss.output_factors(
+                    output, batch.y, fisher_type.value, mc_samples=mc_samples, generator=generator
+                )
+                grads = _backpropagate(output, [recorder.outputs[i] for i in range(len(layers))], S)
+                if fallback_indices:
+                    detached = [v.detach() for v in values]
+                    fallback_grads = per_datum_vjps(
+                        risk.forward, detached, fallback_indices, batch.X, S
+                    )
+            del output, values
+            recorder.outputs = {}
+            consume(BatchStatistics(batch, inputs, grads, fallback_grads))
+
+
+def _backpropagate(output: Tensor, layer_outputs: list[Tensor], S: Tensor) -> list[Tensor]:
+    """Backpropagate the ``K`` factors ``S`` to every layer output in one batched backward."""
+    needs = [i for i, o in enumerate(layer_outputs) if o.requires_grad]
+    grads: list[Tensor | None] = [None] * len(layer_outputs)
+    if needs and output.requires_grad:
+        computed = torch.autograd.grad(
+            output,
+            [layer_outputs[i] for i in needs],
+            grad_outputs=S,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+        for i, g in zip(needs, computed):
+            grads[i] = g
+    # a layer output the model output does not depend on gets zero gradients
+    return [
+        torch.zeros(S.shape[0], *o.shape, dtype=o.dtype, device=o.device) if g is None else g
+        for o, g in zip(layer_outputs, grads)
+    ]

@@ -1,0 +1,201 @@
+r"""The Kronecker factors of one layer, and the KFAC factor accumulation.
+
+NOTE [KFAC scaling]: the curvature matrix KFAC approximates is
+:math:`C = \sum_\mathbb{B} w_\mathbb{B} \sum_{n \in \mathbb{B}} \sum_k g_{k,n} g_{k,n}^\top`
+with per-datum (would-be) gradients :math:`g_{k,n} = J_\theta f_n^\top s_k[n]`, batch
+weights :math:`w_\mathbb{B} = R_\mathbb{D}/R_\mathbb{B}` (NOTE [batch weights] of
+:mod:`curvops.risk.empirical_risk`) and output factors :math:`s_k[n]` that include
+:math:`\sqrt{R_\mathbb{B}}` (NOTE [loss scaling] of :mod:`curvops.losses`). So
+:math:`w_\mathbb{B} R_\mathbb{B} = R_\mathbb{D}` and every batching gives the same matrix.
+For a layer :math:`z_{n,t} = W x_{n,t}` with shared positions :math:`t = 1..T` and output
+gradients :math:`g_{k,n,t} = \partial (s_k[n]^\top f_n) / \partial z_{n,t}`, the per-datum
+weight gradient is :math:`G_{k,n} = \sum_t g_{k,n,t} x_{n,t}^\top`, and
+
+* ``expand``: :math:`A = \frac{1}{N T} \sum_{n,t} x_{n,t} x_{n,t}^\top`,
+  :math:`B = \sum_\mathbb{B} w_\mathbb{B} \sum_{k,n,t} g_{k,n,t} g_{k,n,t}^\top`;
+* ``reduce``: :math:`A = \frac{1}{N} \sum_n \bar x_n \bar x_n^\top` with
+  :math:`\bar x_n = \frac{1}{T}\sum_t x_{n,t}`,
+  :math:`B = \sum_\mathbb{B} w_\mathbb{B} \sum_{k,n} (\sum_t g_{k,n,t})(\sum_t g_{k,n,t})^\top`;
+
+and the layer's block is :math:`B \otimes A` on the row-major weight matrix. :math:`A` is an
+average (over all :math:`N` data of all batches and processes), :math:`B` carries the whole
+scale of the curvature. :math:`T` is the number of shared positions the layer sees per datum
+(its input's positions; the number of output locations of a convolution), which equals the
+number of loss terms per datum in the settings where KFAC is exact: a network acting
+position-wise with one loss term per position (``expand``: e.g. deep linear networks with
+``MSELoss`` on sequences), or positions aggregated before the loss (``reduce``). In those
+settings type-2 KFAC equals the exact block-diagonal GGN, for ``"mean"`` and ``"sum"``
+reductions and any batching. ``num_per_example_loss_terms=T`` overrides the ``expand``
+normalisation :math:`1/(NT)` with a fixed :math:`T` for all layers (e.g. the loss terms of a
+sequence model whose layers see a different number of positions); the default infers it per
+layer. A bias is a weight on a constant input 1: ``separate_weight_and_bias=False``
+appends 1 to :math:`x` (one block for ``[W, b]``), otherwise the bias block is
+:math:`B \cdot a_b` with the scalar :math:`a_b` the same average of :math:`1^2`
+(:math:`a_b = 1` unless :math:`T` is overridden).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvops.kronecker.layers import KFACLayer
+
+
+@dataclass
+class LayerFactors:
+    r"""The Kronecker factors of one layer (see NOTE [KFAC scaling]).
+
+    Attributes:
+        module_name: The layer's name in the model.
+        module_type: The layer's class name.
+        weight_name: Name of the weight in the operator's parameters, or ``None``.
+        bias_name: Name of the bias in the operator's parameters, or ``None``.
+        joint: Whether weight and bias share one block (``input_factor`` then has a last
+            row and column for the bias' constant input).
+        input_factor: :math:`A`, ``[d_in(+1), d_in(+1)]``; for ``nn.Embedding`` the diagonal
+            of :math:`A`, ``[num_embeddings]``; ``None`` without a weight.
+        gradient_factor: :math:`B`, ``[d_out, d_out]``.
+        bias_input_factor: :math:`a_b` (a 0-dim tensor) for a separate bias block, else
+            ``None``.
+    """
+
+    module_name: str
+    module_type: str
+    weight_name: str | None
+    bias_name: str | None
+    joint: bool
+    input_factor: Tensor | None
+    gradient_factor: Tensor
+    bias_input_factor: Tensor | None
+
+    @property
+    def diagonal_input(self) -> bool:
+        """Whether :attr:`input_factor` holds a diagonal (``nn.Embedding``)."""
+        return self.input_factor is not None and self.input_factor.ndim == 1
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The factor tensors by name (for ``state_dict``), leaving out absent ones."""
+        out = {"gradient_factor": self.gradient_factor}
+        if self.input_factor is not None:
+            out["input_factor"] = self.input_factor
+        if self.bias_input_factor is not None:
+            out["bias_input_factor"] = self.bias_input_factor
+        return out
+
+
+def input_rows(layer: KFACLayer, inputs: tuple) -> Tensor:
+    """Input rows ``[N, T, d]`` of a layer, with a column of ones appended for a bias.
+
+    For an embedding, returns its token ids ``[N, T]``.
+    """
+    x = layer.input_rows(inputs)
+    if layer.diagonal_input:
+        return x
+    parts = [x] if layer.weight_index is not None else []
+    if layer.bias_index is not None:
+        parts.append(torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device))
+    return torch.cat(parts, dim=-1)
+
+
+class FactorAccumulator:
+    """Sums of one layer's KFAC statistics over the batches of a pass.
+
+    Args:
+        layer: The layer.
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        loss_terms: Fixed :math:`T` for the ``expand`` normalisation, or ``None`` to count
+            the layer's positions.
+        backward: Whether gradient factors are accumulated (not for ``forward-only``).
+    """
+
+    def __init__(self, layer: KFACLayer, kfac_approx: str, loss_terms: int | None, backward: bool):
+        self.layer = layer
+        self.reduce = kfac_approx == "reduce"
+        self.loss_terms = loss_terms
+        self.backward = backward
+        weight = layer.module.weight
+        like = {"dtype": weight.dtype, "device": weight.device}
+        d_out, d_in = layer.weight_matrix_shape
+        if layer.diagonal_input:
+            self.A_sum = torch.zeros(d_in, **like)
+        else:
+            n = (d_in if layer.weight_index is not None else 0) + int(layer.bias_index is not None)
+            self.A_sum = torch.zeros(n, n, **like)
+        self.B_sum = torch.zeros(d_out, d_out, **like) if backward else None
+        self.count = torch.zeros((), **like)
+
+    def add(self, inputs: tuple, grad_output: Tensor | None, weight: float) -> None:
+        """Add one batch's contribution.
+
+        Args:
+            inputs: The layer's positional inputs.
+            grad_output: Output gradients ``[K, *output.shape]`` (``None`` for forward-only).
+            weight: The batch weight :math:`w_\\mathbb{B}`.
+        """
+        x = input_rows(self.layer, inputs)
+        N, T = x.shape[0], x.shape[1]
+        if self.layer.diagonal_input:
+            A = self._token_counts(x)
+        elif self.reduce:
+            xbar = x.mean(dim=1)
+            A = xbar.T @ xbar
+        else:
+            flat = x.reshape(N * T, -1)
+            A = flat.T @ flat
+        rows = N if self.reduce else N * (T if self.loss_terms is None else self.loss_terms)
+        self.A_sum.add_(A)
+        self.count.add_(rows)
+        if self.backward:
+            g = self.layer.grad_rows(grad_output)  # [K, N, T, d_out]
+            g = g.sum(dim=2) if self.reduce else g
+            g = g.reshape(-1, g.shape[-1])
+            self.B_sum.add_(g.T @ g, alpha=weight)
+
+    def _token_counts(self, ids: Tensor) -> Tensor:
+        module = self.layer.module
+        flat = ids.reshape(-1)
+        if module.padding_idx is not None:
+            flat = flat[flat != module.padding_idx]
+        counts = torch.bincount(flat, minlength=module.num_embeddings)
+        return counts.to(dtype=module.weight.dtype)
+
+    def tensors(self) -> list[Tensor]:
+        """The accumulators (zero-initialised; to be summed across processes in place)."""
+        return [t for t in (self.A_sum, self.B_sum, self.count) if t is not None]
+
+    def finalize(self, separate_weight_and_bias: bool, names: dict[int, str]) -> LayerFactors:
+        """Turn the sums into the layer's factors.
+
+        Args:
+            separate_weight_and_bias: Whether the bias gets its own block.
+            names: Parameter names by position in the parameter list.
+
+        Returns:
+            The layer's factors.
+        """
+        layer = self.layer
+        A = self.A_sum / self.count
+        if self.backward:
+            B = self.B_sum
+        else:
+            d_out = layer.weight_matrix_shape[0]
+            B = torch.eye(d_out, dtype=A.dtype, device=A.device)
+        has_w, has_b = layer.weight_index is not None, layer.bias_index is not None
+        joint = has_w and has_b and not separate_weight_and_bias
+        input_factor, bias_input_factor = A, None
+        if has_b and not joint:
+            bias_input_factor = A[-1, -1].clone()
+            input_factor = A[:-1, :-1].clone() if has_w else None
+        return LayerFactors(
+            module_name=layer.name,
+            module_type=layer.type_name,
+            weight_name=names.get(layer.weight_index),
+            bias_name=names.get(layer.bias_index),
+            joint=joint,
+            input_factor=input_factor,
+            gradient_factor=B,
+            bias_input_factor=bias_input_factor,
+        )

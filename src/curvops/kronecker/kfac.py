@@ -1,0 +1,592 @@
+r"""Kronecker-factored approximate curvature (KFAC) as a linear operator.
+
+Martens, J., Grosse, R. (2015). Optimizing neural networks with Kronecker-factored
+approximate curvature. Grosse, R., Martens, J. (2016). A Kronecker-factored approximate Fisher
+matrix for convolution layers. Botev, A., Ritter, H., Barber, D. (2017). Practical
+Gauss-Newton optimisation for deep learning. Eschenhagen, R., Immer, A., Turner, R. E.,
+Schneider, F., Hennig, P. (2023). Kronecker-factored approximate curvature for modern neural
+network architectures.
+
+NOTE [forward-only scaling]: ``fisher_type="forward-only"`` backpropagates nothing and sets
+every gradient factor to the identity, :math:`B = I_{d_\text{out}}`, keeping the input factor
+:math:`A` exactly as for the other types (NOTE [KFAC scaling] of
+:mod:`curvops.kronecker.factors`). The operator is then :math:`I \otimes A` per layer, the
+input covariance used by FOOF (Benzing, F. (2022). Gradient descent on neurons and its link
+to approximate second-order optimization) and ISAAC (Petersen, F., Sutter, T., Borgelt, C.,
+Huh, D., Kuehne, H., Sun, Y., Deussen, O. (2023). ISAAC Newton: Input-based approximate
+curvature for Newton's method). It does not depend on the loss or the labels; multiply it by
+a scalar to match a loss's scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvops.curvature import NonDeterministicError
+from curvops.kronecker.blocks import EmbeddingKroneckerLinearOperator, WeightBiasStacking
+from curvops.kronecker.collection import statistics_pass
+from curvops.kronecker.discovery import discover_layers
+from curvops.kronecker.eigen import factor_eigh
+from curvops.kronecker.factors import FactorAccumulator, LayerFactors
+from curvops.kronecker.layers import KFACLayer
+from curvops.kronecker.options import FallbackType, FisherType, KFACType, parse_enum
+from curvops.linear_operator import LinearOperator
+from curvops.risk import EmpiricalRisk
+from curvops.structured import (
+    BlockDiagonalLinearOperator,
+    DiagonalLinearOperator,
+    KroneckerProductLinearOperator,
+)
+
+_STATE_VERSION = 1
+
+
+class KFACLinearOperator(LinearOperator):
+    r"""Block-diagonal Kronecker-factored approximation of the GGN or a Fisher.
+
+    Every supported layer (``nn.Linear`` with any number of leading axes,
+    ``nn.Conv1d/2d/3d`` with ``groups=1``, ``nn.Embedding``) gets the block
+
+    .. math::
+        C^{(l)} \approx B^{(l)} \otimes A^{(l)}
+
+    on its row-major weight matrix (NOTE [Kronecker order] of
+    :mod:`curvops.structured.kronecker`), with the input factor :math:`A` from the layer
+    inputs (unfolded patches for convolutions; token counts, a diagonal, for embeddings) and
+    the gradient factor :math:`B` from backpropagated output factors of the loss, scaled as
+    in NOTE [KFAC scaling] of :mod:`curvops.kronecker.factors`. Parameters of other layers
+    use ``fallback``. The statistics of all layers come from ONE pass over the data with one
+    batched backward per batch (:mod:`curvops.kronecker.collection`).
+
+    The factors are computed on first use (a product, :attr:`factors`, a closed form) or by
+    :meth:`compute_factors`; :meth:`load_state_dict` sets them without a data pass.
+
+    Args:
+        model_func: The model, an ``nn.Module`` (forward hooks read the layer inputs).
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` (reduction
+            ``"mean"`` or ``"sum"``).
+        params: The parameters (a list of the model's tensors, any order, or a dict).
+        data: A re-iterable of ``(X, y)`` batches.
+        fisher_type: :class:`~curvops.kronecker.options.FisherType`: ``"type-2"`` (the
+            GGN), ``"mc"``, ``"empirical"`` or ``"forward-only"`` (NOTE [forward-only
+            scaling]).
+        mc_samples: Number of would-be labels per datum (``"mc"`` only).
+        kfac_approx: :class:`~curvops.kronecker.options.KFACType`, ``"expand"`` or
+            ``"reduce"``, for layers with shared positions.
+        separate_weight_and_bias: Whether weight and bias of a layer get separate blocks
+            (``True``) or one joint block (``False``).
+        num_per_example_loss_terms: Fixed number :math:`T` of loss terms per datum for the
+            ``expand`` normalisation of the input factors (default: each layer's number of
+            shared positions), see NOTE [KFAC scaling].
+        seed: Seed of the private generator for ``"mc"`` (NOTE [MC seeding] of
+            :mod:`curvops.curvature.fisher`).
+        progressbar: Show progress bars over the batches.
+        check_deterministic: Evaluate loss and gradient twice at construction and raise
+            :class:`~curvops.curvature.NonDeterministicError` if they differ.
+        num_data: Total number of data (counted if ``None``).
+        batch_size_fn: Maps ``X`` to its batch size (required for mapping inputs).
+        fallback: :class:`~curvops.kronecker.options.FallbackType` for parameters of
+            unsupported layers: ``None`` (raise an error naming them) or ``"diagonal"`` (the
+            exact diagonal of the same curvature for those parameters, see
+            :mod:`curvops.kronecker.fallback`).
+        process_group: See :class:`curvops.risk.EmpiricalRisk`.
+
+    Raises:
+        ValueError: For unknown options, ``mc_samples != 1`` with a non-MC type, tied
+            parameters, parameters of unsupported layers without a fallback.
+        TypeError: If the model is not an ``nn.Module``.
+        NotImplementedError: For a loss without likelihood interpretation, or an unsupported
+            configuration of a supported layer.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)).double()
+        >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))]
+        >>> K = KFACLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data,
+        ...                        fisher_type="type-2")
+        >>> K.shape, sorted(K.factors)
+        ((14, 14), ['0', '2'])
+    """
+
+    is_self_adjoint = True
+    is_psd = True
+
+    def __init__(
+        self,
+        model_func: nn.Module,
+        loss_func: nn.Module,
+        params: list[Tensor] | dict[str, Tensor],
+        data: Iterable,
+        *,
+        fisher_type: str | FisherType = FisherType.MC,
+        mc_samples: int = 1,
+        kfac_approx: str | KFACType = KFACType.EXPAND,
+        separate_weight_and_bias: bool = True,
+        num_per_example_loss_terms: int | None = None,
+        seed: int = 2147483647,
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        fallback: str | FallbackType | None = None,
+        process_group: Any = None,
+    ):
+        name = type(self).__name__
+        self._fisher_type = parse_enum(fisher_type, FisherType, "fisher_type")
+        self._kfac_approx = parse_enum(kfac_approx, KFACType, "kfac_approx")
+        self._fallback = (
+            None if fallback is None else parse_enum(fallback, FallbackType, "fallback")
+        )
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        if mc_samples != 1 and self._fisher_type != FisherType.MC:
+            raise ValueError(
+                f"mc_samples={mc_samples} only applies to fisher_type='mc', but fisher_type="
+                f"'{self._fisher_type.value}'. Leave mc_samples=1 or use fisher_type='mc'."
+            )
+        if num_per_example_loss_terms is not None and (
+            isinstance(num_per_example_loss_terms, bool)
+            or not isinstance(num_per_example_loss_terms, int)
+            or num_per_example_loss_terms < 1
+        ):
+            raise ValueError(
+                "num_per_example_loss_terms must be None or a positive integer, got "
+                f"{num_per_example_loss_terms!r}."
+            )
+        if not isinstance(separate_weight_and_bias, bool):
+            raise TypeError(
+                f"separate_weight_and_bias must be a bool, got {separate_weight_and_bias!r}."
+            )
+        if self._fisher_type == FisherType.FORWARD_ONLY and self._fallback is not None:
+            raise ValueError(
+                "fallback='diagonal' needs backpropagated gradients, which "
+                "fisher_type='forward-only' does not compute. Use another fisher_type, or "
+                "remove the parameters of unsupported layers from `params`."
+            )
+        if not isinstance(model_func, nn.Module):
+            raise TypeError(
+                f"{name} needs model_func to be an nn.Module (forward hooks read the layer "
+                f"inputs), got {type(model_func).__name__}. Wrap the computation in an "
+                f"nn.Module whose submodules are the layers."
+            )
+        if loss_func is None:
+            raise ValueError(f"{name} needs a loss function; got loss_func=None.")
+        self._mc_samples = mc_samples
+        self._separate_weight_and_bias = separate_weight_and_bias
+        self._num_per_example_loss_terms = num_per_example_loss_terms
+        self._seed = int(seed)
+        self._risk = EmpiricalRisk(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            process_group=process_group,
+        )
+        shapes = self._risk.in_shapes
+        super().__init__(shapes, shapes, dtype=self._risk.dtype, device=self._risk.device)
+        if self._fisher_type != FisherType.FORWARD_ONLY:
+            self._risk.loss.require_fisher(name)
+        self._layers, self._fallback_indices = discover_layers(
+            self._risk, kfac_approx=self._kfac_approx.value, fallback=self._fallback, what=name
+        )
+        self._factors: dict[str, LayerFactors] | None = None
+        self._fallback_diagonals: dict[str, Tensor] | None = None
+        self._operator: BlockDiagonalLinearOperator | None = None
+        self._eigen_cache: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+        if check_deterministic:
+            self._check_deterministic()
+
+    # ---------------------------------------------------------------- options
+    @property
+    def fisher_type(self) -> FisherType:
+        """The curvature type the factors approximate."""
+        return self._fisher_type
+
+    @property
+    def kfac_approx(self) -> KFACType:
+        """The approximation used for layers with shared positions."""
+        return self._kfac_approx
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The parameters, in the operator's order."""
+        return list(self._risk.params)
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the parameters in the model, in the operator's order."""
+        return list(self._risk.param_names)
+
+    # ---------------------------------------------------------------- factors
+    @property
+    def factors(self) -> dict[str, LayerFactors]:
+        """The Kronecker factors per supported layer, keyed by the layer's module name."""
+        self._ensure_factors()
+        return dict(self._factors)
+
+    @property
+    def fallback_diagonals(self) -> dict[str, Tensor]:
+        """The diagonal blocks of fallback parameters, keyed by parameter name."""
+        self._ensure_factors()
+        return dict(self._fallback_diagonals)
+
+    def _ensure_factors(self) -> None:
+        if self._factors is None:
+            self.compute_factors()
+
+    def compute_factors(self) -> None:
+        """Compute the factors with one pass over the data (replacing existing ones)."""
+        layers, risk = self._layers, self._risk
+        backward = self._fisher_type != FisherType.FORWARD_ONLY
+        accumulators = [
+            FactorAccumulator(
+                layer, self._kfac_approx.value, self._num_per_example_loss_terms, backward
+            )
+            for layer in layers
+        ]
+        diagonals = [torch.zeros_like(risk.params[i]).detach() for i in self._fallback_indices]
+
+        def consume(stats) -> None:
+            w = stats.batch.weight
+            for acc, inputs, grad in zip(accumulators, stats.inputs, stats.grad_outputs):
+                acc.add(inputs, grad, w)
+            for diag, g in zip(diagonals, stats.fallback_grads):
+                diag.add_(g.square().sum(dim=(0, 1)), alpha=w)
+
+        statistics_pass(
+            risk,
+            layers,
+            consume,
+            fisher_type=self._fisher_type,
+            mc_samples=self._mc_samples,
+            seed=self._seed,
+            fallback_indices=self._fallback_indices,
+            desc=f"{type(self).__name__} factors",
+        )
+        risk.all_reduce_([t for acc in accumulators for t in acc.tensors()] + diagonals)
+        names = dict(enumerate(risk.param_names))
+        self._set_factors(
+            {
+                layer.name: acc.finalize(self._separate_weight_and_bias, names)
+                for layer, acc in zip(layers, accumulators)
+            },
+            {names[i]: d for i, d in zip(self._fallback_indices, diagonals)},
+        )
+
+    def _set_factors(self, factors: dict[str, LayerFactors], diagonals: dict[str, Tensor]) -> None:
+        self._factors, self._fallback_diagonals = factors, diagonals
+        self._operator = None
+        self._eigen_cache = {}
+
+    def _layer_items(self) -> list[tuple[KFACLayer, LayerFactors]]:
+        self._ensure_factors()
+        return [(layer, self._factors[layer.name]) for layer in self._layers]
+
+    def _fallback_items(self) -> list[tuple[int, Tensor]]:
+        self._ensure_factors()
+        names = self._risk.param_names
+        return [(i, self._fallback_diagonals[names[i]]) for i in self._fallback_indices]
+
+    def eigendecomposition(
+        self, layer_name: str, factor: str, *, retry_double_precision: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Eigendecomposition of one factor of a layer (computed once, then cached).
+
+        Args:
+            layer_name: The layer's module name (a key of :attr:`factors`).
+            factor: ``"input"`` or ``"gradient"``.
+            retry_double_precision: Retry in float64 if the decomposition fails.
+
+        Returns:
+            Eigenvalues (ascending, clipped at 0) and eigenvectors (columns).
+
+        Raises:
+            KeyError: For an unknown layer.
+        """
+        key = (layer_name, factor)
+        if key not in self._eigen_cache:
+            if self._factors is None:
+                self.compute_factors()
+            if layer_name not in self._factors:
+                raise KeyError(f"No layer '{layer_name}'; the layers are {sorted(self._factors)}.")
+            f = self._factors[layer_name]
+            matrix = f.input_factor if factor == "input" else f.gradient_factor
+            self._eigen_cache[key] = factor_eigh(
+                matrix,
+                what=f"{factor} factor of {f.module_type} '{layer_name}'",
+                retry_double_precision=retry_double_precision,
+            )
+        return self._eigen_cache[key]
+
+    # ---------------------------------------------------------------- product
+    def _build_blocks(self) -> list[tuple[LinearOperator, list[int]]]:
+        blocks = []
+        for layer, f in self._layer_items():
+            w, b = layer.weight_index, layer.bias_index
+            B = f.gradient_factor
+            if f.input_factor is not None:
+                if f.diagonal_input:
+                    blocks.append((EmbeddingKroneckerLinearOperator(f.input_factor, B), [w]))
+                elif f.joint:
+                    glue = WeightBiasStacking(
+                        self._in_shapes[w], dtype=self.dtype, device=self.device
+                    )
+                    kron = KroneckerProductLinearOperator(
+                        B, f.input_factor, symmetric=True, psd=True
+                    )
+                    blocks.append((glue.adjoint() @ kron @ glue, [w, b]))
+                else:
+                    kron = KroneckerProductLinearOperator(
+                        B, f.input_factor, in_shape=self._in_shapes[w], symmetric=True, psd=True
+                    )
+                    blocks.append((kron, [w]))
+            if f.bias_input_factor is not None:
+                bias_op = KroneckerProductLinearOperator(
+                    f.bias_input_factor * B, symmetric=True, psd=True
+                )
+                blocks.append((bias_op, [b]))
+        for i, diag in self._fallback_items():
+            blocks.append((DiagonalLinearOperator([diag]), [i]))
+        return blocks
+
+    def to_block_diagonal(self) -> BlockDiagonalLinearOperator:
+        """The operator as a block-diagonal composition of structured blocks (built once)."""
+        if self._operator is None:
+            blocks = self._build_blocks()
+            self._operator = BlockDiagonalLinearOperator(
+                [op for op, _ in blocks], [positions for _, positions in blocks]
+            )
+        return self._operator
+
+    def _matmat(self, X: list[Tensor]) -> list[Tensor]:
+        return self.to_block_diagonal()._matmat(X)
+
+    # ---------------------------------------------------------------- closed forms
+    def _block_eigenvalues(self) -> list[Tensor]:
+        """Eigenvalues of every block, as one tensor per block (for the closed forms)."""
+        out = []
+        for layer, f in self._layer_items():
+            lam_B = self.eigendecomposition(layer.name, "gradient")[0]
+            if f.input_factor is not None:
+                lam_A = (
+                    f.input_factor
+                    if f.diagonal_input
+                    else self.eigendecomposition(layer.name, "input")[0]
+                )
+                out.append(torch.outer(lam_B, lam_A))
+            if f.bias_input_factor is not None:
+                out.append(f.bias_input_factor * lam_B)
+        out.extend(d for _, d in self._fallback_items())
+        return out
+
+    def trace(self) -> Tensor:
+        r"""Exact trace, :math:`\sum_l \operatorname{tr}(B^{(l)}) \operatorname{tr}(A^{(l)})`.
+
+        Plus the sum of the fallback diagonals.
+
+        Returns:
+            The trace as a 0-dim tensor.
+        """
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        for _, f in self._layer_items():
+            trB = f.gradient_factor.diagonal().sum()
+            if f.input_factor is not None:
+                A = f.input_factor
+                total = total + trB * (A.sum() if f.diagonal_input else A.diagonal().sum())
+            if f.bias_input_factor is not None:
+                total = total + trB * f.bias_input_factor
+        for _, d in self._fallback_items():
+            total = total + d.sum()
+        return total
+
+    def frobenius_norm(self) -> Tensor:
+        r"""Exact Frobenius norm, from :math:`\|B \otimes A\|_F = \|B\|_F \|A\|_F` per block."""
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        for _, f in self._layer_items():
+            nB2 = f.gradient_factor.square().sum()
+            if f.input_factor is not None:
+                total = total + nB2 * f.input_factor.square().sum()
+            if f.bias_input_factor is not None:
+                total = total + nB2 * f.bias_input_factor.square()
+        for _, d in self._fallback_items():
+            total = total + d.square().sum()
+        return total.sqrt()
+
+    def logdet(self) -> Tensor:
+        r"""Exact log-determinant from the factors' eigenvalues.
+
+        For a block :math:`B \otimes A` with :math:`B \in \mathbb{R}^{m \times m}`,
+        :math:`A \in \mathbb{R}^{n \times n}`: :math:`n \log\det B + m \log\det A`. The operator
+        is PSD by construction; a singular block (an eigenvalue :math:`\le 0` after round-off)
+        gives :math:`-\infty`.
+
+        Returns:
+            :math:`\log\det` as a 0-dim tensor.
+        """
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        for lam in self._block_eigenvalues():
+            if bool((lam <= 0).any()):
+                return torch.full_like(total, float("-inf"))
+            total = total + lam.log().sum()
+        return total
+
+    def det(self) -> Tensor:
+        """Exact determinant, :math:`\\exp(\\log\\det)` (may over- or underflow for large D)."""
+        return self.logdet().exp()
+
+    # ---------------------------------------------------------------- safeguards
+    def _check_deterministic(self) -> None:
+        """Evaluate loss and gradient twice and raise if they differ.
+
+        Raises:
+            NonDeterministicError: If the two evaluations differ.
+        """
+        rtol, atol = (1e-9, 1e-12) if self.dtype == torch.float64 else (1e-4, 1e-6)
+        results = []
+        for _ in range(2):
+            loss, grads = self._risk.loss_and_gradient()
+            results.append(torch.cat([loss.reshape(1), *[g.reshape(-1) for g in grads]]))
+        first, second = results
+        scale = max(first.abs().max().item(), 1e-30)
+        if not torch.allclose(first, second, rtol=rtol, atol=atol * scale):
+            raise NonDeterministicError(
+                f"{type(self).__name__}: two evaluations of loss and gradient differ, so the "
+                "factors would not be reproducible. Usual causes: dropout or BatchNorm in "
+                "train mode (call model.eval()), a DataLoader with shuffle=True, random data "
+                "augmentation, or drop_last=True. Fix the cause, or pass "
+                "check_deterministic=False."
+            )
+
+    # ---------------------------------------------------------------- state
+    def _config(self) -> dict[str, Any]:
+        return {
+            "fisher_type": self._fisher_type.value,
+            "kfac_approx": self._kfac_approx.value,
+            "separate_weight_and_bias": self._separate_weight_and_bias,
+            "num_per_example_loss_terms": self._num_per_example_loss_terms,
+            "mc_samples": self._mc_samples,
+            "param_names": list(self._risk.param_names),
+            "param_shapes": [tuple(s) for s in self._in_shapes],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The factors and the options they were computed with (computes them if needed).
+
+        Returns:
+            A dict of plain Python objects and tensors, suitable for ``torch.save``.
+        """
+        self._ensure_factors()
+        return {
+            "version": _STATE_VERSION,
+            "type": type(self).__name__,
+            "config": self._config(),
+            "factors": {name: f.tensors() for name, f in self._factors.items()},
+            "fallback_diagonals": dict(self._fallback_diagonals),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the factors from :meth:`state_dict` output, without a pass over the data.
+
+        Args:
+            state: The state, from an operator of the same type with the same options,
+                parameters and layers.
+
+        Raises:
+            ValueError: If the state's type, options, layers or tensor shapes do not match.
+        """
+        name = type(self).__name__
+        if not isinstance(state, dict) or state.get("type") != name:
+            got = state.get("type") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"Expected a state_dict of a {name}, got one of {got}.")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"State version {state.get('version')} is not supported (expected "
+                f"{_STATE_VERSION})."
+            )
+        config = self._config()
+        for key, value in config.items():
+            theirs = state["config"].get(key)
+            if key == "param_shapes":
+                theirs = [tuple(s) for s in theirs] if theirs is not None else None
+            if theirs != value:
+                raise ValueError(
+                    f"The state was computed with {key}={theirs!r}, but this operator has "
+                    f"{key}={value!r}. Construct the operator with the same options and "
+                    f"parameters."
+                )
+        expected = self._expected_factor_shapes()
+        got_names = set(state["factors"])
+        if got_names != set(expected):
+            raise ValueError(
+                f"The state holds factors for layers {sorted(got_names)}, but this operator "
+                f"has layers {sorted(expected)}."
+            )
+        factors = {}
+        for layer in self._layers:
+            tensors = state["factors"][layer.name]
+            shapes = expected[layer.name]
+            if set(tensors) != set(shapes):
+                raise ValueError(
+                    f"Layer '{layer.name}': the state holds factors {sorted(tensors)}, "
+                    f"expected {sorted(shapes)}."
+                )
+            for key, shape in shapes.items():
+                if tuple(tensors[key].shape) != shape:
+                    raise ValueError(
+                        f"Layer '{layer.name}': {key} has shape {tuple(tensors[key].shape)} in "
+                        f"the state, but the layer needs {shape}."
+                    )
+            factors[layer.name] = self._layer_factors_from(layer, tensors)
+        names = self._risk.param_names
+        diagonals = {}
+        for i in self._fallback_indices:
+            d = state["fallback_diagonals"].get(names[i])
+            if d is None or tuple(d.shape) != self._in_shapes[i]:
+                raise ValueError(
+                    f"The state's fallback diagonal of '{names[i]}' is missing or has the wrong "
+                    f"shape (expected {self._in_shapes[i]})."
+                )
+            diagonals[names[i]] = d.to(self.device, self.dtype)
+        self._set_factors(factors, diagonals)
+
+    def _expected_factor_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        out = {}
+        for layer in self._layers:
+            d_out, d_in = layer.weight_matrix_shape
+            has_w, has_b = layer.weight_index is not None, layer.bias_index is not None
+            joint = has_w and has_b and not self._separate_weight_and_bias
+            shapes = {"gradient_factor": (d_out, d_out)}
+            if has_w:
+                n = d_in + int(joint)
+                shapes["input_factor"] = (n,) if layer.diagonal_input else (n, n)
+            if has_b and not joint:
+                shapes["bias_input_factor"] = ()
+            out[layer.name] = shapes
+        return out
+
+    def _layer_factors_from(self, layer: KFACLayer, tensors: dict[str, Tensor]) -> LayerFactors:
+        names = self._risk.param_names
+        has_w, has_b = layer.weight_index is not None, layer.bias_index is not None
+
+        def get(key):
+            t = tensors.get(key)
+            return None if t is None else t.to(self.device, self.dtype)
+
+        return LayerFactors(
+            module_name=layer.name,
+            module_type=layer.type_name,
+            weight_name=names[layer.weight_index] if has_w else None,
+            bias_name=names[layer.bias_index] if has_b else None,
+            joint=has_w and has_b and not self._separate_weight_and_bias,
+            input_factor=get("input_factor"),
+            gradient_factor=get("gradient_factor"),
+            bias_input_factor=get("bias_input_factor"),
+        )
