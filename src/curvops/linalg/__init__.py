@@ -4,6 +4,7 @@ Everything here sees only the :class:`~curvops.LinearOperator` interface (block 
 ``A @ X`` with flat ``[D, K]`` matrices) and also accepts a plain dense ``torch.Tensor``.
 """
 
+from curvops.linalg.eigsh import eigsh
 from curvops.linalg.inverses import (
     CGInverseLinearOperator,
     LSMRInverseLinearOperator,
@@ -16,4 +17,5 @@ __all__ = [
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
+    "eigsh",
 ]
