@@ -11,8 +11,24 @@ from curvops.curvature import (
     TransposedJacobianLinearOperator,
 )
 from curvops.linear_operator import LinearOperator
+from curvops.structured import (
+    BlockDiagonalLinearOperator,
+    DiagonalLinearOperator,
+    EigendecompositionLinearOperator,
+    IdentityLinearOperator,
+    KroneckerEigenLinearOperator,
+    KroneckerProductLinearOperator,
+    TensorLinearOperator,
+)
 
 __all__ = [
+    "BlockDiagonalLinearOperator",
+    "DiagonalLinearOperator",
+    "EigendecompositionLinearOperator",
+    "IdentityLinearOperator",
+    "KroneckerEigenLinearOperator",
+    "KroneckerProductLinearOperator",
+    "TensorLinearOperator",
     "CurvatureLinearOperator",
     "EFLinearOperator",
     "FisherMCLinearOperator",

@@ -54,7 +54,7 @@ def jacobian_t_matmat(f: ParamFn, params: list[Tensor], U: Tensor) -> list[Tenso
 
 
 def hessian_matmat(loss: ParamFn, params: list[Tensor], V: list[Tensor]) -> list[Tensor]:
-    r"""Hessian-matrix product :math:`\nabla^2_\theta \mathcal{L} V` (forward-over-reverse).
+    r"""Hessian-matrix product :math:`\nabla^2_\theta \mathcal{L} V` (Pearlmutter, 1994).
 
     Args:
         loss: Maps the parameters (as positional arguments) to a scalar loss.
@@ -64,9 +64,11 @@ def hessian_matmat(loss: ParamFn, params: list[Tensor], V: list[Tensor]) -> list
     Returns:
         Tensor list ``[K, *param_shape]``.
     """
+    # Reverse-over-reverse (the Hessian is symmetric, so its VJP is its product). Forward-
+    # over-reverse hits a PyTorch bug for mse_loss ("ZeroTensors are immutable", torch 2.13).
     argnums = tuple(range(len(params)))
-    grad_fn = grad(loss, argnums=argnums)
-    return list(vmap(lambda *v: jvp(grad_fn, tuple(params), v)[1])(*V))
+    _, hvp_fn = vjp(grad(loss, argnums=argnums), *params)
+    return list(vmap(hvp_fn)(tuple(V)))
 
 
 def ggn_matmat(
@@ -91,8 +93,8 @@ def ggn_matmat(
     """
     out, vjp_fn = vjp(f, *params)
     JV = jacobian_matmat(f, params, V)
-    grad_out = grad(loss_of_output)
-    HJV = vmap(lambda u: jvp(grad_out, (out.detach(),), (u,))[1])(JV)
+    _, loss_hvp = vjp(grad(loss_of_output), out.detach())  # symmetric: VJP = HVP
+    HJV = vmap(lambda u: loss_hvp(u)[0])(JV)
     return list(vmap(vjp_fn)(HJV))
 
 
