@@ -66,6 +66,14 @@ def test_algebra(square):
     assert_operator_matches(op.T @ op - 3 * B_op, A.T @ A - 3 * B)
 
 
+def test_left_multiplication_with_tensor_list(rect):
+    op, A = rect
+    u = _rand(5, seed=3)
+    uA = [u] @ op
+    assert [tuple(t.shape) for t in uA] == [(3,), (2, 2)]
+    torch.testing.assert_close(torch.cat([t.flatten() for t in uA]), u @ A)
+
+
 def test_chain_rectangular(rect, square):
     op, A = rect
     sq, S = square

@@ -232,11 +232,15 @@ class LinearOperator:
         """Left multiplication ``X @ A`` for a flat ``[D_out]`` or ``[K, D_out]`` tensor.
 
         Args:
-            X: Flat vector ``[D_out]`` or matrix ``[K, D_out]``.
+            X: Flat vector ``[D_out]`` or matrix ``[K, D_out]``, or a tensor list shaped like
+                :attr:`out_shapes` (a vector, returned as a tensor list shaped like
+                :attr:`in_shapes`).
 
         Returns:
-            ``X @ A`` of shape ``[D_in]`` or ``[K, D_in]``.
+            ``X @ A`` of shape ``[D_in]`` or ``[K, D_in]`` (or a tensor list).
         """
+        if isinstance(X, (list, tuple)):
+            return self.adjoint() @ X
         if isinstance(X, Tensor):
             if X.ndim == 1:
                 return self.adjoint() @ X
