@@ -118,17 +118,15 @@ class CurvatureLinearOperator(LinearOperator):
         """Hook run before each pass over the data (e.g. to reset a random generator)."""
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
-        if self._check_finite and not all(torch.isfinite(x).all() for x in X):
-            raise ValueError(f"The input to {type(self).__name__} contains NaN or Inf entries.")
         V = [x.movedim(-1, 0) for x in X]
         K = V[0].shape[0]
         out = [torch.zeros(K, *s, dtype=self.dtype, device=self.device) for s in self.out_shapes]
-        params = [p.detach() for p in self._risk.params]
-        self._before_pass()
-        for batch in self._risk.batches(desc=type(self).__name__):
-            for o, r in zip(out, self._batch_matmat(params, batch, V)):
-                o.add_(r.detach(), alpha=batch.weight)
-        self._risk.all_reduce_(out)
+        # local pass, then the sum across processes (NOTE [data parallelism]); the ranks
+        # compare fingerprints of X, and an error on any rank is raised on all of them
+        with self._risk.partial_sums(out, inputs=X, what=f"{type(self).__name__} product"):
+            if self._check_finite and not all(torch.isfinite(x).all() for x in X):
+                raise ValueError(f"The input to {type(self).__name__} contains NaN or Inf entries.")
+            self._accumulate(out, V)
         if self._check_finite and not all(torch.isfinite(o).all() for o in out):
             raise FloatingPointError(
                 f"{type(self).__name__} produced NaN or Inf. Check the model and data for "
@@ -136,8 +134,48 @@ class CurvatureLinearOperator(LinearOperator):
             )
         return [o.movedim(0, -1) for o in out]
 
+    def _accumulate(self, out: list[Tensor], V: list[Tensor]) -> None:
+        """Add this process's weighted per-batch products with ``V`` (``[K, ...]``) to ``out``."""
+        params = [p.detach() for p in self._risk.params]
+        self._before_pass()
+        for batch in self._risk.batches(desc=type(self).__name__):
+            for o, r in zip(out, self._batch_matmat(params, batch, V)):
+                o.add_(r.detach(), alpha=batch.weight)
+
     # ---------------------------------------------------------------- safeguards
     def _check_deterministic(self) -> None:
+        """Evaluate loss, gradient and a product twice; raise if they differ.
+
+        When distributed, every rank checks its own share without communication, then the
+        ranks agree on the verdict, so all of them raise (naming the offending ranks) or none
+        does (NOTE [data parallelism]).
+
+        Raises:
+            NonDeterministicError: If any of them differ between the two evaluations (on any
+                rank).
+        """
+        group = self._risk.group
+        if not group.active:
+            self._check_deterministic_locally()
+            return
+
+        def local_verdict() -> str | None:
+            try:
+                with group.local():
+                    self._check_deterministic_locally()
+            except NonDeterministicError as e:
+                return str(e)
+            return None
+
+        verdicts = group.gather_objects(local_verdict, what="The determinism check")
+        bad = [r for r, message in enumerate(verdicts) if message is not None]
+        if bad:
+            raise NonDeterministicError(
+                f"The determinism check failed on rank(s) {bad} of {len(verdicts)}; rank "
+                f"{bad[0]} reports: {verdicts[bad[0]]}"
+            )
+
+    def _check_deterministic_locally(self) -> None:
         """Evaluate loss, gradient and a product twice; raise if they differ.
 
         Raises:

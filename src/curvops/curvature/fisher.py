@@ -103,8 +103,8 @@ class FisherMCLinearOperator(EFLinearOperator):
 
     def _before_pass(self) -> None:
         self._mc_samples = self._mc_samples_arg
-        rank = self._risk.group.rank
-        self._generator = torch.Generator(device=self.device).manual_seed(self._seed + 7919 * rank)
+        seed = self._risk.group.rank_seed(self._seed)  # NOTE [MC seeding across ranks]
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @property
     def mc_samples(self) -> int:

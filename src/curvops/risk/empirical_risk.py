@@ -26,7 +26,14 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from curvops.losses import LossSpec, make_loss_spec
-from curvops.risk.distributed import ProcessGroupHandle
+from curvops.risk.distributed import ProcessGroupHandle, check_rank_summaries
+
+_SUMMARY_LABELS = {
+    "shapes": "parameter shapes",
+    "dtype": "parameter dtypes",
+    "loss": "loss functions",
+    "reduction": "loss reductions",
+}
 
 
 @dataclass
@@ -68,14 +75,20 @@ class EmpiricalRisk:
             (any subset of the model's parameters, any order) or a dict name -> tensor.
         data: A re-iterable of ``(X, y)`` batches (a list, a ``DataLoader``).
         progressbar: Show a tqdm progress bar over batches.
-        num_data: Total number of data (counted with one pass over ``data`` if ``None``).
+        num_data: Number of data in ``data`` (counted with one pass over ``data`` if
+            ``None``); when distributed, the size of this process's shard (the total is
+            summed across processes).
         batch_size_fn: Maps ``X`` to its batch size; required if ``X`` is a mapping.
         process_group: ``torch.distributed`` process group whose ranks each hold a shard of
             the data (default ``None``: the world group if ``torch.distributed`` is
-            initialised); pass ``False`` to opt out and treat the local data as everything.
+            initialised; ``True``: the world group, required); pass ``False`` to opt out and
+            treat the local data as everything. See NOTE [data parallelism] in
+            :mod:`curvops.risk.distributed`.
 
     Raises:
-        ValueError: For parameters that are not usable, empty data or a bad data format.
+        ValueError: For parameters that are not usable, empty data or a bad data format;
+            when distributed, also for an empty shard on any rank or parameter shapes,
+            dtypes or losses that differ between ranks (raised on every rank).
         TypeError: For a one-shot iterator as data.
     """
 
@@ -100,19 +113,34 @@ class EmpiricalRisk:
             )
         self.loss_func = loss_func
         self.loss: LossSpec | None = None if loss_func is None else make_loss_spec(loss_func)
+        self.batch_size_fn = batch_size_fn
+        self.progressbar = progressbar
+        self.group = ProcessGroupHandle(process_group)
+        # every rank binds and counts its shard, then all ranks compare (NOTE [data parallelism])
+        summaries = self.group.gather_objects(
+            lambda: self._bind(params, data, num_data), what="Setting up the empirical risk"
+        )
+        if self.group.active:
+            check_rank_summaries(summaries, _SUMMARY_LABELS)
+        elif self.local_num_data <= 0:
+            raise ValueError("The data is empty: it yields no data points.")
+        self.num_data = sum(int(s["num_data"]) for s in summaries)
+
+    def _bind(self, params, data: Iterable, num_data: int | None) -> dict[str, Any]:
+        """Bind parameters and data, count this shard; return a summary for the other ranks."""
         self.params, self.param_names, self._params_as_dict = self._bind_params(params)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.in_shapes = [tuple(p.shape) for p in self.params]
         self.data = self._check_data(data)
-        self.batch_size_fn = batch_size_fn
-        self.progressbar = progressbar
-        self.group = ProcessGroupHandle(process_group)
-        local = self._count_data() if num_data is None else int(num_data)
-        if local <= 0 and not self.group.active:
-            raise ValueError("The data is empty: it yields no data points.")
-        self.local_num_data = local
-        self.num_data = self.group.global_num_data(local)
+        self.local_num_data = self._count_data() if num_data is None else int(num_data)
+        return {
+            "num_data": self.local_num_data,
+            "shapes": self.in_shapes,
+            "dtype": str(self.dtype),
+            "loss": None if self.loss_func is None else type(self.loss_func).__name__,
+            "reduction": self._reduction,
+        }
 
     # ---------------------------------------------------------------- binding
     def _bind_params(self, params) -> tuple[list[Tensor], list[str], bool]:
@@ -257,16 +285,44 @@ class EmpiricalRisk:
         """The batch loss :math:`\\mathcal{L}_\\mathbb{B}` at ``param_values``."""
         return self.loss(self.forward(param_values, batch.X), batch.y)
 
-    def all_reduce_(self, tensors: list[Tensor]) -> list[Tensor]:
+    def all_reduce_(self, tensors: list[Tensor], **kwargs: Any) -> list[Tensor]:
         """Sum tensors across the processes of the group in place (no-op when not distributed).
+
+        Prefer :meth:`partial_sums`, which also makes every rank raise if one rank fails
+        while accumulating.
 
         Args:
             tensors: Tensors holding this process's partial sums.
+            **kwargs: ``inputs`` and ``what`` of
+                :meth:`curvops.risk.distributed.ProcessGroupHandle.all_reduce_`.
 
         Returns:
             The same tensors, now holding the sums over all processes.
         """
-        return self.group.all_reduce_(tensors)
+        return self.group.all_reduce_(tensors, **kwargs)
+
+    def partial_sums(
+        self,
+        tensors: list[Tensor],
+        *,
+        inputs: list[Tensor] | None = None,
+        what: str = "A reduction across processes",
+    ) -> contextlib.AbstractContextManager[list[Tensor]]:
+        """Context whose body accumulates partial sums over this process's data.
+
+        On exit the tensors are summed across processes; an exception on any rank is raised
+        on every rank (NOTE [data parallelism] in :mod:`curvops.risk.distributed`). Without
+        distribution this is a plain block.
+
+        Args:
+            tensors: Zero-initialised accumulators, same shapes on every rank.
+            inputs: Tensors every rank must hold identically (the vectors being multiplied).
+            what: What is being summed, for error messages.
+
+        Returns:
+            The context manager; it yields ``tensors``.
+        """
+        return self.group.partial_sums(tensors, inputs=inputs, what=what)
 
     def loss_and_gradient(self) -> tuple[Tensor, list[Tensor]]:
         r"""The empirical risk :math:`\mathcal{L}_\mathbb{D}` and its gradient.
@@ -279,12 +335,12 @@ class EmpiricalRisk:
             raise ValueError("This operator has no loss function.")
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grads = [torch.zeros_like(p) for p in self.params]
-        for batch in self.batches(desc="gradient"):
-            g, loss = self._grad_and_value(batch)
-            total += batch.weight * loss.detach()
-            for acc, gi in zip(grads, g):
-                acc.add_(gi, alpha=batch.weight)
-        self.all_reduce_([total, *grads])
+        with self.partial_sums([total, *grads], what="The loss and gradient"):
+            for batch in self.batches(desc="gradient"):
+                g, loss = self._grad_and_value(batch)
+                total += batch.weight * loss.detach()
+                for acc, gi in zip(grads, g):
+                    acc.add_(gi, alpha=batch.weight)
         return total, grads
 
     def _grad_and_value(self, batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
