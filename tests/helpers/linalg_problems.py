@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import Tensor
 
@@ -74,3 +76,52 @@ class CountingLinearOperator(LinearOperator):
 def counting(M: Tensor, **kwargs) -> CountingLinearOperator:
     """A product-counting operator of a dense matrix."""
     return CountingLinearOperator(TensorLinearOperator(M, **kwargs))
+
+
+def estimator_trials(estimator, M: Tensor, num_matvecs: int, num_runs: int, seed: int, **kwargs):
+    """Run an estimator with ``return_error=True`` ``num_runs`` times from one generator.
+
+    Returns:
+        Stacked estimates and error estimates (``[num_runs]`` or ``[num_runs, D]``).
+    """
+    g = generator(seed)
+    results = [
+        estimator(M, num_matvecs, generator=g, return_error=True, **kwargs) for _ in range(num_runs)
+    ]
+    return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
+
+
+def relative_trace_errors(estimates: Tensor, M: Tensor) -> Tensor:
+    """|t_hat - t| / |t| (the paper's Fig. 4 trace error)."""
+    t = torch.trace(M)
+    return (estimates - t).abs() / t.abs()
+
+
+def relative_diag_errors(estimates: Tensor, M: Tensor) -> Tensor:
+    """max_i |a_i - a_hat_i| / max_j |a_j| (the paper's Fig. 4 diagonal error), per run."""
+    a = torch.diagonal(M)
+    return (estimates - a).abs().amax(dim=-1) / a.abs().max()
+
+
+def assert_unbiased_entrywise(estimates: Tensor, truth: Tensor) -> None:
+    """The z-scores of the entrywise means over the runs (first axis) look standard normal."""
+    z = (estimates.mean(0) - truth) / (estimates.std(0) / estimates.shape[0] ** 0.5)
+    assert z.abs().max() < 5
+    assert 0.6 < (z**2).mean() < 1.4
+
+
+FIG4_DIM = 200
+FIG4_RUNS = 200
+
+
+@cache
+def fig4_trials(estimator_name: str, c: float, num_matvecs: int, seed: int):
+    """Cached ``estimator_trials`` of a ``curvops.linalg`` estimator on the Fig. 4 problem.
+
+    Several test files compare the same runs; caching keeps the suite fast.
+    """
+    import curvops.linalg
+
+    M = power_law_matrix(FIG4_DIM, c)
+    estimator = getattr(curvops.linalg, estimator_name)
+    return estimator_trials(estimator, M, num_matvecs, FIG4_RUNS, seed)

@@ -5,6 +5,15 @@ Everything here sees only the :class:`~curvops.LinearOperator` interface (block 
 """
 
 from curvops.linalg.eigsh import eigsh
+from curvops.linalg.estimators import (
+    hutchinson_diag,
+    hutchinson_squared_fro,
+    hutchinson_squared_fro_halved,
+    hutchinson_trace,
+    hutchpp_trace,
+    xdiag,
+    xtrace,
+)
 from curvops.linalg.inverses import (
     CGInverseLinearOperator,
     LSMRInverseLinearOperator,
@@ -18,4 +27,11 @@ __all__ = [
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
     "eigsh",
+    "hutchinson_diag",
+    "hutchinson_squared_fro",
+    "hutchinson_squared_fro_halved",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "xdiag",
+    "xtrace",
 ]

@@ -1,0 +1,98 @@
+"""The leave-one-out sketch shared by XTrace and XDiag (private).
+
+NOTE [leave-one-out sketch]: XTrace and XDiag (Epperly, Tropp, Webber (2024). XTrace: Making
+the most of every sample in stochastic trace estimation. SIAM J. Matrix Anal. Appl.) use
+test vectors :math:`\\Omega = [\\omega_1, \\dots, \\omega_m]`, the sketch
+:math:`Y = A \\Omega = QR` and, for every :math:`i`, the basis :math:`Q_{(i)}` of
+:math:`Y` without its column :math:`i`. Within :math:`\\operatorname{range}(Q)`, the
+direction removed by dropping column :math:`i` is orthogonal to all other columns of
+:math:`R`, i.e. it is the :math:`i`-th column of :math:`R^{-\\top}`. With
+:math:`s_i = R^{-\\top} e_i / \\|R^{-\\top} e_i\\|` and :math:`\\tilde q_i = Q s_i`,
+
+.. math::
+    Q_{(i)} Q_{(i)}^\\top = Q Q^\\top - \\tilde q_i \\tilde q_i^\\top,
+
+so every leave-one-out quantity follows from :math:`\\Omega, Y, Q, R` and one more block
+product :math:`Z = A Q` (or :math:`A^\\top Q`) without further products. The sketch can
+grow: new test vectors :math:`\\Omega'` give :math:`Y' = A \\Omega'`, block Gram-Schmidt
+against :math:`Q` gives :math:`Q_2 R_2`, and
+
+.. math::
+    [Y, Y'] = [Q, Q_2] \\begin{bmatrix} R & Q^\\top Y' \\\\ 0 & R_2 \\end{bmatrix},
+
+so only the new columns :math:`A Q_2` are needed: growing costs exactly what a fresh sketch
+of the new size would cost. If :math:`A` has rank below :math:`m`, :math:`R` is singular;
+tiny diagonal entries are floored at :math:`\\varepsilon \\max_j |R_{jj}|` before the
+triangular solve, which only picks a basis of the (irrelevant) extra directions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvops.linear_operator import LinearOperator
+
+
+class LeaveOneOutSketch:
+    """Test vectors, sketch, QR factors and the products of ``A`` (or ``A^T``) with ``Q``.
+
+    Attributes:
+        Omega: Test vectors ``[D, m]``.
+        Y: Sketch :math:`A \\Omega`, ``[D, m]``.
+        Q: Orthonormal basis ``[D, m]`` of the sketch.
+        R: Upper triangular ``[m, m]`` with :math:`Y = QR`.
+        Z: :math:`A Q` (or :math:`A^\\top Q` with ``transpose_products``), ``[D, m]``.
+        num_matvecs: Number of products spent so far.
+    """
+
+    def __init__(self, A: LinearOperator, *, transpose_products: bool):
+        """Start an empty sketch.
+
+        Args:
+            A: Square operator.
+            transpose_products: Whether :attr:`Z` holds :math:`A^\\top Q` instead of
+                :math:`A Q`.
+        """
+        self._A = A
+        self._AZ = A.adjoint() if transpose_products else A
+        D = A.shape[1]
+        empty = torch.zeros(D, 0, dtype=A.dtype, device=A.device)
+        self.Omega, self.Y, self.Q, self.Z = empty, empty, empty, empty
+        self.R = torch.zeros(0, 0, dtype=A.dtype, device=A.device)
+        self.num_matvecs = 0
+
+    @property
+    def size(self) -> int:
+        """Number of test vectors :math:`m`."""
+        return self.Omega.shape[1]
+
+    def grow(self, Omega_new: Tensor) -> None:
+        """Add test vectors (two block products of their number of columns)."""
+        Y_new = self._A @ Omega_new
+        C = self.Q.T @ Y_new
+        Y_perp = Y_new - self.Q @ C
+        C2 = self.Q.T @ Y_perp  # reorthogonalize once ("twice is enough")
+        Y_perp = Y_perp - self.Q @ C2
+        Q2, R2 = torch.linalg.qr(Y_perp)
+        m, n = self.size, Omega_new.shape[1]
+        R = torch.zeros(m + n, m + n, dtype=self.R.dtype, device=self.R.device)
+        R[:m, :m], R[:m, m:], R[m:, m:] = self.R, C + C2, R2
+        self.Omega = torch.cat([self.Omega, Omega_new], dim=1)
+        self.Y = torch.cat([self.Y, Y_new], dim=1)
+        self.Q = torch.cat([self.Q, Q2], dim=1)
+        self.R = R
+        self.Z = torch.cat([self.Z, self._AZ @ Q2], dim=1)
+        self.num_matvecs += 2 * n
+
+    def removed_directions(self) -> Tensor:
+        """The unit vectors :math:`s_i` of NOTE [leave-one-out sketch] as columns, ``[m, m]``."""
+        R = self.R
+        diag = torch.diagonal(R)
+        largest = diag.abs().max()
+        floor = torch.finfo(R.dtype).eps * (largest if bool(largest > 0) else 1.0)
+        sign = torch.where(diag < 0, -1.0, 1.0).to(R.dtype)
+        R = R - torch.diag(diag) + torch.diag(sign * torch.clamp(diag.abs(), min=floor))
+        eye = torch.eye(self.size, dtype=R.dtype, device=R.device)
+        R_inv_T = torch.linalg.solve_triangular(R.T, eye, upper=False)
+        return R_inv_T / torch.linalg.vector_norm(R_inv_T, dim=0)
