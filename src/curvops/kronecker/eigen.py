@@ -48,4 +48,5 @@ def factor_eigh(
             ) from error
         lam64, Q64 = factor_eigh(matrix.to(torch.float64), what=what, retry_double_precision=False)
         lam, Q = lam64.to(matrix.dtype), Q64.to(matrix.dtype)
-    return lam.clamp(min=0), Q
+    # eigh returns column-major eigenvectors; torch.kron (used by dense exports) rejects them
+    return lam.clamp(min=0), Q.contiguous()

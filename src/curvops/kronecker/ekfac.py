@@ -222,7 +222,7 @@ class EKFACLinearOperator(KFACLinearOperator):
             }
             for which, Q in state["eigenvectors"][layer.name].items():
                 matrix = f.gradient_factor if which == "gradient" else f.input_factor
-                Q = Q.to(self.device, self.dtype)
+                Q = Q.to(self.device, self.dtype).contiguous()
                 cache[(layer.name, which)] = ((Q.T @ matrix @ Q).diagonal().clamp(min=0), Q)
         self._eigen_cache = cache
         self._corrections = corrections

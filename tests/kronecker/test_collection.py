@@ -1,0 +1,80 @@
+"""The statistics pass: one forward and one batched backward per batch; call-count checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.kronecker_problems import DTYPE, build
+from torch import nn
+
+from curvops.kronecker import KFACLinearOperator
+
+
+def test_layer_whose_weights_are_used_without_calling_it_is_refused():
+    """nn.MultiheadAttention uses out_proj.weight without calling out_proj."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = build(Attention)
+    X = torch.randn(3, 2, 4, dtype=DTYPE)
+    params = list(model.attn.out_proj.parameters())
+    K = KFACLinearOperator(
+        model,
+        nn.MSELoss(),
+        params,
+        [(X, torch.randn(3, 2, 4, dtype=DTYPE))],
+        check_deterministic=False,
+    )
+    with pytest.raises(
+        ValueError, match="'attn.out_proj' holds parameters in `params` but was not called"
+    ):
+        K.compute_factors()
+
+
+def test_one_batched_backward_per_batch(monkeypatch):
+    """Type-2 with C classes backpropagates all C columns in one vectorised call."""
+    model = build(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)))
+    data = [(torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 5, (4,))) for _ in range(3)]
+    calls = []
+    original = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("is_grads_batched", False))
+        return original(*args, **kwargs)
+
+    K = KFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        data,
+        fisher_type="type-2",
+        check_deterministic=False,
+    )
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    K.compute_factors()
+    assert calls == [True, True, True]
+
+
+def test_forward_only_backpropagates_nothing(monkeypatch):
+    model = build(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)))
+    data = [(torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 5, (4,)))]
+    K = KFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        data,
+        fisher_type="forward-only",
+        check_deterministic=False,
+    )
+
+    def fail(*args, **kwargs):
+        raise AssertionError("forward-only must not backpropagate")
+
+    monkeypatch.setattr(torch.autograd, "grad", fail)
+    K.compute_factors()

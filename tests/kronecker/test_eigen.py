@@ -1,0 +1,67 @@
+"""Eigendecompositions of factors: float64 retry and errors naming the layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.kronecker_problems import batches, build, generator
+from torch import nn
+
+from curvops.kronecker import KFACInverseLinearOperator, KFACLinearOperator
+from curvops.kronecker.eigen import factor_eigh
+
+
+def spd(n: int, dtype=torch.float64):
+    M = torch.randn(n, n, generator=generator(0), dtype=torch.float64)
+    return (M @ M.T + 0.1 * torch.eye(n, dtype=torch.float64)).to(dtype)
+
+
+def test_factor_eigh_reconstructs_and_clips():
+    A = spd(4)
+    lam, Q = factor_eigh(A, what="input factor of Linear 'x'")
+    torch.testing.assert_close((Q * lam) @ Q.T, A)
+    lam, _ = factor_eigh(torch.zeros(3, 3, dtype=torch.float64) - 1e-18 * torch.eye(3), what="f")
+    assert (lam >= 0).all()
+
+
+def _failing_below_float64(monkeypatch):
+    original = torch.linalg.eigh
+
+    def eigh(A):
+        if A.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("simulated failure")
+        return original(A)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+
+
+def test_failed_decomposition_is_retried_in_float64(monkeypatch):
+    _failing_below_float64(monkeypatch)
+    A = spd(4, torch.float32)
+    lam, Q = factor_eigh(A, what="input factor of Linear 'x'")
+    assert lam.dtype == Q.dtype == torch.float32
+    torch.testing.assert_close((Q * lam) @ Q.T, A, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match=r"input factor of Linear 'x' \(torch.float32\) failed"):
+        factor_eigh(A, what="input factor of Linear 'x'", retry_double_precision=False)
+
+
+def test_non_finite_factor_is_reported():
+    A = spd(3)
+    A[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="gradient factor of Conv2d 'c' contains NaN"):
+        factor_eigh(A, what="gradient factor of Conv2d 'c'")
+
+
+def test_inverse_retry_option_reaches_the_decomposition(monkeypatch):
+    model = build(lambda: nn.Sequential(nn.Linear(3, 2))).float()
+    g = generator(1)
+    data = batches(torch.randn(12, 3, generator=g), torch.randn(12, 2, generator=g))
+    K = KFACLinearOperator(
+        model, nn.MSELoss(), list(model.parameters()), data, fisher_type="type-2"
+    )
+    K.compute_factors()
+    _failing_below_float64(monkeypatch)
+    with pytest.raises(RuntimeError, match="factor of Linear '0'"):
+        KFACInverseLinearOperator(K, damping=0.1, retry_double_precision=False)
+    K_inv = KFACInverseLinearOperator(K, damping=0.1)
+    assert K_inv.dtype == torch.float32

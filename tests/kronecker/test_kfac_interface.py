@@ -1,0 +1,206 @@
+"""KFAC's interface: closed forms, factors, state dict, option errors, the caller's state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.kronecker_problems import DTYPE, batches, build, generator
+from torch import nn
+
+from curvops.curvature import NonDeterministicError
+from curvops.kronecker import KFACLinearOperator, LayerFactors
+
+N, T = 12, 3
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(8, 3)
+        self.lin = nn.Linear(3, 4)
+        self.gain = nn.Parameter(1 + 0.1 * torch.randn(4))  # raw parameter: fallback
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.lin(self.emb(ids))) * self.gain)
+
+
+def problem(seed: int = 0):
+    model = build(Net, seed)
+    g = generator(seed + 1)
+    ids = torch.randint(0, 8, (N, T), generator=g)
+    data = batches(ids, torch.randn(N, T, 3, generator=g, dtype=DTYPE))
+    return model, list(model.parameters()), data
+
+
+def make(separate=True, **kwargs):
+    model, params, data = problem()
+    options = {"fisher_type": "type-2", "fallback": "diagonal"} | kwargs
+    return KFACLinearOperator(
+        model, nn.MSELoss(), params, data, separate_weight_and_bias=separate, **options
+    )
+
+
+@pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
+def test_closed_forms_match_dense(separate):
+    K = make(separate)
+    dense = K.to_dense()
+    torch.testing.assert_close(K.trace(), dense.trace())
+    torch.testing.assert_close(K.frobenius_norm(), torch.linalg.matrix_norm(dense))
+    sign, logabsdet = torch.linalg.slogdet(dense)
+    assert sign == 1
+    torch.testing.assert_close(K.logdet(), logabsdet)
+    torch.testing.assert_close(K.det(), torch.linalg.det(dense))
+
+
+def test_logdet_of_singular_kfac_is_minus_infinity():
+    model = build(lambda: nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 2, bias=False)))
+    g = generator(2)
+    data = batches(
+        torch.randn(N, 3, generator=g, dtype=DTYPE), torch.randn(N, 2, generator=g, dtype=DTYPE)
+    )
+    K = KFACLinearOperator(
+        model, nn.MSELoss(), list(model.parameters()), data, fisher_type="type-2"
+    )
+    assert K.logdet() == float("-inf")
+    assert K.det() == 0
+
+
+def test_factors_describe_layers():
+    K = make(separate=False)
+    assert list(K.factors) == ["emb", "lin", "out"]
+    f = K.factors["lin"]
+    assert isinstance(f, LayerFactors)
+    assert (f.weight_name, f.bias_name, f.joint) == ("lin.weight", "lin.bias", True)
+    assert f.input_factor.shape == (4, 4) and f.gradient_factor.shape == (4, 4)
+    assert f.bias_input_factor is None and not f.diagonal_input
+    assert K.factors["emb"].diagonal_input and K.factors["emb"].input_factor.shape == (8,)
+    assert set(K.fallback_diagonals) == {"gain"}
+    sep = make(separate=True).factors["lin"]
+    assert sep.input_factor.shape == (3, 3) and sep.bias_input_factor.shape == ()
+
+
+def test_factors_are_computed_once_on_first_use(monkeypatch):
+    K = make()
+    calls = []
+    original = KFACLinearOperator.compute_factors
+    monkeypatch.setattr(
+        KFACLinearOperator, "compute_factors", lambda self: calls.append(1) or original(self)
+    )
+    v = torch.randn(K.shape[0], generator=generator(0), dtype=DTYPE)
+    K @ v, K @ v, K.trace(), K.factors
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
+def test_state_dict_roundtrip(separate, tmp_path):
+    K = make(separate)
+    path = tmp_path / "kfac.pt"
+    torch.save(K.state_dict(), path)
+    fresh = make(separate, check_deterministic=False)
+    fresh.load_state_dict(torch.load(path))
+    assert fresh._factors is not None  # no data pass needed
+    torch.testing.assert_close(fresh.to_dense(), K.to_dense())
+
+
+def test_load_state_dict_checks():
+    K = make()
+    state = K.state_dict()
+    with pytest.raises(ValueError, match="computed with separate_weight_and_bias=True"):
+        make(separate=False, check_deterministic=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="computed with fisher_type='type-2'"):
+        make(fisher_type="empirical", check_deterministic=False).load_state_dict(state)
+    bad = K.state_dict()
+    bad["factors"]["lin"]["gradient_factor"] = torch.zeros(3, 3, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"Layer 'lin': gradient_factor has shape \(3, 3\)"):
+        K.load_state_dict(bad)
+    bad = K.state_dict()
+    del bad["factors"]["out"]
+    with pytest.raises(ValueError, match="holds factors for layers"):
+        K.load_state_dict(bad)
+    bad = K.state_dict()
+    del bad["fallback_diagonals"]["gain"]
+    with pytest.raises(ValueError, match="fallback diagonal of 'gain' is missing"):
+        K.load_state_dict(bad)
+    with pytest.raises(ValueError, match="Expected a state_dict of a KFACLinearOperator"):
+        K.load_state_dict({"type": "Other"})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"fisher_type": "hessian"}, ValueError, "Unknown fisher_type='hessian'. Use one of"),
+        ({"kfac_approx": "sum"}, ValueError, "Unknown kfac_approx='sum'"),
+        ({"fallback": "zero"}, ValueError, "Unknown fallback='zero'"),
+        (
+            {"fisher_type": "type-2", "mc_samples": 3},
+            ValueError,
+            "only applies to fisher_type='mc'",
+        ),
+        ({"mc_samples": 0}, ValueError, "mc_samples must be a positive integer"),
+        ({"num_per_example_loss_terms": 0}, ValueError, "num_per_example_loss_terms must be"),
+        ({"separate_weight_and_bias": "yes"}, TypeError, "must be a bool"),
+        ({"fisher_type": "forward-only"}, ValueError, "fallback='diagonal' needs backpropagated"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    model, params, data = problem()
+    options = {"fallback": "diagonal"} | kwargs
+    with pytest.raises(error, match=match):
+        KFACLinearOperator(model, nn.MSELoss(), params, data, **options)
+
+
+def test_model_must_be_a_module_and_loss_is_required():
+    model, params, data = problem()
+    with pytest.raises(TypeError, match="needs model_func to be an nn.Module"):
+        KFACLinearOperator(lambda p, X: model(X), nn.MSELoss(), params, data)
+    with pytest.raises(ValueError, match="needs a loss function"):
+        KFACLinearOperator(model, None, params, data)
+
+
+def test_loss_without_likelihood_is_refused():
+    model, params, data = problem()
+    with pytest.raises(NotImplementedError, match="needs a likelihood interpretation"):
+        KFACLinearOperator(model, nn.L1Loss(), params, data, fallback="diagonal")
+
+
+def test_nondeterministic_model_is_detected():
+    model = build(lambda: nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)))
+    g = generator(3)
+    data = batches(
+        torch.randn(N, 3, generator=g, dtype=DTYPE), torch.randn(N, 2, generator=g, dtype=DTYPE)
+    )
+    with pytest.raises(NonDeterministicError, match="dropout"):
+        KFACLinearOperator(model, nn.MSELoss(), list(model.parameters()), data)
+
+
+def test_callers_state_is_untouched():
+    model, params, data = problem()
+    model.lin.weight.grad = None
+    model.out.bias.requires_grad_(True)
+    model.eval()
+    rng = torch.get_rng_state()
+    K = KFACLinearOperator(model, nn.MSELoss(), params, data, fisher_type="mc", fallback="diagonal")
+    K.compute_factors()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model.training
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_hooks_are_removed_after_an_error():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    model = build(Twice)
+    data = [(torch.randn(3, 2, dtype=DTYPE), torch.randn(3, 2, dtype=DTYPE))]
+    K = KFACLinearOperator(model, nn.MSELoss(), list(model.parameters()), data)
+    with pytest.raises(ValueError, match="called 2 times"):
+        K.compute_factors()
+    assert not model.lin._forward_hooks

@@ -1,0 +1,42 @@
+"""Input unfolding reproduces the convolution as a matrix product on patches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.kronecker_problems import DTYPE, build, generator
+from torch import nn
+
+from curvops.kronecker.unfold import unfold_conv_input
+
+CONVS = {
+    "1d-stride-pad": (lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1), (7,)),
+    "1d-dilation-reflect": (
+        lambda: nn.Conv1d(2, 3, 2, dilation=2, padding=2, padding_mode="reflect"),
+        (6,),
+    ),
+    "2d-mixed": (
+        lambda: nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+        (5, 6),
+    ),
+    "2d-same": (lambda: nn.Conv2d(2, 3, 3, padding="same"), (4, 5)),
+    "2d-circular": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), (4, 4)),
+    "3d": (lambda: nn.Conv3d(2, 3, 2, padding=1, dilation=(1, 2, 1), bias=False), (3, 4, 3)),
+    "3d-valid-replicate": (
+        lambda: nn.Conv3d(2, 3, 2, stride=2, padding=1, padding_mode="replicate"),
+        (4, 3, 4),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_patches_times_weight_is_conv(name):
+    factory, spatial = CONVS[name]
+    conv = build(factory)
+    x = torch.randn(3, 2, *spatial, generator=generator(0), dtype=DTYPE)
+    patches = unfold_conv_input(conv, x)
+    out = patches @ conv.weight.reshape(conv.out_channels, -1).T
+    if conv.bias is not None:
+        out = out + conv.bias
+    expected = conv(x).flatten(start_dim=2).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
