@@ -19,10 +19,18 @@ from curvops.linalg.inverses import (
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
 )
+from curvops.linalg.spectral import (
+    LanczosApproximateLogSpectrumCached,
+    LanczosApproximateSpectrumCached,
+    lanczos_approximate_log_spectrum,
+    lanczos_approximate_spectrum,
+)
 from curvops.linalg.submatrix import SubmatrixLinearOperator
 
 __all__ = [
     "CGInverseLinearOperator",
+    "LanczosApproximateLogSpectrumCached",
+    "LanczosApproximateSpectrumCached",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
@@ -32,6 +40,8 @@ __all__ = [
     "hutchinson_squared_fro_halved",
     "hutchinson_trace",
     "hutchpp_trace",
+    "lanczos_approximate_log_spectrum",
+    "lanczos_approximate_spectrum",
     "xdiag",
     "xtrace",
 ]

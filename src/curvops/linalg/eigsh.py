@@ -16,6 +16,7 @@ from curvops.linalg._inputs import (
     require_self_adjoint,
     require_square,
 )
+from curvops.linalg._sampling import Distribution, random_test_matrix
 from curvops.linalg.lanczos import lanczos_steps
 from curvops.linear_operator import LinearOperator
 
@@ -45,8 +46,7 @@ def _start_vector(
 ) -> Tensor:
     """Turn the warm start (``None``, ``[D]`` or ``[D, m]``) into one unit start vector."""
     if v0 is None:
-        device = generator.device if generator is not None else A.device
-        v = torch.randn(D, generator=generator, dtype=A.dtype, device=device).to(A.device)
+        v = random_test_matrix(D, 1, Distribution.NORMAL, generator, A.dtype, A.device)[:, 0]
     else:
         if not isinstance(v0, Tensor) or v0.ndim not in (1, 2) or v0.shape[0] != D:
             got = tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__

@@ -2,11 +2,11 @@
 
 One file per method, named after it. All take ``num_matvecs`` (the budget of products),
 ``distribution`` (``"rademacher"`` or ``"normal"``), ``generator`` (NOTE [estimator
-randomness] in :mod:`curvops.linalg.estimators._sampling`) and ``return_error``; the trace
+randomness] in :mod:`curvops.linalg._sampling`) and ``return_error``; the trace
 and diagonal estimators also stop adaptively with ``target_rel_error`` and ``max_matvecs``.
 """
 
-from curvops.linalg.estimators._sampling import Distribution
+from curvops.linalg._sampling import Distribution
 from curvops.linalg.estimators.hutchinson_diag import hutchinson_diag
 from curvops.linalg.estimators.hutchinson_squared_fro import hutchinson_squared_fro
 from curvops.linalg.estimators.hutchinson_squared_fro_halved import (

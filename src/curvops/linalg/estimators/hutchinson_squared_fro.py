@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from curvops.linalg._inputs import as_linear_operator, parse_enum
+from curvops.linalg._sampling import Distribution, random_test_matrix
 from curvops.linalg.estimators._checks import check_num_matvecs
 from curvops.linalg.estimators._moments import RunningMoments
-from curvops.linalg.estimators._sampling import Distribution, random_test_matrix
 from curvops.linear_operator import LinearOperator
 
 
@@ -37,7 +37,7 @@ def hutchinson_squared_fro(
         num_matvecs: Budget :math:`N` of products, even (two per sample).
         distribution: ``"rademacher"`` or ``"normal"`` test vectors.
         generator: Random number generator (NOTE [estimator randomness] in
-            :mod:`curvops.linalg.estimators._sampling`).
+            :mod:`curvops.linalg._sampling`).
         return_error: Whether to also return the standard error (needs ``N >= 4``).
 
     Returns:

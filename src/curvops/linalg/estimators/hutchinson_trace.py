@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from curvops.linalg._inputs import as_linear_operator, parse_enum, require_square
+from curvops.linalg._sampling import Distribution, random_test_matrix
 from curvops.linalg.estimators._checks import check_adaptive, check_num_matvecs, relative
 from curvops.linalg.estimators._moments import RunningMoments
-from curvops.linalg.estimators._sampling import Distribution, random_test_matrix
 from curvops.linear_operator import LinearOperator
 
 
@@ -44,7 +44,7 @@ def hutchinson_trace(
             ``target_rel_error``, the batch size of each round.
         distribution: ``"rademacher"`` or ``"normal"`` test vectors.
         generator: Random number generator (NOTE [estimator randomness] in
-            :mod:`curvops.linalg.estimators._sampling`).
+            :mod:`curvops.linalg._sampling`).
         return_error: Whether to also return the standard error (needs
             ``num_matvecs >= 2``).
         target_rel_error: If given, keep adding batches of ``num_matvecs`` samples until

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from curvops.linalg._inputs import as_linear_operator, parse_enum, require_square
+from curvops.linalg._sampling import Distribution, random_test_matrix
 from curvops.linalg.estimators._checks import check_adaptive, check_num_matvecs, relative
 from curvops.linalg.estimators._exchangeable_sketch import LeaveOneOutSketch
-from curvops.linalg.estimators._sampling import Distribution, random_test_matrix
 from curvops.linear_operator import LinearOperator
 
 
@@ -61,7 +61,7 @@ def xtrace(
         num_matvecs: Budget :math:`N`, even, :math:`4 \\leq N` and :math:`N/2 \\leq D`.
         distribution: ``"rademacher"`` or ``"normal"`` test vectors.
         generator: Random number generator (NOTE [estimator randomness] in
-            :mod:`curvops.linalg.estimators._sampling`).
+            :mod:`curvops.linalg._sampling`).
         return_error: Whether to also return the error estimate.
         target_rel_error: If given, grow the sketch until the error estimate divided by the
             absolute estimate is at most this (or the sketch reaches dimension :math:`D`).
