@@ -156,7 +156,7 @@ def test_ekfac_sums_positions_before_squaring():
 
 def test_mc_ekfac_reuses_the_samples_of_the_factor_pass():
     """One datum: MC KFAC is exact for its own sampled labels; EKFAC's second pass must draw the
-    same labels (NOTE [MC seeding]) and then equals KFAC."""
+    same labels (NOTE [MC seeding across ranks]) and then equals KFAC."""
     model, params, data = classification_problem(conv=False)
     data = [(data[0][0][:1], data[0][1][:1])]
     loss = nn.CrossEntropyLoss()

@@ -14,9 +14,11 @@ For every batch of the data loop (:meth:`curvops.risk.EmpiricalRisk.batches`) th
 
 The ``forward-only`` type skips steps 2-3. Every fisher type shares this code path.
 
-NOTE [MC seeding] of :mod:`curvops.curvature.fisher` applies: each pass re-seeds a private
-generator with ``seed + 7919 * rank``, so repeated passes (EKFAC's second pass) draw the same
-would-be labels and the global RNG is never touched.
+NOTE [MC seeding across ranks] of :mod:`curvops.risk.distributed` applies: each pass
+re-seeds a private generator with the rank's seed, so repeated passes (EKFAC's second pass)
+draw the same would-be labels and the global RNG is never touched. The caller wraps the pass
+in :meth:`curvops.risk.EmpiricalRisk.partial_sums`, which sums the statistics across
+processes (and makes every rank raise if one fails).
 """
 
 from __future__ import annotations
@@ -113,11 +115,6 @@ class _Recorder:
                 )
 
 
-def generator_for(risk: EmpiricalRisk, seed: int) -> torch.Generator:
-    """A fresh private generator for one pass (NOTE [MC seeding])."""
-    return torch.Generator(device=risk.device).manual_seed(int(seed) + 7919 * risk.group.rank)
-
-
 def statistics_pass(
     risk: EmpiricalRisk,
     layers: list[KFACLayer],
@@ -143,7 +140,8 @@ def statistics_pass(
     """
     fallback_indices = fallback_indices or []
     backward = fisher_type != FisherType.FORWARD_ONLY
-    generator = generator_for(risk, seed)
+    # NOTE [MC seeding across ranks]
+    generator = torch.Generator(device=risk.device).manual_seed(risk.group.rank_seed(seed))
     recorder = _Recorder(layers)
     with recorder.installed():
         for batch in risk.batches(desc=desc):

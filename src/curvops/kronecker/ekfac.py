@@ -27,9 +27,9 @@ class EKFACLinearOperator(KFACLinearOperator):
     (Q_B \otimes Q_A)^\top` with the eigenvectors of the KFAC factors and the corrected
     eigenvalues of :mod:`curvops.kronecker.corrections`, computed with a second pass over the
     data (through the same data loop and output factors as the factors; the MC generator is
-    re-seeded, so both passes see the same would-be labels). A separate bias block uses
-    :math:`Q_B` alone; an embedding's input basis is the identity (its :math:`A` is
-    diagonal). Fallback parameters keep their exact diagonal.
+    re-seeded, NOTE [MC seeding across ranks], so both passes see the same would-be labels).
+    A separate bias block uses :math:`Q_B` alone; an embedding's input basis is the identity
+    (its :math:`A` is diagonal). Fallback parameters keep their exact diagonal.
 
     Takes the arguments of :class:`~curvops.kronecker.kfac.KFACLinearOperator` except
     ``fisher_type="forward-only"``, which computes no gradients to correct with.
@@ -96,16 +96,17 @@ class EKFACLinearOperator(KFACLinearOperator):
             for acc, inputs, grad in zip(accumulators, stats.inputs, stats.grad_outputs):
                 acc.add(inputs, grad, stats.batch.weight)
 
-        statistics_pass(
-            self._risk,
-            self._layers,
-            consume,
-            fisher_type=self._fisher_type,
-            mc_samples=self._mc_samples,
-            seed=self._seed,
-            desc="EKFAC eigenvalue correction",
-        )
-        self._risk.all_reduce_([t for acc in accumulators for t in acc.tensors()])
+        sums = [t for acc in accumulators for t in acc.tensors()]
+        with self._risk.partial_sums(sums, what="EKFAC eigenvalue correction"):
+            statistics_pass(
+                self._risk,
+                self._layers,
+                consume,
+                fisher_type=self._fisher_type,
+                mc_samples=self._mc_samples,
+                seed=self._seed,
+                desc="EKFAC eigenvalue correction",
+            )
         corrections = {}
         for layer, acc in zip(self._layers, accumulators):
             entry = {}

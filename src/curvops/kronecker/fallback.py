@@ -15,10 +15,9 @@ are computed with ``torch.func``: ``vjp`` for one datum, ``vmap`` over data and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
@@ -48,7 +47,7 @@ def per_datum_vjps(
         full = list(values)
         for i, v in zip(indices, sub_values):
             full[i] = v
-        x_batch = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), x_n)
+        x_batch = _with_batch_axis(x_n)
         return forward(full, x_batch).squeeze(0)
 
     def datum_vjps(x_n: Any, s_n: Tensor) -> tuple[Tensor, ...]:
@@ -58,3 +57,12 @@ def per_datum_vjps(
 
     grads = vmap(datum_vjps, in_dims=(0, 1))(X, S)  # each [N, K, *shape]
     return [g.transpose(0, 1) for g in grads]
+
+
+def _with_batch_axis(x: Any) -> Any:
+    """Give a datum (a tensor, or a mapping of tensors) a leading batch axis of size 1."""
+    if isinstance(x, Tensor):
+        return x.unsqueeze(0)
+    if isinstance(x, Mapping):
+        return {k: _with_batch_axis(v) for k, v in x.items()}
+    return x

@@ -82,8 +82,8 @@ class KFACLinearOperator(LinearOperator):
         num_per_example_loss_terms: Fixed number :math:`T` of loss terms per datum for the
             ``expand`` normalisation of the input factors (default: each layer's number of
             shared positions), see NOTE [KFAC scaling].
-        seed: Seed of the private generator for ``"mc"`` (NOTE [MC seeding] of
-            :mod:`curvops.curvature.fisher`).
+        seed: Seed of the private generator for ``"mc"`` (NOTE [MC seeding across ranks] of
+            :mod:`curvops.risk.distributed`).
         progressbar: Show progress bars over the batches.
         check_deterministic: Evaluate loss and gradient twice at construction and raise
             :class:`~curvops.curvature.NonDeterministicError` if they differ.
@@ -252,7 +252,11 @@ class KFACLinearOperator(LinearOperator):
             )
             for layer in layers
         ]
-        diagonals = [torch.zeros_like(risk.params[i]).detach() for i in self._fallback_indices]
+        diagonals = [
+            torch.zeros(risk.params[i].shape, dtype=self.dtype, device=self.device)
+            for i in self._fallback_indices
+        ]
+        sums = [t for acc in accumulators for t in acc.tensors()] + diagonals
 
         def consume(stats) -> None:
             w = stats.batch.weight
@@ -261,17 +265,17 @@ class KFACLinearOperator(LinearOperator):
             for diag, g in zip(diagonals, stats.fallback_grads):
                 diag.add_(g.square().sum(dim=(0, 1)), alpha=w)
 
-        statistics_pass(
-            risk,
-            layers,
-            consume,
-            fisher_type=self._fisher_type,
-            mc_samples=self._mc_samples,
-            seed=self._seed,
-            fallback_indices=self._fallback_indices,
-            desc=f"{type(self).__name__} factors",
-        )
-        risk.all_reduce_([t for acc in accumulators for t in acc.tensors()] + diagonals)
+        with risk.partial_sums(sums, what=f"{type(self).__name__} factors"):
+            statistics_pass(
+                risk,
+                layers,
+                consume,
+                fisher_type=self._fisher_type,
+                mc_samples=self._mc_samples,
+                seed=self._seed,
+                fallback_indices=self._fallback_indices,
+                desc=f"{type(self).__name__} factors",
+            )
         names = dict(enumerate(risk.param_names))
         self._set_factors(
             {
@@ -444,11 +448,36 @@ class KFACLinearOperator(LinearOperator):
 
     # ---------------------------------------------------------------- safeguards
     def _check_deterministic(self) -> None:
-        """Evaluate loss and gradient twice and raise if they differ.
+        """Evaluate loss and gradient twice and raise if they differ (on any rank).
+
+        When distributed, each rank checks its own share without communication and the ranks
+        agree on the verdict (NOTE [data parallelism] of :mod:`curvops.risk.distributed`).
 
         Raises:
             NonDeterministicError: If the two evaluations differ.
         """
+        group = self._risk.group
+        if not group.active:
+            self._check_deterministic_locally()
+            return
+
+        def local_verdict() -> str | None:
+            try:
+                with group.local():
+                    self._check_deterministic_locally()
+            except NonDeterministicError as e:
+                return str(e)
+            return None
+
+        verdicts = group.gather_objects(local_verdict, what="The determinism check")
+        bad = [rank for rank, message in enumerate(verdicts) if message is not None]
+        if bad:
+            raise NonDeterministicError(
+                f"The determinism check failed on rank(s) {bad}; rank {bad[0]} reports: "
+                f"{verdicts[bad[0]]}"
+            )
+
+    def _check_deterministic_locally(self) -> None:
         rtol, atol = (1e-9, 1e-12) if self.dtype == torch.float64 else (1e-4, 1e-6)
         results = []
         # each evaluation starts from a different global RNG state (restored afterwards), so

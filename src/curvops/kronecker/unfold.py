@@ -42,13 +42,9 @@ def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> T
         # the module pads explicitly in this case and convolves without padding
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = 0
-    if len(kernel_size) == 2 and not isinstance(padding, str):
-        patches = F.unfold(
-            x, kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-        )
-        return patches.transpose(1, 2)
-    # generic case: a grouped convolution with one-hot kernels copies every tap of a patch
-    # into its own output channel, ordered (channel, kernel offset) like the flat weight
+    # a grouped convolution with one-hot kernels copies every tap of a patch into its own
+    # output channel, ordered (channel, kernel offset) like the flat weight; this works for
+    # 1d/2d/3d and string paddings, and is faster than F.unfold (im2col) on CPU
     channels, taps = x.shape[1], prod(kernel_size)
     one_hot = torch.eye(taps, dtype=x.dtype, device=x.device).reshape(taps, 1, *kernel_size)
     one_hot = one_hot.repeat(channels, *([1] * (len(kernel_size) + 1)))
