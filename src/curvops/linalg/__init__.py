@@ -19,6 +19,11 @@ from curvops.linalg.inverses import (
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
 )
+from curvops.linalg.sketches import (
+    estimate_approximation_error,
+    nystrom_approximation,
+    randomized_eigh,
+)
 from curvops.linalg.spectral import (
     LanczosApproximateLogSpectrumCached,
     LanczosApproximateSpectrumCached,
@@ -35,6 +40,7 @@ __all__ = [
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
     "eigsh",
+    "estimate_approximation_error",
     "hutchinson_diag",
     "hutchinson_squared_fro",
     "hutchinson_squared_fro_halved",
@@ -42,6 +48,8 @@ __all__ = [
     "hutchpp_trace",
     "lanczos_approximate_log_spectrum",
     "lanczos_approximate_spectrum",
+    "nystrom_approximation",
+    "randomized_eigh",
     "xdiag",
     "xtrace",
 ]
