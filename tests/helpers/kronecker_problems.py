@@ -86,3 +86,26 @@ class Scale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.inner(x) * self.scale
+
+
+class EmbeddingGainNet(nn.Module):
+    """Embedding, linear layers and a raw parameter (fallback); nonsingular KFAC."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(8, 3)
+        self.lin = nn.Linear(3, 4)
+        self.gain = nn.Parameter(1 + 0.1 * torch.randn(4))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.lin(self.emb(ids))) * self.gain)
+
+
+def embedding_gain_problem(seed: int = 0, num_data: int = 12, positions: int = 3):
+    """Model, parameters and uneven batches of token sequences with regression targets."""
+    model = build(EmbeddingGainNet, seed)
+    g = generator(seed + 1)
+    ids = torch.randint(0, 8, (num_data, positions), generator=g)
+    data = batches(ids, torch.randn(num_data, positions, 3, generator=g, dtype=DTYPE))
+    return model, list(model.parameters()), data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.kronecker_problems import DTYPE, batches, build, generator
+from helpers.kronecker_problems import DTYPE, batches, build, embedding_gain_problem, generator
 from torch import nn
 
 from curvops.curvature import NonDeterministicError
@@ -13,28 +13,8 @@ from curvops.kronecker import KFACLinearOperator, LayerFactors
 N, T = 12, 3
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(8, 3)
-        self.lin = nn.Linear(3, 4)
-        self.gain = nn.Parameter(1 + 0.1 * torch.randn(4))  # raw parameter: fallback
-        self.out = nn.Linear(4, 3)
-
-    def forward(self, ids):
-        return self.out(torch.tanh(self.lin(self.emb(ids))) * self.gain)
-
-
-def problem(seed: int = 0):
-    model = build(Net, seed)
-    g = generator(seed + 1)
-    ids = torch.randint(0, 8, (N, T), generator=g)
-    data = batches(ids, torch.randn(N, T, 3, generator=g, dtype=DTYPE))
-    return model, list(model.parameters()), data
-
-
 def make(separate=True, **kwargs):
-    model, params, data = problem()
+    model, params, data = embedding_gain_problem()
     options = {"fisher_type": "type-2", "fallback": "diagonal"} | kwargs
     return KFACLinearOperator(
         model, nn.MSELoss(), params, data, separate_weight_and_bias=separate, **options
@@ -92,40 +72,6 @@ def test_factors_are_computed_once_on_first_use(monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
-def test_state_dict_roundtrip(separate, tmp_path):
-    K = make(separate)
-    path = tmp_path / "kfac.pt"
-    torch.save(K.state_dict(), path)
-    fresh = make(separate, check_deterministic=False)
-    fresh.load_state_dict(torch.load(path))
-    assert fresh._factors is not None  # no data pass needed
-    torch.testing.assert_close(fresh.to_dense(), K.to_dense())
-
-
-def test_load_state_dict_checks():
-    K = make()
-    state = K.state_dict()
-    with pytest.raises(ValueError, match="computed with separate_weight_and_bias=True"):
-        make(separate=False, check_deterministic=False).load_state_dict(state)
-    with pytest.raises(ValueError, match="computed with fisher_type='type-2'"):
-        make(fisher_type="empirical", check_deterministic=False).load_state_dict(state)
-    bad = K.state_dict()
-    bad["factors"]["lin"]["gradient_factor"] = torch.zeros(3, 3, dtype=DTYPE)
-    with pytest.raises(ValueError, match=r"Layer 'lin': gradient_factor has shape \(3, 3\)"):
-        K.load_state_dict(bad)
-    bad = K.state_dict()
-    del bad["factors"]["out"]
-    with pytest.raises(ValueError, match="holds factors for layers"):
-        K.load_state_dict(bad)
-    bad = K.state_dict()
-    del bad["fallback_diagonals"]["gain"]
-    with pytest.raises(ValueError, match="fallback diagonal of 'gain' is missing"):
-        K.load_state_dict(bad)
-    with pytest.raises(ValueError, match="Expected a state_dict of a KFACLinearOperator"):
-        K.load_state_dict({"type": "Other"})
-
-
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -144,14 +90,14 @@ def test_load_state_dict_checks():
     ],
 )
 def test_bad_options(kwargs, error, match):
-    model, params, data = problem()
+    model, params, data = embedding_gain_problem()
     options = {"fallback": "diagonal"} | kwargs
     with pytest.raises(error, match=match):
         KFACLinearOperator(model, nn.MSELoss(), params, data, **options)
 
 
 def test_model_must_be_a_module_and_loss_is_required():
-    model, params, data = problem()
+    model, params, data = embedding_gain_problem()
     with pytest.raises(TypeError, match="needs model_func to be an nn.Module"):
         KFACLinearOperator(lambda p, X: model(X), nn.MSELoss(), params, data)
     with pytest.raises(ValueError, match="needs a loss function"):
@@ -159,7 +105,7 @@ def test_model_must_be_a_module_and_loss_is_required():
 
 
 def test_loss_without_likelihood_is_refused():
-    model, params, data = problem()
+    model, params, data = embedding_gain_problem()
     with pytest.raises(NotImplementedError, match="needs a likelihood interpretation"):
         KFACLinearOperator(model, nn.L1Loss(), params, data, fallback="diagonal")
 
@@ -175,7 +121,7 @@ def test_nondeterministic_model_is_detected():
 
 
 def test_callers_state_is_untouched():
-    model, params, data = problem()
+    model, params, data = embedding_gain_problem()
     model.lin.weight.grad = None
     model.out.bias.requires_grad_(True)
     model.eval()

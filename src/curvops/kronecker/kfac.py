@@ -34,6 +34,12 @@ from curvops.kronecker.eigen import factor_eigh
 from curvops.kronecker.factors import FactorAccumulator, LayerFactors
 from curvops.kronecker.layers import KFACLayer
 from curvops.kronecker.options import FallbackType, FisherType, KFACType, parse_enum
+from curvops.kronecker.state import (
+    STATE_VERSION,
+    check_state_header,
+    factors_from_state,
+    fallback_diagonals_from_state,
+)
 from curvops.linear_operator import LinearOperator
 from curvops.risk import EmpiricalRisk
 from curvops.structured import (
@@ -41,8 +47,6 @@ from curvops.structured import (
     DiagonalLinearOperator,
     KroneckerProductLinearOperator,
 )
-
-_STATE_VERSION = 1
 
 
 class KFACLinearOperator(LinearOperator):
@@ -518,7 +522,7 @@ class KFACLinearOperator(LinearOperator):
         """
         self._ensure_factors()
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "type": type(self).__name__,
             "config": self._config(),
             "factors": {name: f.tensors() for name, f in self._factors.items()},
@@ -535,91 +539,20 @@ class KFACLinearOperator(LinearOperator):
         Raises:
             ValueError: If the state's type, options, layers or tensor shapes do not match.
         """
-        name = type(self).__name__
-        if not isinstance(state, dict) or state.get("type") != name:
-            got = state.get("type") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"Expected a state_dict of a {name}, got one of {got}.")
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"State version {state.get('version')} is not supported (expected "
-                f"{_STATE_VERSION})."
-            )
-        config = self._config()
-        for key, value in config.items():
-            theirs = state["config"].get(key)
-            if key == "param_shapes":
-                theirs = [tuple(s) for s in theirs] if theirs is not None else None
-            if theirs != value:
-                raise ValueError(
-                    f"The state was computed with {key}={theirs!r}, but this operator has "
-                    f"{key}={value!r}. Construct the operator with the same options and "
-                    f"parameters."
-                )
-        expected = self._expected_factor_shapes()
-        got_names = set(state["factors"])
-        if got_names != set(expected):
-            raise ValueError(
-                f"The state holds factors for layers {sorted(got_names)}, but this operator "
-                f"has layers {sorted(expected)}."
-            )
-        factors = {}
-        for layer in self._layers:
-            tensors = state["factors"][layer.name]
-            shapes = expected[layer.name]
-            if set(tensors) != set(shapes):
-                raise ValueError(
-                    f"Layer '{layer.name}': the state holds factors {sorted(tensors)}, "
-                    f"expected {sorted(shapes)}."
-                )
-            for key, shape in shapes.items():
-                if tuple(tensors[key].shape) != shape:
-                    raise ValueError(
-                        f"Layer '{layer.name}': {key} has shape {tuple(tensors[key].shape)} in "
-                        f"the state, but the layer needs {shape}."
-                    )
-            factors[layer.name] = self._layer_factors_from(layer, tensors)
+        check_state_header(state, type(self).__name__, self._config())
         names = self._risk.param_names
-        diagonals = {}
-        for i in self._fallback_indices:
-            d = state["fallback_diagonals"].get(names[i])
-            if d is None or tuple(d.shape) != self._in_shapes[i]:
-                raise ValueError(
-                    f"The state's fallback diagonal of '{names[i]}' is missing or has the wrong "
-                    f"shape (expected {self._in_shapes[i]})."
-                )
-            diagonals[names[i]] = d.to(self.device, self.dtype)
-        self._set_factors(factors, diagonals)
-
-    def _expected_factor_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
-        out = {}
-        for layer in self._layers:
-            d_out, d_in = layer.weight_matrix_shape
-            has_w, has_b = layer.weight_index is not None, layer.bias_index is not None
-            joint = has_w and has_b and not self._separate_weight_and_bias
-            shapes = {"gradient_factor": (d_out, d_out)}
-            if has_w:
-                n = d_in + int(joint)
-                shapes["input_factor"] = (n,) if layer.diagonal_input else (n, n)
-            if has_b and not joint:
-                shapes["bias_input_factor"] = ()
-            out[layer.name] = shapes
-        return out
-
-    def _layer_factors_from(self, layer: KFACLayer, tensors: dict[str, Tensor]) -> LayerFactors:
-        names = self._risk.param_names
-        has_w, has_b = layer.weight_index is not None, layer.bias_index is not None
-
-        def get(key):
-            t = tensors.get(key)
-            return None if t is None else t.to(self.device, self.dtype)
-
-        return LayerFactors(
-            module_name=layer.name,
-            module_type=layer.type_name,
-            weight_name=names[layer.weight_index] if has_w else None,
-            bias_name=names[layer.bias_index] if has_b else None,
-            joint=has_w and has_b and not self._separate_weight_and_bias,
-            input_factor=get("input_factor"),
-            gradient_factor=get("gradient_factor"),
-            bias_input_factor=get("bias_input_factor"),
+        factors = factors_from_state(
+            state,
+            self._layers,
+            names,
+            separate_weight_and_bias=self._separate_weight_and_bias,
+            dtype=self.dtype,
+            device=self.device,
         )
+        diagonals = fallback_diagonals_from_state(
+            state,
+            {names[i]: self._in_shapes[i] for i in self._fallback_indices},
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self._set_factors(factors, diagonals)
