@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 WORKER = Path(__file__).with_name("dist_worker.py")
+TESTS = Path(__file__).resolve().parents[1]
 
 
 class SessionFailed(RuntimeError):
@@ -40,7 +41,9 @@ def run_session(
     """
     with tempfile.TemporaryDirectory(prefix="curvops-dist-") as tmp:
         tmp_path = Path(tmp)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # tests/ on the path for the case registry (as tests/conftest.py arranges for pytest)
+        path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         procs, logs = [], []
         for rank in range(world_size):
             log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
