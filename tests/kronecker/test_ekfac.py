@@ -201,3 +201,34 @@ def test_ekfac_refuses_forward_only():
     model, params, data = classification_problem(conv=False)
     with pytest.raises(ValueError, match="fisher_type='forward-only' computes none"):
         EKFACLinearOperator(model, nn.CrossEntropyLoss(), params, data, fisher_type="forward-only")
+
+
+class PositionMixingSequenceClassifier(nn.Module):
+    """Per-position classes [N, C, T] from hidden states that mix positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h + h.mean(dim=1, keepdim=True)
+        return self.b(h).transpose(1, 2)
+
+
+def test_type2_ekfac_is_exact_diagonal_for_sequence_cross_entropy():
+    """Type-2 factors of cross-entropy combine positions in one column; the correction splits
+    them per position, so no cross-position terms enter the GGN diagonal."""
+    model = build(PositionMixingSequenceClassifier)
+    params = list(model.parameters())
+    g = generator(0)
+    X = torch.randn(N, T, 4, generator=g, dtype=DTYPE)
+    data = batches(X, torch.randint(0, 3, (N, T), generator=g))
+    loss = nn.CrossEntropyLoss()
+    EK = EKFACLinearOperator(model, loss, params, data, fisher_type="type-2")
+    G = block_diagonal(
+        dense_ggn(model, loss, params, data), params, module_groups(model, params, True)
+    )
+    eigvals, Q = torch.linalg.eigh(ekfac_dense(EK))
+    torch.testing.assert_close((Q.T @ G @ Q).diagonal(), eigvals, rtol=1e-7, atol=1e-10)

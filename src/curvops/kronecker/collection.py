@@ -124,6 +124,7 @@ def statistics_pass(
     mc_samples: int,
     seed: int,
     fallback_indices: list[int] | None = None,
+    separate_positions: bool = False,
     desc: str = "KFAC statistics",
 ) -> None:
     """Run one pass over the data and feed each batch's layer statistics to ``consume``.
@@ -136,6 +137,8 @@ def statistics_pass(
         mc_samples: Number of Monte-Carlo samples (``mc`` only).
         seed: Seed of the pass's private generator.
         fallback_indices: Positions of parameters needing per-datum gradients (fallback).
+        separate_positions: Split every output factor into one factor per output position
+            (see :func:`separate_output_positions`).
         desc: Progress bar description.
     """
     fallback_indices = fallback_indices or []
@@ -156,6 +159,8 @@ def statistics_pass(
                 S = risk.loss.output_factors(
                     output, batch.y, fisher_type.value, mc_samples=mc_samples, generator=generator
                 )
+                if separate_positions:
+                    S = separate_output_positions(S)
                 grads = _backpropagate(output, [recorder.outputs[i] for i in range(len(layers))], S)
                 if fallback_indices:
                     detached = [v.detach() for v in values]
@@ -186,3 +191,32 @@ def _backpropagate(output: Tensor, layer_outputs: list[Tensor], S: Tensor) -> li
         torch.zeros(S.shape[0], *o.shape, dtype=o.dtype, device=o.device) if g is None else g
         for o, g in zip(layer_outputs, grads)
     ]
+
+
+def separate_output_positions(S: Tensor) -> Tensor:
+    r"""Split output factors ``[K, N, C, *positions]`` into one factor per position.
+
+    For type-2 factors of a loss with extra output axes, a column :math:`s_k` may hold the
+    :math:`k`-th column of *every* position's Hessian square root at once
+    (:meth:`curvops.losses.LossSpec.output_factors`; cross-entropy, class axis 1). Then
+    :math:`\sum_k s_k s_k^\top` equals the loss Hessian on each position's block, but a
+    per-datum quantity *squared after backpropagation*, :math:`\sum_k (J^\top s_k)^2`,
+    picks up spurious cross-position terms :math:`J_t^\top S_t S_{t'}^\top J_{t'}`. Masking
+    each column to one position :math:`p` (axes ``2:`` flattened) removes them; columns that
+    are zero at every datum are dropped (elementwise losses already give one column per
+    entry, so nothing is added for them).
+
+    Args:
+        S: Output factors ``[K, N, *output.shape[1:]]``.
+
+    Returns:
+        Factors ``[K', N, *output.shape[1:]]`` each supported on one position.
+    """
+    if S.ndim <= 3:
+        return S
+    K, N, C = S.shape[:3]
+    P = S[0, 0, 0].numel()
+    eye = torch.eye(P, dtype=S.dtype, device=S.device)
+    split = S.reshape(K, 1, N, C, P) * eye.reshape(1, P, 1, 1, P)
+    split = split.reshape(K * P, N, *S.shape[2:])
+    return split[split.reshape(K * P, -1).ne(0).any(dim=1)]

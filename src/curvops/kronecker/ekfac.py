@@ -105,6 +105,7 @@ class EKFACLinearOperator(KFACLinearOperator):
                 fisher_type=self._fisher_type,
                 mc_samples=self._mc_samples,
                 seed=self._seed,
+                separate_positions=self._fisher_type == FisherType.TYPE2,
                 desc="EKFAC eigenvalue correction",
             )
         corrections = {}
