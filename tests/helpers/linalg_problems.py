@@ -85,8 +85,9 @@ def estimator_trials(estimator, M: Tensor, num_matvecs: int, num_runs: int, seed
         Stacked estimates and error estimates (``[num_runs]`` or ``[num_runs, D]``).
     """
     g = generator(seed)
+    A = TensorLinearOperator(M)  # wrap once: wrapping a tensor checks its symmetry
     results = [
-        estimator(M, num_matvecs, generator=g, return_error=True, **kwargs) for _ in range(num_runs)
+        estimator(A, num_matvecs, generator=g, return_error=True, **kwargs) for _ in range(num_runs)
     ]
     return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
 
