@@ -20,6 +20,16 @@ CONVS = {
         (5, 6),
     ),
     "2d-same": (lambda: nn.Conv2d(2, 3, 3, padding="same"), (4, 5)),
+    "1d-same-even-kernel": (lambda: nn.Conv1d(2, 3, 4, padding="same", dilation=1), (6,)),
+    "2d-same-dilated-even": (
+        lambda: nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(3, 1)),
+        (7, 5),
+    ),
+    "2d-valid-reflect-same": (
+        lambda: nn.Conv2d(2, 3, 2, padding="same", padding_mode="reflect"),
+        (4, 4),
+    ),
+    "1d-valid": (lambda: nn.Conv1d(2, 3, 3, padding="valid", stride=2), (8,)),
     "2d-circular": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), (4, 4)),
     "3d": (lambda: nn.Conv3d(2, 3, 2, padding=1, dilation=(1, 2, 1), bias=False), (3, 4, 3)),
     "3d-valid-replicate": (
@@ -34,6 +44,8 @@ def test_patches_times_weight_is_conv(name):
     factory, spatial = CONVS[name]
     conv = build(factory)
     x = torch.randn(3, 2, *spatial, generator=generator(0), dtype=DTYPE)
+    if name.startswith("2d-mixed"):  # a non-contiguous input
+        x = torch.randn(3, *spatial, 2, generator=generator(0), dtype=DTYPE).movedim(-1, 1)
     patches = unfold_conv_input(conv, x)
     out = patches @ conv.weight.reshape(conv.out_channels, -1).T
     if conv.bias is not None:

@@ -135,19 +135,26 @@ class FactorAccumulator:
             grad_output: Output gradients ``[K, *output.shape]`` (``None`` for forward-only).
             weight: The batch weight :math:`w_\\mathbb{B}`.
         """
-        x = input_rows(self.layer, inputs)
+        layer = self.layer
+        x = layer.input_rows(inputs)  # [N, T, d_in], token ids [N, T] for an embedding
         N, T = x.shape[0], x.shape[1]
-        if self.layer.diagonal_input:
-            A = self._token_counts(x)
-        elif self.reduce:
-            xbar = x.mean(dim=1)
-            A = xbar.T @ xbar
+        if layer.diagonal_input:
+            self.A_sum.add_(self._token_counts(x))
         else:
-            flat = x.reshape(N * T, -1)
-            A = flat.T @ flat
-        rows = N if self.reduce else N * (T if self.loss_terms is None else self.loss_terms)
-        self.A_sum.add_(A)
-        self.count.add_(rows)
+            # rows of the (averaged) inputs; a bias appends a constant 1 to every row, whose
+            # blocks of A are the column sums and the number of rows (no concatenated copy)
+            rows = x.mean(dim=1) if self.reduce else x.reshape(N * T, x.shape[-1])
+            w_end = x.shape[-1] if layer.weight_index is not None else 0
+            if layer.weight_index is not None:
+                self.A_sum[:w_end, :w_end].add_(rows.T @ rows)
+            if layer.bias_index is not None:
+                if layer.weight_index is not None:
+                    sums = rows.sum(dim=0)
+                    self.A_sum[:w_end, w_end].add_(sums)
+                    self.A_sum[w_end, :w_end].add_(sums)
+                self.A_sum[w_end, w_end].add_(rows.shape[0])
+        count = N if self.reduce else N * (T if self.loss_terms is None else self.loss_terms)
+        self.count.add_(count)
         if self.backward:
             g = self.layer.grad_rows(grad_output)  # [K, N, T, d_out]
             g = g.sum(dim=2) if self.reduce else g

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 from math import prod
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-_CONV_FUNCS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
     """Extract the input patches a convolution multiplies with its weight.
+
+    The (padded) input is viewed with strides that step over kernel offsets (scaled by the
+    dilation) and output positions (scaled by the stride), then copied once into patch rows;
+    no convolution or im2col kernel is involved.
 
     Args:
         module: The convolution (``groups == 1``).
@@ -36,24 +37,43 @@ def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> T
         that ``patches @ module.weight.reshape(C_out, -1).T + bias`` equals the layer output
         with its spatial axes flattened to ``P`` and moved before the channels.
     """
-    kernel_size = tuple(module.kernel_size)
-    padding = module.padding
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     if module.padding_mode != "zeros":
         # the module pads explicitly in this case and convolves without padding
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    # a grouped convolution with one-hot kernels copies every tap of a patch into its own
-    # output channel, ordered (channel, kernel offset) like the flat weight; this works for
-    # 1d/2d/3d and string paddings, and is faster than F.unfold (im2col) on CPU
-    channels, taps = x.shape[1], prod(kernel_size)
-    one_hot = torch.eye(taps, dtype=x.dtype, device=x.device).reshape(taps, 1, *kernel_size)
-    one_hot = one_hot.repeat(channels, *([1] * (len(kernel_size) + 1)))
-    patches = _CONV_FUNCS[len(kernel_size)](
-        x,
-        one_hot,
-        stride=module.stride,
-        padding=padding,
-        dilation=module.dilation,
-        groups=channels,
+    else:
+        pads = _zero_padding(module)
+        if any(pads):
+            x = F.pad(x, pads)
+    N, C, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    out = [(n - d * (k - 1) - 1) // s + 1 for n, k, d, s in zip(spatial, kernel, dilation, stride)]
+    step = x.stride()[2:]
+    view = x.as_strided(
+        (N, C, *kernel, *out),
+        (
+            x.stride(0),
+            x.stride(1),
+            *[st * d for st, d in zip(step, dilation)],
+            *[st * s for st, s in zip(step, stride)],
+        ),
+        x.storage_offset(),
     )
-    return patches.flatten(start_dim=2).transpose(1, 2)
+    d = len(kernel)
+    # one copy straight into row layout [N, *out, C, *kernel]
+    order = (0, *range(2 + d, 2 + 2 * d), 1, *range(2, 2 + d))
+    return view.permute(order).reshape(N, prod(out), C * prod(kernel))
+
+
+def _zero_padding(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
+    """Zero padding as an ``F.pad`` argument (last spatial axis first, left then right)."""
+    padding = module.padding
+    if padding == "valid":
+        padding = [0] * len(module.kernel_size)
+    pads: list[int] = []
+    for i in reversed(range(len(module.kernel_size))):
+        if padding == "same":  # PyTorch puts the odd remainder on the right
+            total = module.dilation[i] * (module.kernel_size[i] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [padding[i], padding[i]]
+    return pads
