@@ -127,3 +127,8 @@ def test_bad_inputs_raise():
         eigsh(M, 2, v0=torch.zeros(10, dtype=DTYPE))
     with pytest.raises(ValueError, match="tol must be a finite number > 0"):
         eigsh(M, 2, tol=0.0)
+
+
+def test_progressbar_runs(capsys):
+    eigsh(random_indefinite(30, seed=7), 2, progressbar=True, generator=generator(10))
+    assert "eigsh" in capsys.readouterr().err

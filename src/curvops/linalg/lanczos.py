@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from curvops.linear_operator import LinearOperator
 
@@ -118,7 +119,11 @@ def lanczos_steps(
 
 
 def lanczos_tridiagonalization(
-    A: LinearOperator, V0: Tensor, num_steps: int, generator: torch.Generator | None
+    A: LinearOperator,
+    V0: Tensor,
+    num_steps: int,
+    generator: torch.Generator | None,
+    progressbar: bool = False,
 ) -> Tensor:
     """Run ``num_steps`` Lanczos steps from each column of ``V0`` and return the projections.
 
@@ -127,6 +132,7 @@ def lanczos_tridiagonalization(
         V0: Start vectors ``[D, R]`` (normalized internally).
         num_steps: Number of steps :math:`m \\leq D`.
         generator: Random number generator used on breakdown only.
+        progressbar: Whether to show a progress bar over the steps.
 
     Returns:
         The tridiagonal projections :math:`H_m = V_m^\\top A V_m`, ``[R, m, m]``.
@@ -135,5 +141,6 @@ def lanczos_tridiagonalization(
     V = torch.zeros(R, num_steps + 1, D, dtype=V0.dtype, device=V0.device)
     V[:, 0] = (V0 / torch.linalg.vector_norm(V0, dim=0)).T
     H = torch.zeros(R, num_steps, num_steps, dtype=V0.dtype, device=V0.device)
-    lanczos_steps(A, V, H, 0, num_steps, generator)
+    for j in tqdm(range(num_steps), disable=not progressbar, desc="Lanczos"):
+        lanczos_steps(A, V, H, j, j + 1, generator)
     return H

@@ -84,3 +84,10 @@ def test_bad_inputs_raise():
         LSMRInverseLinearOperator(torch.eye(3, dtype=DTYPE), max_iter=1.5)
     with pytest.raises(TypeError, match="LinearOperator or a dense torch.Tensor"):
         LSMRInverseLinearOperator([[1.0]])
+
+
+def test_progressbar_runs(capsys):
+    M = torch.eye(5, dtype=DTYPE) * 2
+    x = LSMRInverseLinearOperator(M, progressbar=True) @ torch.ones(5, dtype=DTYPE)
+    torch.testing.assert_close(x, torch.full((5,), 0.5, dtype=DTYPE))
+    assert "LSMR" in capsys.readouterr().err

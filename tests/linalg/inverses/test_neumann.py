@@ -110,3 +110,9 @@ def test_bad_inputs_raise():
         NeumannInverseLinearOperator(torch.ones(2, 4, dtype=DTYPE))
     with pytest.raises(ValueError, match="preconditioner has shape"):
         NeumannInverseLinearOperator(M, preconditioner=torch.eye(3, dtype=DTYPE))
+
+
+def test_progressbar_runs(capsys):
+    M = matrix_with_spectrum(torch.linspace(0.5, 1.0, 6, dtype=DTYPE), seed=7)
+    NeumannInverseLinearOperator(M, num_terms=5, progressbar=True) @ torch.ones(6, dtype=DTYPE)
+    assert "Neumann" in capsys.readouterr().err

@@ -134,3 +134,8 @@ def test_bad_inputs_raise():
         spectrum(margin=-0.1)
     with pytest.raises(ValueError, match="epsilon must be a finite number > 0"):
         LanczosApproximateLogSpectrumCached(M, ncv=5)(epsilon=0.0)
+
+
+def test_progressbar_runs(capsys):
+    lanczos_approximate_log_spectrum(_papyan_matrix(20), ncv=5, progressbar=True)
+    assert "Lanczos" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from curvops.linalg._inputs import (
     as_linear_operator,
@@ -86,6 +87,7 @@ class NeumannInverseLinearOperator(_IterativeInverseLinearOperator):
         num_terms: int = 100,
         scale: float = 1.0,
         preconditioner: LinearOperator | Tensor | None = None,
+        progressbar: bool = False,
     ):
         """Set up the truncated series.
 
@@ -94,6 +96,7 @@ class NeumannInverseLinearOperator(_IterativeInverseLinearOperator):
             num_terms: Number of terms :math:`N` (costs :math:`N - 1` products with ``A``).
             scale: Step size :math:`s > 0`; must satisfy :math:`s < 2 / \\lambda_{\\max}(PA)`.
             preconditioner: Optional :math:`P \\approx A^{-1}`.
+            progressbar: Whether to show a progress bar over the terms.
 
         Raises:
             ValueError: If ``A`` is not square, ``num_terms``/``scale`` are invalid, or the
@@ -106,6 +109,7 @@ class NeumannInverseLinearOperator(_IterativeInverseLinearOperator):
         P = check_preconditioner(preconditioner, A)
         super().__init__(A)
         self._P = P
+        self._progressbar = progressbar
         self.is_self_adjoint = A.is_self_adjoint and (P is None or P.is_self_adjoint)
         self.last_info: NeumannInfo | None = None
 
@@ -123,7 +127,8 @@ class NeumannInverseLinearOperator(_IterativeInverseLinearOperator):
         smallest = first.clone()
         current = first
         num_matvecs = 0
-        for k in range(1, self._num_terms):
+        terms = range(1, self._num_terms)
+        for k in tqdm(terms, disable=not self._progressbar, desc="Neumann"):
             AY = A @ Y
             num_matvecs += Y.shape[1]
             W = W - s * AY

@@ -97,6 +97,7 @@ class _LanczosQuadrature:
         ncv: int,
         num_repeats: int = 1,
         generator: torch.Generator | None = None,
+        progressbar: bool = False,
     ):
         A = as_linear_operator(A)
         name = type(self).__name__
@@ -107,7 +108,8 @@ class _LanczosQuadrature:
             raise ValueError(f"ncv must be at most the dimension D={D}, got {ncv}.")
         num_repeats = check_positive_int(num_repeats, "num_repeats")
         V0 = random_test_matrix(D, num_repeats, Distribution.NORMAL, generator, A.dtype, A.device)
-        H = lanczos_tridiagonalization(A, V0, ncv, generator)  # one block product per step
+        # one block product per step for all repeats
+        H = lanczos_tridiagonalization(A, V0, ncv, generator, progressbar)
         theta, S = torch.linalg.eigh(H)
         self._ritz_values = theta  # [R, ncv]
         self._weights = S[:, 0, :] ** 2  # [R, ncv], each row sums to one
@@ -149,6 +151,7 @@ class LanczosApproximateSpectrumCached(_LanczosQuadrature):
         ncv: int,
         num_repeats: int = 1,
         generator: torch.Generator | None = None,
+        progressbar: bool = False,
     ):
         """Run the Lanczos processes.
 
@@ -158,11 +161,14 @@ class LanczosApproximateSpectrumCached(_LanczosQuadrature):
             num_repeats: Number of independent start vectors :math:`R`.
             generator: Random number generator of the start vectors (NOTE [estimator
                 randomness] in :mod:`curvops.linalg._sampling`).
+            progressbar: Whether to show a progress bar over the Lanczos steps.
 
         Raises:
             ValueError: If ``A`` is not square and symmetric, or an option is invalid.
         """
-        super().__init__(A, ncv=ncv, num_repeats=num_repeats, generator=generator)
+        super().__init__(
+            A, ncv=ncv, num_repeats=num_repeats, generator=generator, progressbar=progressbar
+        )
 
     def __call__(
         self,
@@ -213,6 +219,7 @@ class LanczosApproximateLogSpectrumCached(_LanczosQuadrature):
         ncv: int,
         num_repeats: int = 1,
         generator: torch.Generator | None = None,
+        progressbar: bool = False,
     ):
         """Run the Lanczos processes.
 
@@ -222,11 +229,14 @@ class LanczosApproximateLogSpectrumCached(_LanczosQuadrature):
             num_repeats: Number of independent start vectors :math:`R`.
             generator: Random number generator of the start vectors (NOTE [estimator
                 randomness] in :mod:`curvops.linalg._sampling`).
+            progressbar: Whether to show a progress bar over the Lanczos steps.
 
         Raises:
             ValueError: If ``A`` is not square and symmetric, or an option is invalid.
         """
-        super().__init__(A, ncv=ncv, num_repeats=num_repeats, generator=generator)
+        super().__init__(
+            A, ncv=ncv, num_repeats=num_repeats, generator=generator, progressbar=progressbar
+        )
 
     def __call__(
         self,
@@ -283,6 +293,7 @@ def lanczos_approximate_spectrum(
     boundaries: tuple[float, float] | None = None,
     margin: float = 0.05,
     generator: torch.Generator | None = None,
+    progressbar: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Estimate the spectral density of a symmetric operator (Papyan 2020).
 
@@ -300,12 +311,13 @@ def lanczos_approximate_spectrum(
         boundaries: ``(lambda_min, lambda_max)``. Default: the extreme Ritz values.
         margin: Widening of the interval on both sides, relative to its length.
         generator: Random number generator of the start vectors.
+        progressbar: Whether to show a progress bar over the Lanczos steps.
 
     Returns:
         The grid ``[num_points]`` and the density on it ``[num_points]``.
     """
     spectrum = LanczosApproximateSpectrumCached(
-        A, ncv=ncv, num_repeats=num_repeats, generator=generator
+        A, ncv=ncv, num_repeats=num_repeats, generator=generator, progressbar=progressbar
     )
     return spectrum(num_points=num_points, kappa=kappa, boundaries=boundaries, margin=margin)
 
@@ -321,6 +333,7 @@ def lanczos_approximate_log_spectrum(
     margin: float = 0.05,
     epsilon: float = 1e-5,
     generator: torch.Generator | None = None,
+    progressbar: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Estimate the spectral density of :math:`\\log(|A| + \\epsilon I)` (Papyan 2020).
 
@@ -338,13 +351,14 @@ def lanczos_approximate_log_spectrum(
         margin: Widening of the log-interval on both sides, relative to its length.
         epsilon: The shift :math:`\\epsilon > 0`.
         generator: Random number generator of the start vectors.
+        progressbar: Whether to show a progress bar over the Lanczos steps.
 
     Returns:
         The grid ``[num_points]`` of :math:`\\log(|\\lambda| + \\epsilon)` values and the density
         on it ``[num_points]``.
     """
     spectrum = LanczosApproximateLogSpectrumCached(
-        A, ncv=ncv, num_repeats=num_repeats, generator=generator
+        A, ncv=ncv, num_repeats=num_repeats, generator=generator, progressbar=progressbar
     )
     return spectrum(
         num_points=num_points,
