@@ -118,3 +118,20 @@ def test_progressbar_runs(capsys):
     x = CGInverseLinearOperator(M, tolerance=1e-12, progressbar=True) @ torch.ones(8, dtype=DTYPE)
     torch.testing.assert_close(x, torch.linalg.solve(M, torch.ones(8, dtype=DTYPE)))
     assert "CG" in capsys.readouterr().err
+
+
+def test_kronecker_inverse_preconditioner():
+    """A KFAC-style preconditioner: the damped inverse of a Kronecker approximation."""
+    from curvops.structured.kronecker import KroneckerProductLinearOperator
+
+    F1, F2 = random_spd(6, seed=10, cond=50.0), random_spd(7, seed=11, cond=50.0)
+    K = KroneckerProductLinearOperator(F1, F2, symmetric=True, psd=True)
+    E = torch.randn(42, 42, generator=generator(12), dtype=DTYPE)
+    damping = 0.1
+    M = K.to_dense() + 0.05 * (E @ E.T) / 42 + damping * torch.eye(42, dtype=DTYPE)
+    B = torch.randn(42, 3, generator=generator(13), dtype=DTYPE)
+    plain = CGInverseLinearOperator(M, tolerance=1e-10)
+    pcg = CGInverseLinearOperator(M, tolerance=1e-10, preconditioner=K.inverse(damping))
+    torch.testing.assert_close(pcg @ B, torch.linalg.solve(M, B), rtol=1e-7, atol=1e-10)
+    plain @ B
+    assert pcg.last_info.iterations.max() < plain.last_info.iterations.max() / 2
