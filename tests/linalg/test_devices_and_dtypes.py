@@ -71,3 +71,19 @@ def test_results_keep_device_and_dtype_and_match_cpu(device, dtype):
         if name not in DEPENDS_ON_GAUSSIAN_DRAWS:
             tol = 1e-3 if single else 1e-12
             torch.testing.assert_close(value.cpu().double(), float64_cpu[name], rtol=tol, atol=tol)
+
+
+def test_global_rng_untouched_when_a_generator_is_given():
+    state = torch.get_rng_state()
+    _run_all(_matrix())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_string_options_accept_enum_members():
+    M = _matrix()
+    a = la.hutchinson_trace(M, 4, distribution=la.Distribution.NORMAL, generator=generator(0))
+    b = la.hutchinson_trace(M, 4, distribution="normal", generator=generator(0))
+    assert a == b
+    assert la.eigsh(M, 1, which=la.Which.SA, generator=generator(1))[0] < 0.6
+    approx = la.nystrom_approximation(M, 3, generator=generator(2))
+    assert la.estimate_approximation_error(M, approx, norm=la.ErrorNorm.SPECTRAL) > 0

@@ -4,7 +4,8 @@ Everything here sees only the :class:`~curvops.LinearOperator` interface (block 
 ``A @ X`` with flat ``[D, K]`` matrices) and also accepts a plain dense ``torch.Tensor``.
 """
 
-from curvops.linalg.eigsh import eigsh
+from curvops.linalg._sampling import Distribution
+from curvops.linalg.eigsh import Which, eigsh
 from curvops.linalg.estimators import (
     hutchinson_diag,
     hutchinson_squared_fro,
@@ -20,6 +21,7 @@ from curvops.linalg.inverses import (
     NeumannInverseLinearOperator,
 )
 from curvops.linalg.sketches import (
+    ErrorNorm,
     estimate_approximation_error,
     nystrom_approximation,
     randomized_eigh,
@@ -34,11 +36,14 @@ from curvops.linalg.submatrix import SubmatrixLinearOperator
 
 __all__ = [
     "CGInverseLinearOperator",
+    "Distribution",
+    "ErrorNorm",
     "LanczosApproximateLogSpectrumCached",
     "LanczosApproximateSpectrumCached",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
+    "Which",
     "eigsh",
     "estimate_approximation_error",
     "hutchinson_diag",

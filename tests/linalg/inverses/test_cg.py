@@ -134,4 +134,4 @@ def test_kronecker_inverse_preconditioner():
     pcg = CGInverseLinearOperator(M, tolerance=1e-10, preconditioner=K.inverse(damping))
     torch.testing.assert_close(pcg @ B, torch.linalg.solve(M, B), rtol=1e-7, atol=1e-10)
     plain @ B
-    assert pcg.last_info.iterations.max() < plain.last_info.iterations.max() / 2
+    assert pcg.last_info.iterations.max() < plain.last_info.iterations.max() / 5  # 6 vs 75
