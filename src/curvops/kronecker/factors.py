@@ -143,23 +143,23 @@ class FactorAccumulator:
         else:
             # rows of the (averaged) inputs; a bias appends a constant 1 to every row, whose
             # blocks of A are the column sums and the number of rows (no concatenated copy)
-            rows = x.mean(dim=1) if self.reduce else x.reshape(N * T, x.shape[-1])
+            rows = x.mean(dim=1, keepdim=True) if self.reduce else x  # [N, T or 1, d_in]
             w_end = x.shape[-1] if layer.weight_index is not None else 0
             if layer.weight_index is not None:
-                self.A_sum[:w_end, :w_end].add_(rows.T @ rows)
+                # einsum contracts any layout (e.g. transposed conv patches) without a copy
+                self.A_sum[:w_end, :w_end].add_(torch.einsum("nti,ntj->ij", rows, rows))
             if layer.bias_index is not None:
                 if layer.weight_index is not None:
-                    sums = rows.sum(dim=0)
+                    sums = rows.sum(dim=(0, 1))
                     self.A_sum[:w_end, w_end].add_(sums)
                     self.A_sum[w_end, :w_end].add_(sums)
-                self.A_sum[w_end, w_end].add_(rows.shape[0])
+                self.A_sum[w_end, w_end].add_(rows.shape[0] * rows.shape[1])
         count = N if self.reduce else N * (T if self.loss_terms is None else self.loss_terms)
         self.count.add_(count)
         if self.backward:
             g = self.layer.grad_rows(grad_output)  # [K, N, T, d_out]
-            g = g.sum(dim=2) if self.reduce else g
-            g = g.reshape(-1, g.shape[-1])
-            self.B_sum.add_(g.T @ g, alpha=weight)
+            g = g.sum(dim=2, keepdim=True) if self.reduce else g
+            self.B_sum.add_(torch.einsum("knti,kntj->ij", g, g), alpha=weight)
 
     def _token_counts(self, ids: Tensor) -> Tensor:
         module = self.layer.module

@@ -58,10 +58,9 @@ def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> T
         ),
         x.storage_offset(),
     )
-    d = len(kernel)
-    # one copy straight into row layout [N, *out, C, *kernel]
-    order = (0, *range(2 + d, 2 + 2 * d), 1, *range(2, 2 + d))
-    return view.permute(order).reshape(N, prod(out), C * prod(kernel))
+    # one copy into [N, C * prod(kernel), P] (a transposed view of it is returned; consumers
+    # contract it without another copy)
+    return view.reshape(N, C * prod(kernel), prod(out)).transpose(1, 2)
 
 
 def _zero_padding(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
