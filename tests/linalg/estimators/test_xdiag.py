@@ -88,3 +88,11 @@ def test_bad_inputs_raise():
         xdiag(M, 14)
     with pytest.raises(ValueError, match="requires a square operator"):
         xdiag(torch.ones(6, 5, dtype=DTYPE), 4)
+
+
+def test_growing_sketch_of_low_rank_operator_stays_exact():
+    """The grown sketch lies in the old range (exact zeros); Q must stay orthonormal."""
+    d = torch.zeros(20, dtype=DTYPE)
+    d[:2] = torch.tensor([1.0, 2.0], dtype=DTYPE)
+    est = xdiag(torch.diag(d), 8, generator=generator(5), target_rel_error=1e-30, max_matvecs=24)
+    torch.testing.assert_close(est, d, rtol=1e-12, atol=1e-12)

@@ -95,3 +95,15 @@ def test_bad_inputs_raise():
         xtrace(torch.ones(6, 4, dtype=DTYPE), 4)
     with pytest.raises(ValueError, match="Unknown distribution"):
         xtrace(M, 4, distribution="sphere")
+
+
+def test_growing_sketch_keeps_an_orthonormal_basis():
+    d = torch.zeros(20, dtype=DTYPE)
+    d[:2] = torch.tensor([1.0, 2.0], dtype=DTYPE)
+    sketch = LeaveOneOutSketch(TensorLinearOperator(torch.diag(d)), transpose_products=False)
+    g = generator(7)
+    for _ in range(2):  # Rademacher sketches of a diagonal matrix: exact zeros after deflation
+        sketch.grow(torch.randint(0, 2, (20, 4), generator=g).to(DTYPE) * 2 - 1)
+    torch.testing.assert_close(sketch.Q.T @ sketch.Q, torch.eye(8, dtype=DTYPE))
+    torch.testing.assert_close(sketch.Q @ sketch.R, sketch.Y)
+    torch.testing.assert_close(_xtrace_samples(sketch), torch.full((8,), 3.0, dtype=DTYPE))

@@ -21,7 +21,9 @@ against :math:`Q` gives :math:`Q_2 R_2`, and
     [Y, Y'] = [Q, Q_2] \\begin{bmatrix} R & Q^\\top Y' \\\\ 0 & R_2 \\end{bmatrix},
 
 so only the new columns :math:`A Q_2` are needed: growing costs exactly what a fresh sketch
-of the new size would cost. If :math:`A` has rank below :math:`m`, :math:`R` is singular;
+of the new size would cost. (:math:`Q_2` comes from a Householder QR of
+:math:`[Q, Y'_\perp]`, which stays orthonormal to :math:`Q` even if the new sketch lies in
+the old range, e.g. for low-rank :math:`A`.) If :math:`A` has rank below :math:`m`, :math:`R` is singular;
 tiny diagonal entries are floored at :math:`\\varepsilon \\max_j |R_{jj}|` before the
 triangular solve, which only picks a basis of the (irrelevant) extra directions.
 """
@@ -74,8 +76,11 @@ class LeaveOneOutSketch:
         Y_perp = Y_new - self.Q @ C
         C2 = self.Q.T @ Y_perp  # reorthogonalize once ("twice is enough")
         Y_perp = Y_perp - self.Q @ C2
-        Q2, R2 = torch.linalg.qr(Y_perp)
         m, n = self.size, Omega_new.shape[1]
+        # Householder QR of [Q, Y_perp]: its Q factor is orthonormal even if Y_perp is
+        # (numerically) zero or rank deficient, so the new directions stay orthogonal to Q
+        Q_full, R_full = torch.linalg.qr(torch.cat([self.Q, Y_perp], dim=1))
+        Q2, R2 = Q_full[:, m:], R_full[m:, m:]
         R = torch.zeros(m + n, m + n, dtype=self.R.dtype, device=self.R.device)
         R[:m, :m], R[:m, m:], R[m:, m:] = self.R, C + C2, R2
         self.Omega = torch.cat([self.Omega, Omega_new], dim=1)
