@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def setup(backend: str | None) -> tuple[torch.device, bool]:
     """Join the process group torchrun describes (if any); return the device and ownership."""
     if dist.is_initialized():  # e.g. called from a test that already set up the group
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device()), False
         return torch.device("cpu"), False
     if "RANK" not in os.environ:  # plain `python examples/distributed_ggn.py`
         return torch.device("cuda" if torch.cuda.is_available() else "cpu"), False
