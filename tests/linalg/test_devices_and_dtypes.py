@@ -87,3 +87,14 @@ def test_string_options_accept_enum_members():
     assert la.eigsh(M, 1, which=la.Which.SA, generator=generator(1))[0] < 0.6
     approx = la.nystrom_approximation(M, 3, generator=generator(2))
     assert la.estimate_approximation_error(M, approx, norm=la.ErrorNorm.SPECTRAL) > 0
+
+
+def test_default_budgets_allow_the_papers_snippets():
+    """E.g. ``diag_H_inv = 1 / hutchinson_diag(H)`` from the paper's OBS pruning snippet."""
+    H = TensorLinearOperator(_matrix())
+    diag_H_inv = 1 / la.hutchinson_diag(H, generator=generator(0))
+    assert diag_H_inv.shape == (40,) and bool((diag_H_inv > 0).all())
+    for name in ("hutchinson_trace", "hutchpp_trace", "xtrace", "xdiag"):
+        getattr(la, name)(H, generator=generator(1))
+    for name in ("hutchinson_squared_fro", "hutchinson_squared_fro_halved"):
+        assert getattr(la, name)(H, generator=generator(2)) > 0

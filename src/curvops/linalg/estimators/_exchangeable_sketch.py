@@ -23,9 +23,10 @@ against :math:`Q` gives :math:`Q_2 R_2`, and
 so only the new columns :math:`A Q_2` are needed: growing costs exactly what a fresh sketch
 of the new size would cost. (:math:`Q_2` comes from a Householder QR of
 :math:`[Q, Y'_\\perp]`, which stays orthonormal to :math:`Q` even if the new sketch lies in
-the old range, e.g. for low-rank :math:`A`.) If :math:`A` has rank below :math:`m`, :math:`R` is singular;
-tiny diagonal entries are floored at :math:`\\varepsilon \\max_j |R_{jj}|` before the
-triangular solve, which only picks a basis of the (irrelevant) extra directions.
+the old range, e.g. for low-rank :math:`A`.) If :math:`A` has rank below :math:`m`,
+:math:`R` is singular; tiny diagonal entries are floored at
+:math:`\\varepsilon \\max_j |R_{jj}|` before the triangular solve, which only picks a basis
+of the (irrelevant) extra directions.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from curvops.linear_operator import LinearOperator
 
 def hutchinson_squared_fro_halved(
     A: LinearOperator | Tensor,
-    num_matvecs: int,
+    num_matvecs: int = 10,
     *,
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,

@@ -14,7 +14,7 @@ from curvops.linear_operator import LinearOperator
 
 def hutchinson_trace(
     A: LinearOperator | Tensor,
-    num_matvecs: int,
+    num_matvecs: int = 10,
     *,
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,

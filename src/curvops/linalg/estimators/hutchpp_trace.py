@@ -14,7 +14,7 @@ from curvops.linear_operator import LinearOperator
 
 def hutchpp_trace(
     A: LinearOperator | Tensor,
-    num_matvecs: int,
+    num_matvecs: int = 12,
     *,
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,

@@ -26,7 +26,7 @@ def _xdiag_samples(sketch: LeaveOneOutSketch) -> Tensor:
 
 def xdiag(
     A: LinearOperator | Tensor,
-    num_matvecs: int,
+    num_matvecs: int = 10,
     *,
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,

@@ -29,7 +29,7 @@ def _xtrace_samples(sketch: LeaveOneOutSketch) -> Tensor:
 
 def xtrace(
     A: LinearOperator | Tensor,
-    num_matvecs: int,
+    num_matvecs: int = 10,
     *,
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,
