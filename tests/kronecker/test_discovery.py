@@ -80,3 +80,14 @@ def test_subset_of_parameters_and_layer_order():
     assert f2.input_factor is None and f2.bias_name == "2.bias"
     torch.testing.assert_close(f2.bias_input_factor, torch.tensor(1.0, dtype=DTYPE))
     assert K.shape == (2 + 9, 2 + 9)
+
+
+def test_discovery_needs_a_module():
+    from curvops.kronecker.discovery import discover_layers
+    from curvops.risk import EmpiricalRisk
+
+    model = build(lambda: nn.Sequential(nn.Linear(3, 2)))
+    params = list(model.parameters())
+    risk = EmpiricalRisk(lambda p, X: X @ p[0].T + p[1], nn.MSELoss(), params, data())
+    with pytest.raises(TypeError, match="needs model_func to be an nn.Module"):
+        discover_layers(risk, kfac_approx="expand", fallback=None, what="KFAC")

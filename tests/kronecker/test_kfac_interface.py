@@ -150,3 +150,11 @@ def test_hooks_are_removed_after_an_error():
     with pytest.raises(ValueError, match="called 2 times"):
         K.compute_factors()
     assert not model.lin._forward_hooks
+
+
+def test_eigendecomposition_of_unknown_layer():
+    K = make()
+    lam, Q = K.eigendecomposition("lin", "input")
+    torch.testing.assert_close((Q * lam) @ Q.T, K.factors["lin"].input_factor)
+    with pytest.raises(KeyError, match="No layer 'nope'"):
+        K.eigendecomposition("nope", "input")

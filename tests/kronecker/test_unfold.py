@@ -39,6 +39,7 @@ CONVS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("name", list(CONVS))
 def test_patches_times_weight_is_conv(name):
     factory, spatial = CONVS[name]
