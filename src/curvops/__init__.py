@@ -1,4 +1,8 @@
-"""curvops: curvature matrices of neural nets as PyTorch linear operators."""
+"""curvops: curvature matrices of neural nets as PyTorch linear operators.
+
+Everything users type is importable from the top level, e.g.
+``from curvops import GGNLinearOperator, CGInverseLinearOperator, hutchinson_diag``.
+"""
 
 from curvops.curvature import (
     CurvatureLinearOperator,
@@ -9,6 +13,37 @@ from curvops.curvature import (
     JacobianLinearOperator,
     NonDeterministicError,
     TransposedJacobianLinearOperator,
+)
+from curvops.kronecker import (
+    EKFACInverseLinearOperator,
+    EKFACLinearOperator,
+    FallbackType,
+    FisherType,
+    KFACInverseLinearOperator,
+    KFACLinearOperator,
+    KFACType,
+    LayerFactors,
+)
+from curvops.linalg import (
+    CGInverseLinearOperator,
+    LanczosApproximateLogSpectrumCached,
+    LanczosApproximateSpectrumCached,
+    LSMRInverseLinearOperator,
+    NeumannInverseLinearOperator,
+    SubmatrixLinearOperator,
+    eigsh,
+    estimate_approximation_error,
+    hutchinson_diag,
+    hutchinson_squared_fro,
+    hutchinson_squared_fro_halved,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos_approximate_log_spectrum,
+    lanczos_approximate_spectrum,
+    nystrom_approximation,
+    randomized_eigh,
+    xdiag,
+    xtrace,
 )
 from curvops.linear_operator import LinearOperator
 from curvops.structured import (
@@ -22,6 +57,8 @@ from curvops.structured import (
 )
 
 __all__ = [
+    # operator algebra and structured operators
+    "LinearOperator",
     "BlockDiagonalLinearOperator",
     "DiagonalLinearOperator",
     "EigendecompositionLinearOperator",
@@ -29,14 +66,43 @@ __all__ = [
     "KroneckerEigenLinearOperator",
     "KroneckerProductLinearOperator",
     "TensorLinearOperator",
+    # exact curvature
     "CurvatureLinearOperator",
     "EFLinearOperator",
     "FisherMCLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
     "JacobianLinearOperator",
-    "LinearOperator",
     "NonDeterministicError",
     "TransposedJacobianLinearOperator",
+    # Kronecker family
+    "EKFACInverseLinearOperator",
+    "EKFACLinearOperator",
+    "FallbackType",
+    "FisherType",
+    "KFACInverseLinearOperator",
+    "KFACLinearOperator",
+    "KFACType",
+    "LayerFactors",
+    # matrix-free linear algebra
+    "CGInverseLinearOperator",
+    "LSMRInverseLinearOperator",
+    "LanczosApproximateLogSpectrumCached",
+    "LanczosApproximateSpectrumCached",
+    "NeumannInverseLinearOperator",
+    "SubmatrixLinearOperator",
+    "eigsh",
+    "estimate_approximation_error",
+    "hutchinson_diag",
+    "hutchinson_squared_fro",
+    "hutchinson_squared_fro_halved",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos_approximate_log_spectrum",
+    "lanczos_approximate_spectrum",
+    "nystrom_approximation",
+    "randomized_eigh",
+    "xdiag",
+    "xtrace",
 ]
 __version__ = "0.1.0"
