@@ -234,3 +234,12 @@ def test_error_inverse():
     zero = KroneckerProductLinearOperator(torch.zeros(2, 2, dtype=F64), symmetric=True)
     with pytest.raises(ValueError, match="singular"):
         zero.inverse()
+
+
+def test_to_dense_with_strided_factors():
+    """Factors from torch.linalg.eigh are column-major views; kron must still work."""
+    M = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    _, Q = torch.linalg.eigh(M @ M.T)
+    B = torch.eye(3, dtype=torch.float64)
+    K = KroneckerProductLinearOperator(Q, B)
+    torch.testing.assert_close(K.to_dense(), torch.kron(Q.contiguous(), B))

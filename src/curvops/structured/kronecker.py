@@ -178,7 +178,7 @@ class KroneckerProductLinearOperator(LinearOperator):
 
     def to_dense(self) -> Tensor:
         """Form the dense matrix ``torch.kron(A_1, ..., A_k)`` (for small sizes)."""
-        return reduce(torch.kron, self._factors)
+        return reduce(torch.kron, [f.contiguous() for f in self._factors])
 
     # ---------------------------------------------------------------- closed forms
     def _require_square_factors(self, what: str) -> None:

@@ -151,7 +151,7 @@ class KroneckerEigenLinearOperator(LinearOperator):
 
     def to_dense(self) -> Tensor:
         """Form the dense ``[N, N]`` matrix with ``torch.kron`` (for small N)."""
-        Q = reduce(torch.kron, self._Qs)
+        Q = reduce(torch.kron, [q.contiguous() for q in self._Qs])  # eigh output may be strided
         return (Q * self._lam.reshape(-1)) @ Q.T
 
     # ---------------------------------------------------------------- closed forms
