@@ -1,0 +1,256 @@
+"""``curvops analyze``: curvature analysis of a user's model and data factories.
+
+Imports ``--model`` and ``--data`` factories, checks that model, data and loss fit (a probe
+forward pass), builds the requested curvature operator and runs the requested analyses:
+
+* ``top-eig``: the largest eigenvalues by thick-restart Lanczos (:func:`curvops.linalg.eigsh`);
+* ``trace``: Hutch++ (Meyer et al. (2021)) with a standard error;
+* ``diag``: XDiag (Epperly, Tropp, Webber (2024));
+* ``density``: the spectral density by stochastic Lanczos quadrature (Papyan (2020)).
+
+It writes ``report.md``, ``results.json`` and one figure per analysis into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curvops.cli.curvatures import TITLES, Curvature, build_curvature, parse_curvature
+from curvops.cli.errors import CLIError
+from curvops.cli.main import resolve_device
+from curvops.cli.models import layer_sizes
+from curvops.cli.timing import timed
+from curvops.cli.user_setup import prepare
+from curvops.linear_operator import LinearOperator
+
+
+class Analysis(str, Enum):
+    """Analyses of the ``--what`` option."""
+
+    TOP_EIG = "top-eig"
+    TRACE = "trace"
+    DIAG = "diag"
+    DENSITY = "density"
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def parse_what(what: str) -> list[Analysis]:
+    """Parse the comma-separated ``--what`` option.
+
+    Args:
+        what: E.g. ``"top-eig,trace"``.
+
+    Returns:
+        The analyses, in the given order, without duplicates.
+
+    Raises:
+        CLIError: For an empty list or an unknown analysis.
+    """
+    names = [w.strip() for w in what.split(",") if w.strip()]
+    allowed = ",".join(a.value for a in Analysis)
+    if not names:
+        raise CLIError(f"--what is empty; pass a comma-separated subset of {allowed}.")
+    out: list[Analysis] = []
+    for name in names:
+        try:
+            analysis = Analysis(name)
+        except ValueError:
+            raise CLIError(
+                f"unknown analysis {name!r} in --what; use a comma-separated subset of {allowed}."
+            ) from None
+        if analysis not in out:
+            out.append(analysis)
+    return out
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise CLIError(f"unknown --dtype {name!r}; use float32 or float64.")
+    return _DTYPES[name]
+
+
+def _positive(value: int, option: str) -> int:
+    if value < 1:
+        raise CLIError(f"{option} must be a positive integer, got {value}.")
+    return value
+
+
+def _round_down(value: int, multiple: int, minimum: int) -> int:
+    return max(minimum, value - value % multiple)
+
+
+def run_analyses(
+    A: LinearOperator,
+    what: list[Analysis],
+    *,
+    top_k: int,
+    num_matvecs: int,
+    lanczos_steps: int,
+    seed: int,
+    progressbar: bool,
+) -> dict[str, Any]:
+    """Run the analyses on an operator.
+
+    Args:
+        A: A symmetric curvature operator.
+        what: The analyses.
+        top_k: Number of top eigenvalues.
+        num_matvecs: Products per trace or diagonal estimate (rounded down to what the
+            estimator needs, and capped by the dimension).
+        lanczos_steps: Lanczos steps of the spectral density (capped by the dimension).
+        seed: Seed of the CPU generator of every random vector.
+        progressbar: Show progress bars.
+
+    Returns:
+        Analysis name -> its numbers (tensors for diagonal and density are kept under the
+        keys ``"_diagonal"`` and ``"_density"`` for plotting).
+    """
+    from curvops.linalg import eigsh, hutchpp_trace, lanczos_approximate_spectrum, xdiag
+
+    D = A.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    if Analysis.TOP_EIG in what:
+        k = min(top_k, D - 1)
+        (evals, _), seconds = timed(
+            eigsh, A.device, A, k=k, which="LA", generator=gen, progressbar=progressbar
+        )
+        out["top-eig"] = {"eigenvalues": evals.flip(0).tolist(), "seconds": seconds}
+    if Analysis.TRACE in what:
+        m = min(_round_down(num_matvecs, 3, 6), 3 * D)
+        (estimate, error), seconds = timed(
+            hutchpp_trace, A.device, A, m, generator=gen, return_error=True
+        )
+        out["trace"] = {
+            "method": "Hutch++",
+            "estimate": float(estimate),
+            "standard_error": float(error),
+            "num_matvecs": m,
+            "seconds": seconds,
+        }
+    if Analysis.DIAG in what:
+        m = min(_round_down(num_matvecs, 2, 4), 2 * D)
+        diagonal, seconds = timed(xdiag, A.device, A, m, generator=gen)
+        out["diag"] = {
+            "method": "XDiag",
+            "num_matvecs": m,
+            "seconds": seconds,
+            "sum": float(diagonal.sum()),
+            "min": float(diagonal.min()),
+            "max": float(diagonal.max()),
+        }
+        out["_diagonal"] = diagonal
+    if Analysis.DENSITY in what:
+        ncv = min(lanczos_steps, D)
+        (grid, density), seconds = timed(
+            lanczos_approximate_spectrum, A.device, A, ncv=ncv, generator=gen
+        )
+        out["density"] = {
+            "method": "stochastic Lanczos quadrature (Papyan, 2020)",
+            "lanczos_steps": ncv,
+            "seconds": seconds,
+        }
+        out["_density"] = (grid, density)
+    return out
+
+
+def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``curvops analyze`` from parsed arguments.
+
+    Args:
+        args: Parsed arguments.
+
+    Returns:
+        The results also written to ``results.json``.
+
+    Raises:
+        CLIError: For invalid options or factories.
+    """
+    from curvops.cli import plots, report
+
+    curvature = parse_curvature(args.curvature)
+    what = parse_what(args.what)
+    dtype = _parse_dtype(args.dtype)
+    top_k = _positive(args.top_k, "--top-k")
+    num_matvecs = _positive(args.num_matvecs, "--num-matvecs")
+    device = resolve_device(args.device)
+    progressbar = not args.no_progress
+
+    setup = prepare(args.model, args.data, args.loss, dtype=dtype, device=device)
+    try:
+        A, t_build = timed(
+            build_curvature,
+            device,
+            curvature,
+            setup.model,
+            setup.loss_func,
+            setup.params,
+            setup.data,
+            progressbar=progressbar,
+            seed=args.seed,
+        )
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise CLIError(
+            f"cannot build the {curvature.value} operator for this model and data: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
+    if A.shape[1] < 2:
+        raise CLIError("the model has a single parameter; there is nothing to analyse.")
+    analyses = run_analyses(
+        A,
+        what,
+        top_k=top_k,
+        num_matvecs=num_matvecs,
+        lanczos_steps=_positive(args.lanczos_steps, "--lanczos-steps"),
+        seed=args.seed,
+        progressbar=progressbar,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    title = TITLES[curvature]
+    if "top-eig" in analyses:
+        files["top-eig"] = plots.plot_eigenvalues(
+            {title: torch.tensor(analyses["top-eig"]["eigenvalues"])}, out / "top_eigenvalues.png"
+        ).name
+    if "_diagonal" in analyses:
+        files["diag"] = plots.plot_diagonal(
+            {f"{title} diagonal (XDiag)": analyses.pop("_diagonal")},
+            layer_sizes(setup.model),
+            out / "diagonal.png",
+        ).name
+    if "_density" in analyses:
+        grid, density = analyses.pop("_density")
+        files["density"] = plots.plot_densities(
+            {f"{title}: spectral density": plots.DensityPanel(grid, density)},
+            out / "spectral_density.png",
+        ).name
+    results = {
+        "model": args.model,
+        "data": args.data,
+        "loss": args.loss,
+        "curvature": curvature.value,
+        "num_params": A.shape[1],
+        "num_data": setup.num_data,
+        "dtype": args.dtype,
+        "device": str(device),
+        "seed": args.seed,
+        "construct_s": t_build,
+        "analyses": analyses,
+        "files": files,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "report.md").write_text(report.analysis_report(results))
+    print(f"curvops analyze: wrote report.md, results.json and {len(files)} figure(s) to {out}/")
+    return results
+
+
+__all__ = ["Analysis", "Curvature", "parse_what", "run_analyses", "run_analyze"]

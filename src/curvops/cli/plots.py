@@ -1,0 +1,248 @@
+"""Figures of the tour and of ``curvops analyze`` (matplotlib, PNG files).
+
+Figures are built with :class:`matplotlib.figure.Figure` directly (rendered by the Agg
+backend), never through ``pyplot``: no global backend switch, no figure registry, nothing left
+open in the caller's session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator
+from torch import Tensor
+
+_DPI = 110
+
+
+def _subplots(nrows: int, ncols: int, figsize: tuple[float, float]):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def _boundaries(layer_sizes: Sequence[tuple[str, int]]) -> list[int]:
+    """Flat indices where a new layer begins (excluding 0 and D)."""
+    return list(np.cumsum([n for _, n in layer_sizes])[:-1])
+
+
+def plot_heatmaps(
+    matrices: Mapping[str, Tensor],
+    layer_sizes: Sequence[tuple[str, int]],
+    path: Path,
+    *,
+    suptitle: str = "",
+    ncols: int = 3,
+) -> Path:
+    r"""Heatmaps of square matrices side by side, white lines between layers (paper Fig. 2).
+
+    Each panel shows :math:`\log_{10} (|A_{ij}| / \max_{kl} |A_{kl}|)`, clipped to six
+    decades, so that every panel's block structure is visible at a glance on one shared
+    color scale.
+
+    Args:
+        matrices: Title -> dense ``[D, D]`` matrix.
+        layer_sizes: ``(layer name, number of parameters)`` in parameter order.
+        path: PNG file to write.
+        suptitle: Title of the figure.
+        ncols: Panels per row.
+
+    Returns:
+        ``path``.
+    """
+    n = len(matrices)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = _subplots(nrows, ncols, (3.6 * ncols + 0.8, 3.7 * nrows + 0.4))
+    fig.subplots_adjust(left=0.02, right=0.86, bottom=0.02, top=0.9, wspace=0.08, hspace=0.15)
+    bounds = _boundaries(layer_sizes)
+    image = None
+    for ax, (title, M) in zip(axes.flat, matrices.items()):
+        A = np.abs(M.detach().cpu().double().numpy())
+        top = A.max() if A.size and A.max() > 0 else 1.0
+        image = ax.imshow(
+            np.log10(np.clip(A / top, 1e-6, None)),
+            cmap="magma",
+            vmin=-6,
+            vmax=0,
+            interpolation="nearest",
+        )
+        for b in bounds:
+            ax.axhline(b - 0.5, color="white", lw=0.6)
+            ax.axvline(b - 0.5, color="white", lw=0.6)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(
+            image,
+            cax=fig.add_axes((0.89, 0.1, 0.02, 0.75)),
+            label=r"$\log_{10}(|A_{ij}| / \max |A|)$",
+        )
+    if suptitle:
+        fig.suptitle(suptitle)
+    return _save(fig, path)
+
+
+@dataclass
+class DensityPanel:
+    """One panel of :func:`plot_densities`.
+
+    Attributes:
+        grid: Grid of the estimated density.
+        density: Estimated density on the grid.
+        exact: Exact eigenvalues (shown as a normalised histogram), if known.
+        xlabel: Label of the horizontal axis.
+    """
+
+    grid: Tensor
+    density: Tensor
+    exact: Tensor | None = None
+    xlabel: str = r"eigenvalue $\lambda$"
+
+
+def plot_densities(panels: Mapping[str, DensityPanel], path: Path, *, ncols: int = 2) -> Path:
+    """Estimated spectral densities, one panel each, over histograms of exact eigenvalues.
+
+    Args:
+        panels: Title -> panel.
+        path: PNG file to write.
+        ncols: Panels per row.
+
+    Returns:
+        ``path``.
+    """
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = _subplots(nrows, ncols, (5.0 * ncols, 3.4 * nrows))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93, wspace=0.25, hspace=0.45)
+    for ax, (title, panel) in zip(axes.flat, panels.items()):
+        if panel.exact is not None:
+            counts, edges = np.histogram(panel.exact.detach().cpu().numpy(), bins=60, density=True)
+            ax.stairs(counts, edges, fill=True, color="0.8", label="exact eigenvalues")
+        dens = panel.density.detach().cpu().numpy()
+        ax.plot(panel.grid.detach().cpu().numpy(), dens, color="C0", label="Lanczos estimate")
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(bottom=max(1e-5, float(dens.max()) * 1e-7))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+@dataclass
+class ErrorPanel:
+    """One panel of :func:`plot_error_curves`.
+
+    Attributes:
+        curves: Estimator name -> ``(num_matvecs, errors)`` with errors of shape
+            ``[len(num_matvecs), runs]``.
+        ylabel: Label of the vertical axis.
+    """
+
+    curves: Mapping[str, tuple[Sequence[int], np.ndarray]]
+    ylabel: str = "relative error"
+
+
+def plot_error_curves(panels: Mapping[str, ErrorPanel], path: Path, *, ncols: int = 3) -> Path:
+    """Estimator error against the number of matrix-vector products (paper Fig. 4, bottom).
+
+    Lines show medians over the runs, bands the 25-75 percentiles.
+
+    Args:
+        panels: Title -> panel.
+        path: PNG file to write.
+        ncols: Panels per row.
+
+    Returns:
+        ``path``.
+    """
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = _subplots(nrows, ncols, (4.6 * ncols, 3.4 * nrows))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93, wspace=0.3, hspace=0.45)
+    for ax, (title, panel) in zip(axes.flat, panels.items()):
+        budgets: list[int] = []
+        for name, (ms, errors) in panel.curves.items():
+            q25, med, q75 = np.percentile(errors, [25, 50, 75], axis=1)
+            (line,) = ax.plot(ms, med, marker="o", ms=3, label=name)
+            ax.fill_between(ms, q25, q75, color=line.get_color(), alpha=0.2)
+            budgets = list(ms)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(budgets))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FixedFormatter([str(m) for m in budgets]))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("matrix-vector products")
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_diagonal(
+    diagonals: Mapping[str, Tensor], layer_sizes: Sequence[tuple[str, int]], path: Path
+) -> Path:
+    """Diagonal entries against their flat index, with layer separators.
+
+    Args:
+        diagonals: Label -> diagonal ``[D]`` (e.g. an estimate and the exact diagonal).
+        layer_sizes: ``(layer name, number of parameters)`` in parameter order.
+        path: PNG file to write.
+
+    Returns:
+        ``path``.
+    """
+    fig, axes = _subplots(1, 1, (8, 3.4))
+    ax = axes[0, 0]
+    for label, d in diagonals.items():
+        ax.plot(d.detach().cpu().numpy(), lw=0.8, label=label)
+    for b in _boundaries(layer_sizes):
+        ax.axvline(b, color="0.6", lw=0.6, ls="--")
+    ax.set_xlabel("parameter index")
+    ax.set_ylabel("diagonal entry")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.95)
+    return _save(fig, path)
+
+
+def plot_eigenvalues(eigenvalues: Mapping[str, Tensor], path: Path) -> Path:
+    """Top eigenvalues as a stem plot (descending), one series per label.
+
+    Args:
+        eigenvalues: Label -> eigenvalues.
+        path: PNG file to write.
+
+    Returns:
+        ``path``.
+    """
+    fig, axes = _subplots(1, 1, (5, 3.4))
+    ax = axes[0, 0]
+    for i, (label, ev) in enumerate(eigenvalues.items()):
+        values = np.sort(ev.detach().cpu().numpy())[::-1]
+        ax.plot(np.arange(1, len(values) + 1) + 0.1 * i, values, "o", label=label)
+    ax.set_xlabel("index (descending)")
+    ax.set_ylabel("eigenvalue")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.95)
+    return _save(fig, path)

@@ -1,0 +1,462 @@
+"""``curvops tour``: the paper's visual tour of curvature matrices on a small CNN.
+
+Trains the CNN of :func:`curvops.cli.models.make_digits_cnn` (paper Fig. 2: three
+convolutions and a dense layer with ReLU and sigmoid activations) briefly on scikit-learn's
+8x8 digits, then materialises its Hessian, GGN, empirical Fisher, MC Fisher, KFAC and EKFAC,
+their damped inverses, spectral densities (Papyan (2020)) and the accuracy of randomized trace
+and diagonal estimators (paper Fig. 4), and writes PNGs, ``report.md`` and ``results.json``.
+
+Dangel, F., Eschenhagen, R., Ormaniec, W., Fernandez, A., Tatzel, L., Kristiadi, A. (2025).
+Position: Curvature Matrices Should Be Democratized via Linear Operators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from curvops.cli.curvatures import TITLES, Curvature, build_curvature
+from curvops.cli.data import load_digits_tensors, make_batches
+from curvops.cli.main import resolve_device
+from curvops.cli.models import layer_sizes, make_digits_cnn
+from curvops.cli.timing import timed
+from curvops.cli.training import train
+from curvops.linear_operator import LinearOperator
+
+
+@dataclass(frozen=True)
+class TourConfig:
+    """Sizes of one tour run.
+
+    Attributes:
+        channels: Channels of the CNN's convolutions (``5`` gives :math:`D = 720`).
+        num_train: Number of training images (the rest of the 1797 is the test set).
+        epochs: Training epochs (Adam).
+        lr: Adam's learning rate.
+        batch_size: Training batch size.
+        num_curvature_data: Training images the curvature matrices are defined on.
+        curvature_batch_size: Batch size of the operators' data loop.
+        dense_chunk: Columns per product when materialising an operator.
+        damping: Damping :math:`\\delta` of the inverses.
+        top_k: Number of top eigenvalues in the report.
+        lanczos_steps: Lanczos iterations per spectral density estimate.
+        lanczos_runs: Random start vectors averaged per spectral density.
+        estimator_matvecs: Budgets (numbers of matrix-vector products) of the estimator curves.
+        estimator_runs: Independent runs per budget.
+        power_law_dim: Dimension of the power-law test matrices.
+        power_law_exponents: Decay exponents of the power-law test matrices.
+        trace_matvecs: Products of the trace estimates in the report.
+    """
+
+    channels: int
+    num_train: int
+    epochs: int
+    lr: float
+    batch_size: int
+    num_curvature_data: int
+    curvature_batch_size: int
+    dense_chunk: int
+    damping: float
+    top_k: int
+    lanczos_steps: int
+    lanczos_runs: int
+    estimator_matvecs: tuple[int, ...]
+    estimator_runs: int
+    power_law_dim: int
+    power_law_exponents: tuple[float, ...]
+    trace_matvecs: int
+
+
+QUICK = TourConfig(
+    channels=2,
+    num_train=512,
+    epochs=15,
+    lr=0.05,
+    batch_size=128,
+    num_curvature_data=64,
+    curvature_batch_size=64,
+    dense_chunk=128,
+    damping=1e-3,
+    top_k=5,
+    lanczos_steps=30,
+    lanczos_runs=1,
+    estimator_matvecs=(6, 12, 24, 48, 96),
+    estimator_runs=10,
+    power_law_dim=300,
+    power_law_exponents=(2.0,),
+    trace_matvecs=30,
+)
+FULL = TourConfig(
+    channels=5,
+    num_train=1500,
+    epochs=40,
+    lr=0.02,
+    batch_size=64,
+    num_curvature_data=512,
+    curvature_batch_size=128,
+    dense_chunk=64,
+    damping=1e-3,
+    top_k=10,
+    lanczos_steps=80,
+    lanczos_runs=3,
+    estimator_matvecs=(6, 12, 24, 48, 96, 192),
+    estimator_runs=100,
+    power_law_dim=1000,
+    power_law_exponents=(1.0, 2.0),
+    trace_matvecs=150,
+)
+DTYPE = torch.float64
+EXACT = (Curvature.HESSIAN, Curvature.GGN, Curvature.EF, Curvature.MC)
+KRONECKER = (Curvature.KFAC, Curvature.EKFAC)
+
+
+def materialize(A: LinearOperator, chunk: int) -> Tensor:
+    """Dense matrix of an operator, multiplying onto ``chunk`` columns of the identity at once.
+
+    Args:
+        A: The operator.
+        chunk: Columns per product (bounds the memory of vectorised products).
+
+    Returns:
+        The dense ``[D_out, D_in]`` matrix.
+    """
+    D = A.shape[1]
+    eye = torch.eye(D, dtype=A.dtype, device=A.device)
+    return torch.cat([A @ eye[:, i : i + chunk] for i in range(0, D, chunk)], dim=1)
+
+
+@dataclass
+class _Tour:
+    """State shared by the stages of one tour run."""
+
+    out: Path
+    config: TourConfig
+    seed: int
+    device: torch.device
+    gen: torch.Generator
+    results: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    model: nn.Module | None = None
+    loss_func: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    data: list = field(default_factory=list)
+    operators: dict[Curvature, LinearOperator] = field(default_factory=dict)
+    dense: dict[Curvature, Tensor] = field(default_factory=dict)
+    eigenvalues: dict[Curvature, Tensor] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float((model(X).argmax(dim=1) == y).double().mean())
+
+
+def _train_stage(t: _Tour) -> None:
+    """Train the CNN; keep the curvature data and save the trained state."""
+    cfg = t.config
+    X, y = load_digits_tensors(dtype=DTYPE, device=t.device, generator=t.gen)
+    Xtr, ytr = X[: cfg.num_train], y[: cfg.num_train]
+    Xte, yte = X[cfg.num_train :], y[cfg.num_train :]
+    # train in float32 (PyTorch's float64 convolutions are several times slower on CPUs),
+    # then analyse the trained net in float64 for accurate dense references
+    model = make_digits_cnn(channels=cfg.channels, seed=t.seed, dtype=torch.float32)
+    model = model.to(t.device)
+    batches = make_batches(Xtr.float(), ytr, cfg.batch_size)
+    history, seconds = timed(
+        train, t.device, model, t.loss_func, batches, epochs=cfg.epochs, lr=cfg.lr
+    )
+    t.model = model.to(DTYPE).eval()
+    t.results["training"] = {
+        "num_params": t.dim,
+        "layers": layer_sizes(t.model),
+        "final_train_loss": history[-1] if history else None,
+        "train_accuracy": _accuracy(t.model, Xtr, ytr),
+        "test_accuracy": _accuracy(t.model, Xte, yte),
+        "seconds": seconds,
+    }
+    Xc, yc = Xtr[: cfg.num_curvature_data], ytr[: cfg.num_curvature_data]
+    t.data = make_batches(Xc, yc, cfg.curvature_batch_size)
+    state = {"state_dict": t.model.state_dict(), "X": Xc.cpu(), "y": yc.cpu()}
+    torch.save({**state, "channels": cfg.channels}, t.out / "tour_state.pt")
+    t.files["state"] = "tour_state.pt"
+
+
+def _operators_stage(t: _Tour) -> None:
+    """Create every operator, time its products, materialise it and plot the heatmaps."""
+    from curvops.cli import plots
+
+    params = list(t.model.parameters())
+    probe = torch.randn(t.dim, generator=t.gen, dtype=DTYPE).to(t.device)
+    timings: dict[str, dict[str, float]] = {}
+    for c in EXACT + KRONECKER:
+        op, t_build = timed(
+            build_curvature,
+            t.device,
+            c,
+            t.model,
+            t.loss_func,
+            params,
+            t.data,
+            check_deterministic=False,
+            seed=t.seed,
+        )
+        _, t_first = timed(op.__matmul__, t.device, probe)  # includes lazy set-up
+        _, t_matvec = timed(op.__matmul__, t.device, probe)
+        chunk = t.config.dense_chunk if c in EXACT else t.dim
+        t.dense[c], t_dense = timed(materialize, t.device, op, chunk)
+        t.operators[c] = op
+        timings[c.value] = {
+            "construct_s": t_build,
+            "first_matvec_s": t_first,
+            "matvec_s": t_matvec,
+            "dense_s": t_dense,
+        }
+    for _ in range(2):  # the second call is the warm one
+        _, t_grad = timed(t.operators[Curvature.GGN].gradient_and_loss, t.device)
+    t.results["timings"] = {"gradient_s": t_grad, "operators": timings}
+    t.files["curvature_matrices"] = plots.plot_heatmaps(
+        {TITLES[c]: t.dense[c] for c in EXACT + KRONECKER},
+        layer_sizes(t.model),
+        t.out / "curvature_matrices.png",
+        suptitle=f"Curvature matrices of a CNN on digits (D={t.dim}, "
+        f"N={t.config.num_curvature_data})",
+    ).name
+
+
+def _inverses_stage(t: _Tour) -> None:
+    """Damped inverses: dense solves of GGN and EF, structured inverses of KFAC and EKFAC."""
+    from curvops.cli import plots
+    from curvops.kronecker import EKFACInverseLinearOperator, KFACInverseLinearOperator
+
+    delta = t.config.damping
+    eye = torch.eye(t.dim, dtype=DTYPE, device=t.device)
+    inverses = {
+        Curvature.GGN: torch.linalg.inv(t.dense[Curvature.GGN] + delta * eye),
+        Curvature.EF: torch.linalg.inv(t.dense[Curvature.EF] + delta * eye),
+        Curvature.KFAC: KFACInverseLinearOperator(
+            t.operators[Curvature.KFAC], damping=delta, use_exact_damping=True
+        ).to_dense(),
+        Curvature.EKFAC: EKFACInverseLinearOperator(
+            t.operators[Curvature.EKFAC], damping=delta
+        ).to_dense(),
+    }
+    names = {c: f"({TITLES[c]} + {delta:g} I)^-1" for c in inverses}
+    t.files["inverse_matrices"] = plots.plot_heatmaps(
+        {names[c]: M for c, M in inverses.items()},
+        layer_sizes(t.model),
+        t.out / "inverse_matrices.png",
+        suptitle=f"Damped inverses (damping {delta:g})",
+        ncols=2,
+    ).name
+    t.results["inverses"] = {
+        names[c]: {
+            "relative_residual": float(
+                torch.linalg.matrix_norm(M @ (t.dense[c] + delta * eye) - eye)
+                / torch.linalg.matrix_norm(eye)
+            )
+        }
+        for c, M in inverses.items()
+    }
+
+
+def _spectra_stage(t: _Tour) -> None:
+    """Exact eigenvalues and traces, Lanczos top eigenvalues, Hutch++ trace estimates."""
+    from curvops.linalg import eigsh, hutchpp_trace
+
+    cfg = t.config
+    spectra: dict[str, Any] = {}
+    estimates: dict[str, Any] = {}
+    for c, M in t.dense.items():
+        t.eigenvalues[c] = torch.linalg.eigvalsh(M)
+        exact_trace = float(M.trace())
+        entry = {
+            "exact_trace": exact_trace,
+            "exact_top_eigenvalues": t.eigenvalues[c].flip(0)[: cfg.top_k].tolist(),
+            "min_eigenvalue": float(t.eigenvalues[c][0]),
+        }
+        if c in (Curvature.HESSIAN, Curvature.GGN):
+            (evals, _), seconds = timed(
+                eigsh, t.device, t.operators[c], k=cfg.top_k, which="LA", generator=t.gen
+            )
+            entry["eigsh_top_eigenvalues"] = evals.flip(0).tolist()
+            entry["eigsh_s"] = seconds
+        spectra[c.value] = entry
+        (estimate, error), seconds = timed(
+            hutchpp_trace,
+            t.device,
+            t.operators[c],
+            cfg.trace_matvecs,
+            generator=t.gen,
+            return_error=True,
+        )
+        estimates[c.value] = {
+            "estimate": float(estimate),
+            "standard_error": float(error),
+            "relative_error": abs(float(estimate) - exact_trace) / abs(exact_trace),
+            "num_matvecs": cfg.trace_matvecs,
+            "seconds": seconds,
+        }
+    t.results["spectra"] = spectra
+    t.results["trace_estimates"] = estimates
+
+
+def _densities_stage(t: _Tour) -> None:
+    """Spectral densities of Hessian and GGN by stochastic Lanczos quadrature (Papyan, 2020)."""
+    from curvops.cli import plots
+    from curvops.linalg import lanczos_approximate_log_spectrum, lanczos_approximate_spectrum
+
+    epsilon = 1e-5
+    ncv = min(t.config.lanczos_steps, t.dim)
+    kwargs = {"ncv": ncv, "num_repeats": t.config.lanczos_runs, "generator": t.gen}
+    panels, seconds = {}, {}
+    for c in (Curvature.HESSIAN, Curvature.GGN):
+        op = t.operators[c]
+        (grid, density), t_density = timed(lanczos_approximate_spectrum, t.device, op, **kwargs)
+        (log_grid, log_density), t_log = timed(
+            lanczos_approximate_log_spectrum, t.device, op, epsilon=epsilon, **kwargs
+        )
+        exact = t.eigenvalues[c]
+        panels[f"{TITLES[c]}: spectral density"] = plots.DensityPanel(grid, density, exact)
+        panels[f"{TITLES[c]}: log-spectral density"] = plots.DensityPanel(
+            log_grid,
+            log_density,
+            torch.log(exact.abs() + epsilon),
+            xlabel=r"$\nu = \log(|\lambda| + 10^{-5})$",
+        )
+        seconds[c.value] = {"density_s": t_density, "log_density_s": t_log}
+    t.files["spectral_densities"] = plots.plot_densities(
+        panels, t.out / "spectral_densities.png"
+    ).name
+    t.results["densities"] = {
+        "lanczos_steps": ncv,
+        "runs": t.config.lanczos_runs,
+        "timings": seconds,
+    }
+
+
+def _estimators_stage(t: _Tour) -> None:
+    """Accuracy of trace and diagonal estimators on the GGN and power-law matrices."""
+    from curvops.cli import plots
+    from curvops.cli.estimator_accuracy import diagonal_errors, power_law_matrix, trace_errors
+
+    cfg = t.config
+    matrices = {f"GGN of the CNN (D={t.dim})": t.dense[Curvature.GGN]}
+    for p in cfg.power_law_exponents:
+        matrices[f"power law $i^{{-{p:g}}}$ (D={cfg.power_law_dim})"] = power_law_matrix(
+            cfg.power_law_dim, p, generator=t.gen, dtype=DTYPE, device=t.device
+        )
+    budgets, runs = cfg.estimator_matvecs, cfg.estimator_runs
+    trace, diagonal = {}, {}
+    for name, M in matrices.items():
+        trace[name] = trace_errors(M, float(M.trace()), budgets, runs, generator=t.gen)
+        diagonal[name] = diagonal_errors(M, M.diagonal(), budgets, runs, generator=t.gen)
+    panels = {
+        f"trace: {name}": plots.ErrorPanel(curves, r"$|\hat t - t| / |t|$")
+        for name, curves in trace.items()
+    }
+    diagonal_label = r"$\max_i |a_i - \hat a_i| / \max_j |a_j|$"
+    for name, curves in diagonal.items():
+        panels[f"diagonal: {name}"] = plots.ErrorPanel(curves, diagonal_label)
+    t.files["estimator_accuracy"] = plots.plot_error_curves(
+        panels, t.out / "estimator_accuracy.png", ncols=len(matrices)
+    ).name
+
+    def medians(curves_by_matrix):
+        return {
+            matrix: {e: np.median(errors, axis=1).tolist() for e, (_, errors) in curves.items()}
+            for matrix, curves in curves_by_matrix.items()
+        }
+
+    t.results["estimators"] = {
+        "budgets": list(budgets),
+        "runs": runs,
+        "median_trace_error": medians(trace),
+        "median_diagonal_error": medians(diagonal),
+    }
+
+
+_STAGES = (
+    ("train", _train_stage),
+    ("operators", _operators_stage),
+    ("inverses", _inverses_stage),
+    ("eigenvalues", _spectra_stage),
+    ("densities", _densities_stage),
+    ("estimators", _estimators_stage),
+)
+
+
+def run_tour_pipeline(
+    out: Path,
+    *,
+    config: TourConfig,
+    seed: int,
+    device: torch.device,
+    progressbar: bool = True,
+) -> dict[str, Any]:
+    """Run the whole tour and write its files into ``out``.
+
+    Args:
+        out: Output folder (created if needed).
+        config: Sizes of the run (:data:`QUICK` or :data:`FULL`).
+        seed: Seed of data split, initialisation and every estimator (a private CPU
+            generator; the global RNG is not touched).
+        device: Device to compute on.
+        progressbar: Show a progress bar over the stages.
+
+    Returns:
+        The results also written to ``results.json``.
+    """
+    from curvops.cli import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    tour = _Tour(out, config, seed, device, torch.Generator().manual_seed(seed))
+    tour.results.update({"config": asdict(config), "seed": seed, "device": str(device)})
+    seconds: dict[str, float] = {}
+    with tqdm(total=len(_STAGES), desc="curvops tour", disable=not progressbar) as bar:
+        for name, stage in _STAGES:
+            bar.set_postfix_str(name)
+            _, seconds[name] = timed(stage, device, tour)
+            bar.update(1)
+    tour.results["files"] = tour.files
+    tour.results["stage_seconds"] = seconds
+    (out / "results.json").write_text(json.dumps(tour.results, indent=2))
+    (out / "report.md").write_text(report.tour_report(tour.results))
+    return tour.results
+
+
+def run_tour(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``curvops tour`` from parsed arguments.
+
+    Args:
+        args: Parsed arguments (``out``, ``quick``, ``seed``, ``device``, ``no_progress``).
+
+    Returns:
+        The results (see :func:`run_tour_pipeline`).
+    """
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    start = time.perf_counter()
+    results = run_tour_pipeline(
+        out,
+        config=QUICK if args.quick else FULL,
+        seed=args.seed,
+        device=device,
+        progressbar=not args.no_progress,
+    )
+    figures = sorted(f for f in results["files"].values() if f.endswith(".png"))
+    print(
+        f"curvops tour: wrote {', '.join(figures)}, report.md, results.json and "
+        f"tour_state.pt to {out}/ in {time.perf_counter() - start:.1f} s"
+    )
+    return results
