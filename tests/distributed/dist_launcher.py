@@ -46,7 +46,7 @@ def run_session(
         env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         procs, logs = [], []
         for rank in range(world_size):
-            log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+            log = open(tmp_path / f"rank{rank}.log", "w")  # closed below
             logs.append(log)
             cmd = [
                 sys.executable,

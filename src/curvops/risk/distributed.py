@@ -87,6 +87,12 @@ class DistributedRankError(RuntimeError):
     """
 
 
+def _is_non_member_placeholder(group: Any) -> bool:
+    """Whether ``group`` is what ``new_group`` returns on the ranks it does not list."""
+    placeholder = dist.GroupMember.NON_GROUP_MEMBER
+    return type(group) is type(placeholder) and group == placeholder
+
+
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -118,7 +124,7 @@ class ProcessGroupHandle:
         if process_group is None:
             self.active, self.group = initialized, None
             return
-        if initialized and process_group is dist.GroupMember.NON_GROUP_MEMBER:
+        if initialized and _is_non_member_placeholder(process_group):
             raise ValueError(_NOT_A_MEMBER)
         if process_group is not True and not (
             dist.is_available() and isinstance(process_group, dist.ProcessGroup)
@@ -215,7 +221,7 @@ class ProcessGroupHandle:
         result: Any = None
         try:
             result = compute()
-        except Exception as e:  # noqa: BLE001 - re-raised below on this and all other ranks
+        except Exception as e:  # re-raised below, on this and on all other ranks
             error = e
         gathered: list[Any] = [None] * self.world_size
         entry = ("error", _describe(error)) if error is not None else ("ok", result)
