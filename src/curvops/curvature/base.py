@@ -10,14 +10,11 @@ from torch import Tensor, nn
 
 from curvops.linear_operator import LinearOperator
 from curvops.risk import Batch, EmpiricalRisk
-
-
-class NonDeterministicError(RuntimeError):
-    """Raised when two evaluations of the same quantity differ (see ``check_deterministic``)."""
-
-
-def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    return (1e-9, 1e-12) if dtype == torch.float64 else (1e-4, 1e-6)
+from curvops.risk.determinism import (
+    NonDeterministicError,
+    check_deterministic,
+    loss_and_gradient_probe,
+)
 
 
 class CurvatureLinearOperator(LinearOperator):
@@ -139,67 +136,38 @@ class CurvatureLinearOperator(LinearOperator):
         params = [p.detach() for p in self._risk.params]
         self._before_pass()
         for batch in self._risk.batches(desc=type(self).__name__):
-            for o, r in zip(out, self._batch_matmat(params, batch, V)):
+            try:
+                result = self._batch_matmat(params, batch, V)
+            except RuntimeError as e:
+                if "randomness" in str(e):
+                    raise NonDeterministicError(
+                        f"{type(self).__name__}: the model draws random numbers in its forward "
+                        "pass (e.g. dropout in train mode), so it does not define a fixed "
+                        "matrix. Call model.eval() or remove the randomness."
+                    ) from e
+                raise
+            for o, r in zip(out, result):
                 o.add_(r.detach(), alpha=batch.weight)
 
     # ---------------------------------------------------------------- safeguards
     def _check_deterministic(self) -> None:
         """Evaluate loss, gradient and a product twice; raise if they differ.
 
-        When distributed, every rank checks its own share without communication, then the
-        ranks agree on the verdict, so all of them raise (naming the offending ranks) or none
-        does (NOTE [data parallelism]).
+        See :func:`curvops.risk.determinism.check_deterministic`.
 
         Raises:
             NonDeterministicError: If any of them differ between the two evaluations (on any
                 rank).
         """
-        group = self._risk.group
-        if not group.active:
-            self._check_deterministic_locally()
-            return
-
-        def local_verdict() -> str | None:
-            try:
-                with group.local():
-                    self._check_deterministic_locally()
-            except NonDeterministicError as e:
-                return str(e)
-            return None
-
-        verdicts = group.gather_objects(local_verdict, what="The determinism check")
-        bad = [r for r, message in enumerate(verdicts) if message is not None]
-        if bad:
-            raise NonDeterministicError(
-                f"The determinism check failed on rank(s) {bad} of {len(verdicts)}; rank "
-                f"{bad[0]} reports: {verdicts[bad[0]]}"
-            )
-
-    def _check_deterministic_locally(self) -> None:
-        """Evaluate loss, gradient and a product twice; raise if they differ.
-
-        Raises:
-            NonDeterministicError: If any of them differ between the two evaluations.
-        """
-        rtol, atol_rel = _tolerances(self.dtype)
         gen = torch.Generator(device="cpu").manual_seed(0)
         v = torch.randn(self.shape[1], generator=gen, dtype=self.dtype).to(self.device)
-        results = []
-        for _ in range(2):
-            entry = []
-            if self._risk.loss is not None:
-                loss, grads = self._risk.loss_and_gradient()
-                entry += [loss.reshape(1), *[g.flatten() for g in grads]]
-            entry.append(self @ v)
-            results.append(torch.cat(entry))
-        first, second = results
-        scale = max(first.abs().max().item(), 1e-30)
-        if not torch.allclose(first, second, rtol=rtol, atol=atol_rel * scale):
-            raise NonDeterministicError(
-                f"{type(self).__name__}: two evaluations of loss, gradient and a matrix-vector "
-                "product differ, so the operator would not represent a fixed matrix. Usual "
-                "causes: dropout or BatchNorm in train mode (call model.eval()), a DataLoader "
-                "with shuffle=True or a random sampler, random data augmentation, or "
-                "drop_last=True. Fix the cause, or pass check_deterministic=False if you "
-                "know what you are doing."
-            )
+
+        def probe() -> Tensor:
+            return torch.cat([loss_and_gradient_probe(self._risk), self @ v])
+
+        check_deterministic(
+            self._risk,
+            probe,
+            owner=type(self).__name__,
+            what="loss, gradient and a matrix-vector product",
+        )

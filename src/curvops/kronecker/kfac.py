@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvops.curvature import NonDeterministicError
 from curvops.kronecker.blocks import EmbeddingKroneckerLinearOperator, WeightBiasStacking
 from curvops.kronecker.collection import statistics_pass
 from curvops.kronecker.discovery import discover_layers
@@ -42,6 +41,7 @@ from curvops.kronecker.state import (
 )
 from curvops.linear_operator import LinearOperator
 from curvops.risk import EmpiricalRisk
+from curvops.risk.determinism import check_deterministic, loss_and_gradient_probe
 from curvops.structured import (
     BlockDiagonalLinearOperator,
     DiagonalLinearOperator,
@@ -454,53 +454,17 @@ class KFACLinearOperator(LinearOperator):
     def _check_deterministic(self) -> None:
         """Evaluate loss and gradient twice and raise if they differ (on any rank).
 
-        When distributed, each rank checks its own share without communication and the ranks
-        agree on the verdict (NOTE [data parallelism] of :mod:`curvops.risk.distributed`).
+        See :func:`curvops.risk.determinism.check_deterministic`.
 
         Raises:
             NonDeterministicError: If the two evaluations differ.
         """
-        group = self._risk.group
-        if not group.active:
-            self._check_deterministic_locally()
-            return
-
-        def local_verdict() -> str | None:
-            try:
-                with group.local():
-                    self._check_deterministic_locally()
-            except NonDeterministicError as e:
-                return str(e)
-            return None
-
-        verdicts = group.gather_objects(local_verdict, what="The determinism check")
-        bad = [rank for rank, message in enumerate(verdicts) if message is not None]
-        if bad:
-            raise NonDeterministicError(
-                f"The determinism check failed on rank(s) {bad}; rank {bad[0]} reports: "
-                f"{verdicts[bad[0]]}"
-            )
-
-    def _check_deterministic_locally(self) -> None:
-        rtol, atol = (1e-9, 1e-12) if self.dtype == torch.float64 else (1e-4, 1e-6)
-        results = []
-        # each evaluation starts from a different global RNG state (restored afterwards), so
-        # dropout and random data pipelines show up
-        with self._risk.rng_isolation():
-            for i in range(2):
-                torch.manual_seed(20240 + i)
-                loss, grads = self._risk.loss_and_gradient()
-                results.append(torch.cat([loss.reshape(1), *[g.reshape(-1) for g in grads]]))
-        first, second = results
-        scale = max(first.abs().max().item(), 1e-30)
-        if not torch.allclose(first, second, rtol=rtol, atol=atol * scale):
-            raise NonDeterministicError(
-                f"{type(self).__name__}: two evaluations of loss and gradient differ, so the "
-                "factors would not be reproducible. Usual causes: dropout or BatchNorm in "
-                "train mode (call model.eval()), a DataLoader with shuffle=True, random data "
-                "augmentation, or drop_last=True. Fix the cause, or pass "
-                "check_deterministic=False."
-            )
+        check_deterministic(
+            self._risk,
+            lambda: loss_and_gradient_probe(self._risk),
+            owner=type(self).__name__,
+            what="loss and gradient (the factors would not be reproducible)",
+        )
 
     # ---------------------------------------------------------------- state
     def _config(self) -> dict[str, Any]:
