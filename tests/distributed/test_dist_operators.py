@@ -10,6 +10,8 @@ import pytest
 from dist_launcher import run_session
 from dist_worker import checks_for
 
+pytestmark = pytest.mark.slow  # two sessions of local processes, about a minute on 2 idle cores
+
 
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
