@@ -190,7 +190,8 @@ class EmpiricalRisk:
 
     def _check_data(self, data: Iterable) -> Iterable:
         try:
-            it = iter(data)
+            with self.rng_isolation():  # iter() of a shuffling DataLoader draws a seed
+                it = iter(data)
         except TypeError as e:
             raise TypeError(f"data must be an iterable of (X, y) batches, got {type(data)}.") from e
         if it is data:
@@ -223,7 +224,8 @@ class EmpiricalRisk:
         return batch[0], batch[1]
 
     def _count_data(self) -> int:
-        return sum(self.batch_size(self._unpack(b)[0]) for b in self.data)
+        with self.rng_isolation():
+            return sum(self.batch_size(self._unpack(b)[0]) for b in self.data)
 
     # ---------------------------------------------------------------- the data loop
     def rng_isolation(self) -> contextlib.AbstractContextManager:
