@@ -46,6 +46,7 @@ from curvops.linalg import (
     xtrace,
 )
 from curvops.linear_operator import LinearOperator
+from curvops.risk import DistributedRankError, synchronized_generator
 from curvops.structured import (
     BlockDiagonalLinearOperator,
     DiagonalLinearOperator,
@@ -84,6 +85,9 @@ __all__ = [
     "KFACLinearOperator",
     "KFACType",
     "LayerFactors",
+    # data parallelism
+    "DistributedRankError",
+    "synchronized_generator",
     # matrix-free linear algebra
     "CGInverseLinearOperator",
     "LSMRInverseLinearOperator",
