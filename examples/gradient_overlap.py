@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from curvops import HessianLinearOperator
+from curvops import HessianLinearOperator, eigsh
 from curvops.cli.data import load_digits_tensors, make_batches
 from curvops.cli.models import make_digits_mlp
 from curvops.cli.training import train
-from curvops.linalg import eigsh
 
 NUM_CLASSES = 10
 

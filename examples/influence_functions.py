@@ -32,13 +32,17 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from curvops import GGNLinearOperator, HessianLinearOperator
+from curvops import (
+    CGInverseLinearOperator,
+    EKFACInverseLinearOperator,
+    EKFACLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    IdentityLinearOperator,
+)
 from curvops.cli.data import load_digits_tensors, make_batches
 from curvops.cli.models import make_digits_mlp
 from curvops.cli.training import train
-from curvops.kronecker import EKFACInverseLinearOperator, EKFACLinearOperator
-from curvops.linalg import CGInverseLinearOperator
-from curvops.structured import IdentityLinearOperator
 
 NUM_TRAIN = 256
 NUM_TEST = 5

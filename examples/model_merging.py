@@ -33,12 +33,15 @@ import copy
 import torch
 from torch import nn
 
-from curvops import GGNLinearOperator
+from curvops import (
+    CGInverseLinearOperator,
+    GGNLinearOperator,
+    IdentityLinearOperator,
+    hutchinson_diag,
+)
 from curvops.cli.data import load_digits_tensors, make_batches
 from curvops.cli.models import make_digits_mlp
 from curvops.cli.training import train
-from curvops.linalg import CGInverseLinearOperator, hutchinson_diag
-from curvops.structured import IdentityLinearOperator
 
 TASKS = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
 NUM_TRAIN = 300  # per task

@@ -28,11 +28,10 @@ import copy
 import torch
 from torch import nn
 
-from curvops import HessianLinearOperator
+from curvops import HessianLinearOperator, hutchinson_diag
 from curvops.cli.data import load_digits_tensors, make_batches
 from curvops.cli.models import make_digits_mlp
 from curvops.cli.training import train
-from curvops.linalg import hutchinson_diag
 
 SPARSITIES = (0.2, 0.3, 0.5)
 NUM_MATVECS = 300

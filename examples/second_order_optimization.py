@@ -27,12 +27,17 @@ import warnings
 import torch
 from torch import nn
 
-from curvops import GGNLinearOperator
+from curvops import (
+    CGInverseLinearOperator,
+    GGNLinearOperator,
+    IdentityLinearOperator,
+    KFACInverseLinearOperator,
+    KFACLinearOperator,
+    NeumannInverseLinearOperator,
+    eigsh,
+)
 from curvops.cli.data import load_digits_tensors, make_batches
 from curvops.cli.models import make_digits_mlp
-from curvops.kronecker import KFACInverseLinearOperator, KFACLinearOperator
-from curvops.linalg import CGInverseLinearOperator, NeumannInverseLinearOperator, eigsh
-from curvops.structured import IdentityLinearOperator
 
 NUM_STEPS = 10
 DAMPING = 1e-2  # of the GGN for Newton-CG and Neumann
