@@ -299,3 +299,15 @@ def test_run_analyses_caps_budgets_at_the_dimension():
     assert out["diag"]["num_matvecs"] == 10 and out["_diagonal"].shape == (5,)
     assert out["top-eig"]["eigenvalues"] == pytest.approx([5.0, 4.0, 3.0, 2.0])
     assert out["density"]["lanczos_steps"] == 5
+
+
+def test_analyze_shows_a_progress_bar_on_stderr(factories, tmp_path, capsys):
+    args = [
+        "analyze",
+        "--model",
+        f"{factories}:model",
+        "--data",
+        f"{factories}:classification_data",
+    ]
+    assert main([*args, "--what", "trace", "--out", str(tmp_path)]) == 0
+    assert "curvops analyze" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from curvops.cli.curvatures import TITLES, Curvature, build_curvature, parse_curvature
 from curvops.cli.errors import CLIError
@@ -107,7 +108,7 @@ def run_analyses(
             estimator needs, and capped by the dimension).
         lanczos_steps: Lanczos steps of the spectral density (capped by the dimension).
         seed: Seed of the CPU generator of every random vector.
-        progressbar: Show progress bars.
+        progressbar: Show a progress bar over the analyses.
 
     Returns:
         Analysis name -> its numbers (tensors for diagonal and density are kept under the
@@ -118,13 +119,14 @@ def run_analyses(
     D = A.shape[1]
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {}
-    if Analysis.TOP_EIG in what:
-        k = min(top_k, D - 1)
+
+    def top_eig() -> None:
         (evals, _), seconds = timed(
-            eigsh, A.device, A, k=k, which="LA", generator=gen, progressbar=progressbar
+            eigsh, A.device, A, k=min(top_k, D - 1), which="LA", generator=gen
         )
         out["top-eig"] = {"eigenvalues": evals.flip(0).tolist(), "seconds": seconds}
-    if Analysis.TRACE in what:
+
+    def trace() -> None:
         m = min(_round_down(num_matvecs, 3, 6), 3 * D)
         (estimate, error), seconds = timed(
             hutchpp_trace, A.device, A, m, generator=gen, return_error=True
@@ -136,7 +138,8 @@ def run_analyses(
             "num_matvecs": m,
             "seconds": seconds,
         }
-    if Analysis.DIAG in what:
+
+    def diag() -> None:
         m = min(_round_down(num_matvecs, 2, 4), 2 * D)
         diagonal, seconds = timed(xdiag, A.device, A, m, generator=gen)
         out["diag"] = {
@@ -148,9 +151,10 @@ def run_analyses(
             "max": float(diagonal.max()),
         }
         out["_diagonal"] = diagonal
-    if Analysis.DENSITY in what:
+
+    def density() -> None:
         ncv = min(lanczos_steps, D)
-        (grid, density), seconds = timed(
+        (grid, values), seconds = timed(
             lanczos_approximate_spectrum, A.device, A, ncv=ncv, generator=gen
         )
         out["density"] = {
@@ -158,7 +162,19 @@ def run_analyses(
             "lanczos_steps": ncv,
             "seconds": seconds,
         }
-        out["_density"] = (grid, density)
+        out["_density"] = (grid, values)
+
+    run = {
+        Analysis.TOP_EIG: top_eig,
+        Analysis.TRACE: trace,
+        Analysis.DIAG: diag,
+        Analysis.DENSITY: density,
+    }
+    with tqdm(total=len(what), desc="curvops analyze", disable=not progressbar) as bar:
+        for analysis in what:
+            bar.set_postfix_str(analysis.value)
+            run[analysis]()
+            bar.update(1)
     return out
 
 
