@@ -222,6 +222,12 @@ def test_analyze_unavailable_cuda(factories, tmp_path, capsys):
         ("{f}:model", "{f}:NUM_DATA", "is a int, not callable"),
         (
             "{f}:model",
+            "{f}:augmented_data",
+            "cannot build the ggn operator for this model and data: GGNLinearOperator: two "
+            "evaluations",
+        ),
+        (
+            "{f}:model",
             "{f}:wrong_label_shape_data",
             r"--loss ce needs integer class labels of shape \(12,\) for model outputs of shape "
             r"\(12, 2\); got targets of shape \(12, 1\)",

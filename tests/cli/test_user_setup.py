@@ -3,18 +3,29 @@ import torch
 from torch import nn
 
 from curvops.cli.errors import CLIError
-from curvops.cli.user_setup import CastBatches, parse_loss, probe
+from curvops.cli.user_setup import cast_batches, parse_loss, probe
 
 
 def test_cast_batches_casts_floats_keeps_labels_and_reiterates():
     data = [(torch.zeros(2, 3), torch.tensor([1, 0])), (torch.ones(1, 3), torch.tensor([2]))]
-    cast = CastBatches(data, torch.float64, torch.device("cpu"))
+    cast = cast_batches(data, torch.float64, torch.device("cpu"))
     for _ in range(2):
         batches = list(cast)
         assert [X.dtype for X, _ in batches] == [torch.float64] * 2
         assert [y.dtype for _, y in batches] == [torch.long] * 2
     assert len(cast) == 2
     assert data[0][0].dtype == torch.float32  # the user's data is untouched
+
+
+class _Unsized:
+    def __iter__(self):
+        yield torch.zeros(1, 3), torch.tensor([0])
+
+
+def test_cast_batches_without_length_has_no_length():
+    cast = cast_batches(_Unsized(), torch.float64, torch.device("cpu"))
+    assert not hasattr(cast, "__len__")
+    assert [X.dtype for X, _ in cast] == [torch.float64]
 
 
 def test_parse_loss():

@@ -28,6 +28,7 @@ from curvops.cli.main import resolve_device
 from curvops.cli.models import layer_sizes
 from curvops.cli.timing import timed
 from curvops.cli.user_setup import prepare
+from curvops.curvature import NonDeterministicError
 from curvops.linear_operator import LinearOperator
 
 
@@ -197,6 +198,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     dtype = _parse_dtype(args.dtype)
     top_k = _positive(args.top_k, "--top-k")
     num_matvecs = _positive(args.num_matvecs, "--num-matvecs")
+    lanczos_steps = _positive(args.lanczos_steps, "--lanczos-steps")
     device = resolve_device(args.device)
     progressbar = not args.no_progress
 
@@ -213,10 +215,10 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
             progressbar=progressbar,
             seed=args.seed,
         )
-    except (ValueError, TypeError, NotImplementedError) as e:
+    except (ValueError, TypeError, NotImplementedError, NonDeterministicError) as e:
         raise CLIError(
             f"cannot build the {curvature.value} operator for this model and data: "
-            f"{str(e).splitlines()[0]}"
+            f"{' '.join(str(e).split())}"
         ) from e
     if A.shape[1] < 2:
         raise CLIError("the model has a single parameter; there is nothing to analyse.")
@@ -225,7 +227,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
         what,
         top_k=top_k,
         num_matvecs=num_matvecs,
-        lanczos_steps=_positive(args.lanczos_steps, "--lanczos-steps"),
+        lanczos_steps=lanczos_steps,
         seed=args.seed,
         progressbar=progressbar,
     )

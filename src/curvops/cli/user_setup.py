@@ -81,9 +81,28 @@ class CastBatches:
             else:
                 yield batch
 
+
+class SizedCastBatches(CastBatches):
+    """:class:`CastBatches` of data that knows its number of batches (for progress bars)."""
+
     def __len__(self) -> int:
-        """Number of batches (if the underlying data knows it)."""
+        """Number of batches."""
         return len(self._data)
+
+
+def cast_batches(data: Iterable, dtype: torch.dtype, device: torch.device) -> CastBatches:
+    """Wrap data in :class:`SizedCastBatches` if it has a length, else :class:`CastBatches`.
+
+    Args:
+        data: The user's re-iterable of batches.
+        dtype: Floating-point type for inputs (and floating targets).
+        device: Target device.
+
+    Returns:
+        The cast view.
+    """
+    cls = SizedCastBatches if hasattr(data, "__len__") else CastBatches
+    return cls(data, dtype, device)
 
 
 @dataclass
@@ -229,7 +248,7 @@ def prepare(
             "passes over the data many times. Return a list of (X, y) batches or a DataLoader."
         )
     model = model.to(device=device, dtype=dtype).eval()
-    data = CastBatches(raw, dtype, device)
+    data = cast_batches(raw, dtype, device)
     probe(model, loss_func, data)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
