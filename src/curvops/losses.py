@@ -174,8 +174,7 @@ class LossSpec:
         if kind == FactorKind.EMPIRICAL:
             return (sqrt(R) * self._datum_grad(output, y)).unsqueeze(0)
         if kind == FactorKind.MC:
-            grads = torch.stack([self._sampled_grad(output, generator) for _ in range(mc_samples)])
-            return sqrt(R / mc_samples) * grads
+            return sqrt(R / mc_samples) * self._sampled_grads(output, mc_samples, generator)
         return sqrt(R) * self._hessian_sqrt(output)
 
     def _datum_grad(self, output: Tensor, y: Tensor) -> Tensor:
@@ -187,25 +186,25 @@ class LossSpec:
         probs = output.softmax(dim=1)
         return probs - one_hot(y, output.shape[1]).movedim(-1, 1).to(output.dtype)
 
-    def _sampled_grad(self, output: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Would-be gradient for one sample of labels from the model's likelihood."""
+    def _sampled_grads(
+        self, output: Tensor, mc_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """Would-be gradients for ``mc_samples`` draws of labels, ``[S, *output.shape]``."""
+        shape = (mc_samples, *output.shape)
         if self.name == "MSELoss":
-            eps = torch.randn(
-                output.shape, generator=generator, dtype=output.dtype, device=output.device
-            )
+            eps = torch.randn(shape, generator=generator, dtype=output.dtype, device=output.device)
             return sqrt(2.0) * eps
         if self.name == "BCEWithLogitsLoss":
             p = torch.sigmoid(output)
-            u = torch.rand(
-                output.shape, generator=generator, dtype=output.dtype, device=output.device
-            )
+            u = torch.rand(shape, generator=generator, dtype=output.dtype, device=output.device)
             return p - (u < p).to(output.dtype)
+        C = output.shape[1]
         probs = output.softmax(dim=1)
-        flat = probs.movedim(1, -1).reshape(-1, output.shape[1])
-        labels = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
-        onehot = one_hot(labels, output.shape[1]).to(output.dtype)
-        onehot = onehot.reshape(*probs.movedim(1, -1).shape).movedim(-1, 1)
-        return probs - onehot
+        flat = probs.movedim(1, -1).reshape(-1, C)  # [M, C], one row per position
+        labels = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)
+        onehot = one_hot(labels.T, C).to(output.dtype)  # [S, M, C]
+        onehot = onehot.reshape(mc_samples, *probs.movedim(1, -1).shape).movedim(-1, 2)
+        return probs.unsqueeze(0) - onehot
 
     def _hessian_sqrt(self, output: Tensor) -> Tensor:
         r"""Columns of a square root of the per-datum loss Hessian, ``[K, *output.shape]``."""
