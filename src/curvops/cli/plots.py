@@ -129,14 +129,16 @@ def plot_densities(panels: Mapping[str, DensityPanel], path: Path, *, ncols: int
     fig, axes = _subplots(nrows, ncols, (5.0 * ncols, 3.4 * nrows))
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93, wspace=0.25, hspace=0.45)
     for ax, (title, panel) in zip(axes.flat, panels.items()):
-        if panel.exact is not None:
-            counts, edges = np.histogram(panel.exact.detach().cpu().numpy(), bins=60, density=True)
-            ax.stairs(counts, edges, fill=True, color="0.8", label="exact eigenvalues")
         dens = panel.density.detach().cpu().numpy()
+        top = float(dens.max())
+        if panel.exact is not None:
+            counts, edges = np.histogram(panel.exact.detach().cpu().numpy(), bins=64, density=True)
+            ax.stairs(counts, edges, fill=True, color="0.8", label="exact eigenvalues")
+            top = max(top, float(counts.max()))
         ax.plot(panel.grid.detach().cpu().numpy(), dens, color="C0", label="Lanczos estimate")
         ax.set_yscale("log")
         ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_ylim(bottom=max(1e-5, float(dens.max()) * 1e-7))
+        ax.set_ylim(top * 1e-6, top * 3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel("density")

@@ -318,7 +318,14 @@ def _densities_stage(t: _Tour) -> None:
 
     epsilon = 1e-5
     ncv = min(t.config.lanczos_steps, t.dim)
-    kwargs = {"ncv": ncv, "num_repeats": t.config.lanczos_runs, "generator": t.gen}
+    # kernel width = 8 grid spacings = 1/64 of the interval, about one histogram bin
+    kwargs = {
+        "ncv": ncv,
+        "num_repeats": t.config.lanczos_runs,
+        "generator": t.gen,
+        "num_points": 512,
+        "kappa": 8.0,
+    }
     panels, seconds = {}, {}
     for c in (Curvature.HESSIAN, Curvature.GGN):
         op = t.operators[c]
