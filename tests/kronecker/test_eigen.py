@@ -65,3 +65,12 @@ def test_inverse_retry_option_reaches_the_decomposition(monkeypatch):
         KFACInverseLinearOperator(K, damping=0.1, retry_double_precision=False)
     K_inv = KFACInverseLinearOperator(K, damping=0.1)
     assert K_inv.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_deficient_factor_has_exact_zero_eigenvalues(dtype):
+    """NOTE [numerical rank of factors]: eigenvalues at round-off level become exactly 0."""
+    G = torch.randn(2, 6, generator=generator(3), dtype=torch.float64).to(dtype)
+    lam, Q = factor_eigh(G.T @ G, what="gradient factor of Linear 'x'")
+    assert int((lam == 0).sum()) == 4 and bool((lam[-2:] > 0).all())
+    torch.testing.assert_close((Q * lam) @ Q.T, G.T @ G)

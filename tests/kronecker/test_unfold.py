@@ -53,3 +53,12 @@ def test_patches_times_weight_is_conv(name):
         out = out + conv.bias
     expected = conv(x).flatten(start_dim=2).transpose(1, 2)
     torch.testing.assert_close(out, expected)
+
+
+def test_patches_are_a_view_of_a_feature_major_buffer():
+    """Gram sums of the patches need no copy (see curvops.kronecker.gram)."""
+    conv = build(lambda: nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(4, 2, 5, 5, generator=generator(0), dtype=DTYPE)
+    patches = unfold_conv_input(conv, x)
+    assert patches.shape == (4, 25, 18)
+    assert patches.permute(2, 0, 1).is_contiguous()

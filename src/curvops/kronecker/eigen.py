@@ -9,9 +9,16 @@ from torch import Tensor
 def factor_eigh(
     matrix: Tensor, *, what: str, retry_double_precision: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """Eigendecompose a symmetric positive semi-definite factor.
+    r"""Eigendecompose a symmetric positive semi-definite factor.
 
-    Round-off can make eigenvalues of a PSD factor slightly negative; they are clipped at 0.
+    NOTE [numerical rank of factors]: a symmetric eigensolver resolves eigenvalues only up to
+    an absolute error of about :math:`n \varepsilon \lambda_\max` (:math:`\varepsilon` the
+    unit round-off of the dtype), so eigenvalues of a PSD factor below this tolerance,
+    including slightly negative ones from round-off, are set to 0. A rank-deficient factor
+    (e.g. a gradient factor from fewer rows than its dimension) then has exact zero
+    eigenvalues whatever order the sums were accumulated in, and is reported as singular
+    instead of being inverted with eigenvalues of pure round-off (the tolerance of
+    ``numpy.linalg.matrix_rank``).
 
     Args:
         matrix: Symmetric ``[n, n]`` matrix.
@@ -20,7 +27,8 @@ def factor_eigh(
             is not finite in a lower precision.
 
     Returns:
-        Eigenvalues ``[n]`` (ascending, non-negative) and orthonormal eigenvectors ``[n, n]``
+        Eigenvalues ``[n]`` (ascending, non-negative, zero below the tolerance of NOTE
+        [numerical rank of factors]) and orthonormal eigenvectors ``[n, n]``
         (columns), in the matrix's dtype.
 
     Raises:
@@ -48,5 +56,8 @@ def factor_eigh(
             ) from error
         lam64, Q64 = factor_eigh(matrix.to(torch.float64), what=what, retry_double_precision=False)
         lam, Q = lam64.to(matrix.dtype), Q64.to(matrix.dtype)
+    # NOTE [numerical rank of factors]
+    tol = matrix.shape[-1] * torch.finfo(lam.dtype).eps * lam.abs().max().clamp(min=0)
+    lam = torch.where(lam > tol, lam, torch.zeros_like(lam))
     # eigh returns column-major eigenvectors; torch.kron (used by dense exports) rejects them
-    return lam.clamp(min=0), Q.contiguous()
+    return lam, Q.contiguous()

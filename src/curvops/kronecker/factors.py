@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvops.kronecker.gram import add_gram_
 from curvops.kronecker.layers import KFACLayer
 
 
@@ -103,6 +104,10 @@ def input_rows(layer: KFACLayer, inputs: tuple) -> Tensor:
 class FactorAccumulator:
     """Sums of one layer's KFAC statistics over the batches of a pass.
 
+    The input factor's sum is kept in parts (weight block, bias column, number of rows) so
+    that every part is a contiguous accumulator updated by one in-place product
+    (:func:`~curvops.kronecker.gram.add_gram_`); :meth:`finalize` assembles them.
+
     Args:
         layer: The layer.
         kfac_approx: ``"expand"`` or ``"reduce"``.
@@ -119,11 +124,17 @@ class FactorAccumulator:
         weight = layer.module.weight
         like = {"dtype": weight.dtype, "device": weight.device}
         d_out, d_in = layer.weight_matrix_shape
-        if layer.diagonal_input:
-            self.A_sum = torch.zeros(d_in, **like)
-        else:
-            n = (d_in if layer.weight_index is not None else 0) + int(layer.bias_index is not None)
-            self.A_sum = torch.zeros(n, n, **like)
+        self.has_weight = layer.weight_index is not None
+        self.has_bias = layer.bias_index is not None
+        # sum of x x^T (the token counts, a diagonal, for an embedding)
+        self.A_sum: Tensor | None = None
+        if self.has_weight:
+            shape = (d_in,) if layer.diagonal_input else (d_in, d_in)
+            self.A_sum = torch.zeros(shape, **like)
+        # sum of x (the bias' constant input times x) and number of rows (1 times 1)
+        joint_part = self.has_weight and self.has_bias and not layer.diagonal_input
+        self.bias_column_sum = torch.zeros(d_in, **like) if joint_part else None
+        self.num_rows = torch.zeros((), **like) if self.has_bias else None
         self.B_sum = torch.zeros(d_out, d_out, **like) if backward else None
         self.count = torch.zeros((), **like)
 
@@ -143,23 +154,19 @@ class FactorAccumulator:
         else:
             # rows of the (averaged) inputs; a bias appends a constant 1 to every row, whose
             # blocks of A are the column sums and the number of rows (no concatenated copy)
-            rows = x.mean(dim=1, keepdim=True) if self.reduce else x  # [N, T or 1, d_in]
-            w_end = x.shape[-1] if layer.weight_index is not None else 0
-            if layer.weight_index is not None:
-                # einsum contracts any layout (e.g. transposed conv patches) without a copy
-                self.A_sum[:w_end, :w_end].add_(torch.einsum("nti,ntj->ij", rows, rows))
-            if layer.bias_index is not None:
-                if layer.weight_index is not None:
-                    sums = rows.sum(dim=(0, 1))
-                    self.A_sum[:w_end, w_end].add_(sums)
-                    self.A_sum[w_end, :w_end].add_(sums)
-                self.A_sum[w_end, w_end].add_(rows.shape[0] * rows.shape[1])
+            rows = x.mean(dim=1) if self.reduce else x  # [N, (T,) d_in]
+            if self.has_weight:
+                add_gram_(self.A_sum, rows)
+            if self.bias_column_sum is not None:
+                self.bias_column_sum.add_(rows.sum(dim=tuple(range(rows.ndim - 1))))
+            if self.has_bias:
+                self.num_rows.add_(N if self.reduce else N * T)
         count = N if self.reduce else N * (T if self.loss_terms is None else self.loss_terms)
         self.count.add_(count)
         if self.backward:
-            g = self.layer.grad_rows(grad_output)  # [K, N, T, d_out]
-            g = g.sum(dim=2, keepdim=True) if self.reduce else g
-            self.B_sum.add_(torch.einsum("knti,kntj->ij", g, g), alpha=weight)
+            g = layer.grad_rows(grad_output)  # [K, N, T, d_out]
+            g = g.sum(dim=2) if self.reduce else g
+            add_gram_(self.B_sum, g, alpha=weight)
 
     def _token_counts(self, ids: Tensor) -> Tensor:
         module = self.layer.module
@@ -171,7 +178,18 @@ class FactorAccumulator:
 
     def tensors(self) -> list[Tensor]:
         """The accumulators (zero-initialised; to be summed across processes in place)."""
-        return [t for t in (self.A_sum, self.B_sum, self.count) if t is not None]
+        parts = (self.A_sum, self.bias_column_sum, self.num_rows, self.B_sum, self.count)
+        return [t for t in parts if t is not None]
+
+    def _joint_input_factor_sum(self) -> Tensor:
+        """Assemble the joint block's input factor sum, with a last row/column for the bias."""
+        d = self.A_sum.shape[0]
+        full = self.A_sum.new_empty(d + 1, d + 1)
+        full[:d, :d] = self.A_sum
+        full[:d, d] = self.bias_column_sum
+        full[d, :d] = self.bias_column_sum
+        full[d, d] = self.num_rows
+        return full
 
     def finalize(self, separate_weight_and_bias: bool, names: dict[int, str]) -> LayerFactors:
         """Turn the sums into the layer's factors.
@@ -184,18 +202,20 @@ class FactorAccumulator:
             The layer's factors.
         """
         layer = self.layer
-        A = self.A_sum / self.count
         if self.backward:
             B = self.B_sum
         else:
             d_out = layer.weight_matrix_shape[0]
-            B = torch.eye(d_out, dtype=A.dtype, device=A.device)
-        has_w, has_b = layer.weight_index is not None, layer.bias_index is not None
-        joint = has_w and has_b and not separate_weight_and_bias
-        input_factor, bias_input_factor = A, None
-        if has_b and not joint:
-            bias_input_factor = A[-1, -1].clone()
-            input_factor = A[:-1, :-1].clone() if has_w else None
+            B = torch.eye(d_out, dtype=self.count.dtype, device=self.count.device)
+        joint = self.has_weight and self.has_bias and not separate_weight_and_bias
+        input_factor, bias_input_factor = None, None
+        if joint:
+            input_factor = self._joint_input_factor_sum() / self.count
+        else:
+            if self.has_weight:
+                input_factor = self.A_sum / self.count
+            if self.has_bias:
+                bias_input_factor = self.num_rows / self.count
         return LayerFactors(
             module_name=layer.name,
             module_type=layer.type_name,

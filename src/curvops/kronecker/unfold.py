@@ -35,7 +35,10 @@ def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> T
     Returns:
         The patches, ``[N, P, C_in * prod(kernel_size)]`` with ``P`` output positions, such
         that ``patches @ module.weight.reshape(C_out, -1).T + bias`` equals the layer output
-        with its spatial axes flattened to ``P`` and moved before the channels.
+        with its spatial axes flattened to ``P`` and moved before the channels. The result
+        is a view of a contiguous *feature-major* buffer ``[C_in * prod(kernel_size), N P]``
+        (see :mod:`curvops.kronecker.gram`): its Gram matrix, the input factor's sum, is then
+        one matrix product of that buffer with its transpose, without another copy.
     """
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     if module.padding_mode != "zeros":
@@ -58,9 +61,13 @@ def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> T
         ),
         x.storage_offset(),
     )
-    # one copy into [N, C * prod(kernel), P] (a transposed view of it is returned; consumers
-    # contract it without another copy)
-    return view.reshape(N, C * prod(kernel), prod(out)).transpose(1, 2)
+    # one copy into the feature-major buffer [C * prod(kernel), N * P]; the returned [N, P, d]
+    # is a view of it (consumers contract it without another copy)
+    d, P = C * prod(kernel), prod(out)
+    ndim = len(kernel)
+    order = (1, *range(2, 2 + ndim), 0, *range(2 + ndim, 2 + 2 * ndim))
+    buffer = view.permute(order).reshape(d, N * P)
+    return buffer.reshape(d, N, P).permute(1, 2, 0)
 
 
 def _zero_padding(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
