@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from curvops.curvature.base import CurvatureLinearOperator
-from curvops.curvature.products import hessian_matmat
+from curvops.curvature.products import HessianMode, ProductPlan, hessian_matmat
 from curvops.risk import Batch
 
 
@@ -15,9 +15,10 @@ class HessianLinearOperator(CurvatureLinearOperator):
     .. math::
         H = R_\mathbb{D} \sum_{n} \nabla^2_\theta \ell(f_\theta(x_n), y_n)
 
-    Products are exact Hessian-vector products by forward-over-reverse autodiff (Pearlmutter,
-    1994), vectorised over the columns of a matrix. Accepts any twice-differentiable loss
-    module with ``reduction`` ``"mean"`` or ``"sum"``.
+    Products are exact Hessian-vector products (Pearlmutter, 1994) by reverse-over-reverse or
+    forward-over-reverse autodiff, whichever is faster for the model (timed at the first
+    product; NOTE [product passes] of :mod:`curvops.curvature.products`). Accepts any
+    twice-differentiable loss module with ``reduction`` ``"mean"`` or ``"sum"``.
 
     Args:
         model_func: An ``nn.Module`` or a callable ``(params, X) -> output``.
@@ -42,4 +43,12 @@ class HessianLinearOperator(CurvatureLinearOperator):
         super().__init__(model_func, loss_func, params, data, **kwargs)
 
     def _batch_matmat(self, params: list[Tensor], batch: Batch, V: list[Tensor]) -> list[Tensor]:
-        return hessian_matmat(lambda *p: self._risk.batch_loss(p, batch), params, V)
+        # reverse- or forward-over-reverse, chosen by timing both at the first product
+        plan = self.__dict__.setdefault("_product_plan", ProductPlan())
+        return hessian_matmat(
+            lambda *p: self._risk.batch_loss(p, batch),
+            params,
+            V,
+            mode=HessianMode.AUTO,
+            plan=plan,
+        )

@@ -1,10 +1,30 @@
-r"""Pure per-batch curvature products built with ``torch.func``.
+r"""Pure per-batch curvature products.
 
 Each function takes a function of the parameters (the model output or the batch loss on one
 batch), the parameter values, and a matrix ``V`` as a tensor list with a *leading* column axis
-(``[K, *shape]`` per parameter), and returns the batch's product in the same format. The
-``K`` columns are processed in one vectorised pass (``torch.func.vmap``), never ``K`` passes.
+(``[K, *shape]`` per parameter), and returns the batch's product in the same format.
 Operators only bind model, loss, parameters and data to these functions (DESIGN layer 4).
+
+NOTE [product passes]: the strategies below were chosen by measurement (``python -m
+benchmarks``; CPU, eager mode), in multiples of one gradient:
+
+* GGN, empirical and Monte-Carlo Fisher, one column: ONE forward pass computes the output
+  and its Jacobian-vector product :math:`Jv` at once (forward-mode dual tensors from
+  ``torch.autograd.forward_ad`` inside a normal autograd graph) while recording what the
+  backward needs; the output-space matrix is applied to :math:`Jv`; ONE backward pass gives
+  :math:`J^\top(\cdot)`. This saves the second forward pass of ``torch.func.jvp`` +
+  ``torch.func.vjp``.
+* Several columns: ``torch.func.vmap`` over ``jvp`` and over the ``vjp`` of one forward
+  pass, 8 columns at a time (faster than one single-column pass per column, and than
+  32-column chunks on convolutional nets; ``torch.func.linearize`` measured slower).
+* Hessian: reverse-over-reverse (a gradient with ``create_graph=True``, then one backward
+  per column through it) or forward-over-reverse (dual tensors through the gradient
+  computation), chosen per operator by timing both on the first batch
+  (:class:`ProductPlan`); reverse-over-reverse is the fall-back for operations whose
+  forward-mode derivative PyTorch lacks or gets wrong.
+* Attention (``F.scaled_dot_product_attention``) keeps PyTorch's fused kernels for output
+  and backward and gets a closed-form tangent (:mod:`curvops.curvature.attention`); the
+  Hessian uses the math backend, the only one with second derivatives.
 
 References:
     Pearlmutter, B. A. (1994). Fast exact multiplication by the Hessian.
@@ -16,12 +36,95 @@ References:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 
+import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
+
+from curvops.curvature.attention import differentiable_attention
+from curvops.curvature.tangent_rules import efficient_tangents
 
 ParamFn = Callable[..., Tensor]
+OutputMatmat = Callable[[Tensor, Tensor], Tensor]
+
+COLUMN_CHUNK = 8
+"""Columns per vectorised pass of multi-column GGN-type products (memory: that many tangents)."""
+
+
+class HessianMode(str, Enum):
+    """How Hessian-vector products differentiate twice (Dagréou et al., 2024)."""
+
+    AUTO = "auto"
+    REVERSE_OVER_REVERSE = "reverse-over-reverse"
+    FORWARD_OVER_REVERSE = "forward-over-reverse"
+
+
+@dataclass
+class ProductPlan:
+    """Choices an operator learns at its first product and reuses afterwards.
+
+    Attributes:
+        hessian_mode: The Hessian strategy picked by the probe (``None``: not probed yet).
+        probe_seconds: Time per strategy measured by the probe (for inspection).
+    """
+
+    hessian_mode: HessianMode | None = None
+    probe_seconds: dict[str, float] | None = None
+
+
+# ==================================================================== building blocks
+def _detached_leaves(params: list[Tensor]) -> list[Tensor]:
+    """Fresh leaves sharing storage with ``params`` (the caller's tensors are untouched)."""
+    return [p.detach().requires_grad_(True) for p in params]
+
+
+def _vjp(out: Tensor, leaves: list[Tensor], cotangent: Tensor, **kwargs) -> list[Tensor]:
+    r""":math:`J^\top u` by one backward pass; zeros for parameters ``out`` does not use."""
+    if not out.requires_grad:
+        return [torch.zeros_like(p) for p in leaves]
+    grads = torch.autograd.grad(out, leaves, cotangent, allow_unused=True, **kwargs)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
+
+
+def _stack_columns(columns: list[list[Tensor]]) -> list[Tensor]:
+    """``K`` tensor lists -> one tensor list with a leading column axis."""
+    if len(columns) == 1:
+        return [t.unsqueeze(0) for t in columns[0]]
+    return [torch.stack(parts) for parts in zip(*columns)]
+
+
+def _plain(t: Tensor) -> Tensor:
+    """``t`` as a non-view tensor sharing its storage.
+
+    ``make_dual`` with a view of a differently shaped base as tangent (a column of ``V``)
+    is orders of magnitude slower than with a plain tensor (torch 2.13).
+    """
+    return t.detach()
+
+
+def _forward_with_tangent(
+    f: ParamFn, leaves: list[Tensor], tangents: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    r"""One forward pass giving :math:`f(\theta)` (with its autograd graph) and :math:`Jv`.
+
+    Args:
+        f: Maps the parameters (as positional arguments) to the output.
+        leaves: Parameter values that require grad (the graph leads to them).
+        tangents: The direction :math:`v`, shaped like ``leaves``.
+
+    Returns:
+        The output (differentiable w.r.t. ``leaves``) and the detached tangent :math:`Jv`.
+    """
+    with torch.enable_grad(), fwAD.dual_level(), efficient_tangents():
+        duals = [fwAD.make_dual(p, _plain(t)) for p, t in zip(leaves, tangents)]
+        out, tangent = fwAD.unpack_dual(f(*duals))
+        tangent = torch.zeros_like(out) if tangent is None else tangent.detach()
+    return out, tangent
 
 
 def jacobian_matmat(f: ParamFn, params: list[Tensor], V: list[Tensor]) -> Tensor:
@@ -35,11 +138,21 @@ def jacobian_matmat(f: ParamFn, params: list[Tensor], V: list[Tensor]) -> Tensor
     Returns:
         ``[K, *output_shape]``.
     """
-    return vmap(lambda *v: jvp(f, tuple(params), v)[1])(*V)
+    params = [p.detach() for p in params]
+    if V[0].shape[0] == 1:
+        with torch.no_grad(), fwAD.dual_level(), efficient_tangents():
+            duals = [fwAD.make_dual(p, _plain(v[0])) for p, v in zip(params, V)]
+            out, tangent = fwAD.unpack_dual(f(*duals))
+            tangent = torch.zeros_like(out) if tangent is None else tangent
+        return tangent.unsqueeze(0)
+    with differentiable_attention():
+        return vmap(lambda *v: jvp(f, tuple(params), v)[1])(*V)
 
 
 def jacobian_t_matmat(f: ParamFn, params: list[Tensor], U: Tensor) -> list[Tensor]:
     r"""Transposed-Jacobian-matrix product :math:`J^\top U` by reverse-mode autodiff.
+
+    One forward pass, then one backward pass per column through the same graph.
 
     Args:
         f: Maps the parameters (as positional arguments) to the output.
@@ -49,26 +162,76 @@ def jacobian_t_matmat(f: ParamFn, params: list[Tensor], U: Tensor) -> list[Tenso
     Returns:
         Tensor list ``[K, *param_shape]``.
     """
-    _, vjp_fn = vjp(f, *params)
-    return list(vmap(vjp_fn)(U))
+    leaves = _detached_leaves(params)
+    with torch.enable_grad():
+        out = f(*leaves)
+    K = U.shape[0]
+    columns = [_vjp(out, leaves, U[k], retain_graph=k < K - 1) for k in range(K)]
+    return _stack_columns(columns)
 
 
-def hessian_matmat(loss: ParamFn, params: list[Tensor], V: list[Tensor]) -> list[Tensor]:
-    r"""Hessian-matrix product :math:`\nabla^2_\theta \mathcal{L} V` (Pearlmutter, 1994).
+def linearized_matmat(
+    f: ParamFn, output_matmat: OutputMatmat, params: list[Tensor], V: list[Tensor]
+) -> list[Tensor]:
+    r"""Product :math:`J^\top M J V` with an output-space matrix :math:`M` applied by a function.
+
+    One column: one forward pass with dual tensors (output, :math:`Jv` and the autograd graph
+    at once), :math:`u = M(f, Jv)`, one backward pass :math:`J^\top u`. Several columns:
+    ``torch.func.vmap`` over ``jvp`` and over the ``vjp`` of one forward pass, in chunks of
+    :data:`COLUMN_CHUNK` columns (NOTE [product passes]).
 
     Args:
-        loss: Maps the parameters (as positional arguments) to a scalar loss.
+        f: Maps the parameters (as positional arguments) to the output.
+        output_matmat: Maps the detached output and ``[K, *output_shape]`` columns to
+            :math:`M` times them.
         params: Parameter values.
         V: Tensor list ``[K, *param_shape]``.
 
     Returns:
         Tensor list ``[K, *param_shape]``.
     """
-    # Reverse-over-reverse (the Hessian is symmetric, so its VJP is its product). Forward-
-    # over-reverse hits a PyTorch bug for mse_loss ("ZeroTensors are immutable", torch 2.13).
-    argnums = tuple(range(len(params)))
-    _, hvp_fn = vjp(grad(loss, argnums=argnums), *params)
-    return list(vmap(hvp_fn)(tuple(V)))
+    K = V[0].shape[0]
+    if K == 1:
+        leaves = _detached_leaves(params)
+        out, Jv = _forward_with_tangent(f, leaves, [v[0] for v in V])
+        u = output_matmat(out.detach(), Jv.unsqueeze(0))[0]
+        return _stack_columns([_vjp(out, leaves, u)])
+    params = tuple(p.detach() for p in params)
+    results = []
+    with differentiable_attention():
+        out, vjp_fn = vjp(f, *params)
+        out = out.detach()
+        for start in range(0, K, COLUMN_CHUNK):
+            chunk = [v[start : start + COLUMN_CHUNK] for v in V]
+            JV = vmap(lambda *v: jvp(f, params, v)[1])(*chunk)
+            results.append(vmap(vjp_fn)(output_matmat(out, JV)))
+    return [torch.cat(parts) for parts in zip(*results)]
+
+
+def loss_hessian_matmat(loss_of_output: Callable[[Tensor], Tensor]) -> OutputMatmat:
+    r"""Output-space Hessian product :math:`U \mapsto \nabla_f^2 \ell \, U` by autodiff.
+
+    Reverse-over-reverse in output space (cheap: outputs are small next to the network),
+    which also works around PyTorch's forward-mode bug for ``mse_loss`` ("ZeroTensors are
+    immutable", torch 2.13).
+
+    Args:
+        loss_of_output: Maps the model output to the scalar batch loss.
+
+    Returns:
+        A function ``(output, U [K, *output_shape]) -> [K, *output_shape]``.
+    """
+
+    def matmat(output: Tensor, U: Tensor) -> Tensor:
+        with torch.enable_grad():
+            out = output.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(loss_of_output(out), out, create_graph=True)
+            if not g.requires_grad:  # a loss linear in the output
+                return torch.zeros_like(U)
+            K = U.shape[0]
+            return torch.stack([_vjp(g, [out], U[k], retain_graph=k < K - 1)[0] for k in range(K)])
+
+    return matmat
 
 
 def ggn_matmat(
@@ -79,8 +242,9 @@ def ggn_matmat(
 ) -> list[Tensor]:
     r"""GGN-matrix product :math:`J^\top (\nabla_f^2 \ell) J V` (Schraudolph, 2002).
 
-    Forward mode gives :math:`JV`, a Hessian-vector product in output space applies the
-    loss Hessian (cheap: outputs are small), and one reverse pass gives :math:`J^\top(\cdot)`.
+    Forward mode gives :math:`JV` in the same pass as the output, a Hessian-vector product in
+    output space applies the loss Hessian, and one reverse pass gives :math:`J^\top(\cdot)`
+    (NOTE [product passes]).
 
     Args:
         f: Maps the parameters (as positional arguments) to the model output.
@@ -91,11 +255,7 @@ def ggn_matmat(
     Returns:
         Tensor list ``[K, *param_shape]``.
     """
-    out, vjp_fn = vjp(f, *params)
-    JV = jacobian_matmat(f, params, V)
-    _, loss_hvp = vjp(grad(loss_of_output), out.detach())  # symmetric: VJP = HVP
-    HJV = vmap(lambda u: loss_hvp(u)[0])(JV)
-    return list(vmap(vjp_fn)(HJV))
+    return linearized_matmat(f, loss_hessian_matmat(loss_of_output), params, V)
 
 
 def factor_ggn_matmat(
@@ -109,7 +269,7 @@ def factor_ggn_matmat(
     With ``factors`` from :meth:`curvops.losses.LossSpec.output_factors` this is the
     empirical Fisher (true gradients) or the Monte-Carlo Fisher (sampled gradients): the
     GGN of the pseudo-loss :math:`\tilde\ell_n = \frac{1}{2}\sum_k (s_k[n]^\top f_n)^2`
-    (paper §2.1, "FVPs via GGNVPs").
+    (paper §2.1, "FVPs via GGNVPs"). The factors are evaluated once per call, at the output.
 
     Args:
         f: Maps the parameters (as positional arguments) to the model output ``[N, ...]``.
@@ -121,11 +281,139 @@ def factor_ggn_matmat(
     Returns:
         Tensor list ``[K, *param_shape]``.
     """
-    out, vjp_fn = vjp(f, *params)
-    factors = factors_of_output(out.detach())
-    JV = jacobian_matmat(f, params, V)  # [K, N, ...]
-    N = factors.shape[1]
-    S = factors.reshape(factors.shape[0], N, -1)  # [J, N, M]
-    coeff = (S.unsqueeze(0) * JV.reshape(JV.shape[0], 1, N, -1)).sum(-1)  # [K, J, N]
-    out_space = (coeff.unsqueeze(-1) * S.unsqueeze(0)).sum(1)  # [K, N, M]
-    return list(vmap(vjp_fn)(out_space.reshape(JV.shape)))
+    cache: dict[str, Tensor] = {}
+
+    def matmat(output: Tensor, U: Tensor) -> Tensor:
+        if "S" not in cache:
+            factors = factors_of_output(output)
+            cache["S"] = factors.reshape(factors.shape[0], factors.shape[1], -1)  # [J, N, M]
+        S = cache["S"]
+        N = S.shape[1]
+        coeff = torch.einsum("jnm,knm->kjn", S, U.reshape(U.shape[0], N, -1))
+        return torch.einsum("kjn,jnm->knm", coeff, S).reshape(U.shape)
+
+    return linearized_matmat(f, matmat, params, V)
+
+
+# ==================================================================== Hessian
+def _hessian_reverse_over_reverse(
+    loss: ParamFn, params: list[Tensor], V: list[Tensor]
+) -> list[Tensor]:
+    leaves = _detached_leaves(params)
+    with torch.enable_grad(), differentiable_attention():
+        grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True, allow_unused=True)
+    pairs = [(g, p, i) for i, (g, p) in enumerate(zip(grads, leaves)) if g is not None]
+    pairs = [(g, p, i) for g, p, i in pairs if g.requires_grad]
+    K = V[0].shape[0]
+    columns = []
+    for k in range(K):
+        out = [torch.zeros_like(p) for p in leaves]
+        if pairs:
+            hv = torch.autograd.grad(
+                [g for g, _, _ in pairs],
+                leaves,
+                [V[i][k] for _, _, i in pairs],
+                retain_graph=k < K - 1,
+                allow_unused=True,
+            )
+            out = [o if h is None else h for o, h in zip(out, hv)]
+        columns.append(out)
+    return _stack_columns(columns)
+
+
+def _hessian_forward_over_reverse(
+    loss: ParamFn, params: list[Tensor], V: list[Tensor]
+) -> list[Tensor]:
+    leaves = _detached_leaves(params)
+    columns = []
+    for k in range(V[0].shape[0]):
+        with torch.enable_grad(), fwAD.dual_level(), differentiable_attention():
+            duals = [fwAD.make_dual(p, _plain(v[k])) for p, v in zip(leaves, V)]
+            grads = torch.autograd.grad(loss(*duals), duals, allow_unused=True)
+            column = []
+            for p, g in zip(leaves, grads):
+                t = None if g is None else fwAD.unpack_dual(g).tangent
+                column.append(torch.zeros_like(p) if t is None else t.detach())
+        columns.append(column)
+    return _stack_columns(columns)
+
+
+_HESSIAN_PASSES = {
+    HessianMode.REVERSE_OVER_REVERSE: _hessian_reverse_over_reverse,
+    HessianMode.FORWARD_OVER_REVERSE: _hessian_forward_over_reverse,
+}
+
+
+def _probe_hessian_mode(
+    loss: ParamFn, params: list[Tensor], V: list[Tensor], plan: ProductPlan
+) -> list[Tensor]:
+    """Time both strategies on this batch, remember the faster one, return its product.
+
+    Forward-over-reverse counts only if it runs and agrees with reverse-over-reverse (PyTorch
+    lacks or mis-implements some forward-mode derivatives).
+    """
+    V1 = [v[:1] for v in V]
+    seconds: dict[str, float] = {}
+    results = {}
+    for _ in range(2):  # the first round warms up both
+        for mode, fn in _HESSIAN_PASSES.items():
+            if mode in results and results[mode] is None:
+                continue
+            start = time.perf_counter()
+            try:
+                results[mode] = fn(loss, params, V1)
+            except RuntimeError:
+                results[mode] = None
+                continue
+            seconds[mode.value] = time.perf_counter() - start
+    reference = results[HessianMode.REVERSE_OVER_REVERSE]
+    candidate = results[HessianMode.FORWARD_OVER_REVERSE]
+    usable = candidate is not None and all(
+        bool(torch.isfinite(b).all())
+        and torch.allclose(a, b, rtol=1e-3, atol=1e-5 * max(b.abs().max().item(), 1e-30))
+        for a, b in zip(candidate, reference)
+    )
+    fast = usable and seconds["forward-over-reverse"] < seconds["reverse-over-reverse"]
+    plan.hessian_mode = (
+        HessianMode.FORWARD_OVER_REVERSE if fast else HessianMode.REVERSE_OVER_REVERSE
+    )
+    plan.probe_seconds = seconds
+    return _HESSIAN_PASSES[plan.hessian_mode](loss, params, V)
+
+
+def hessian_matmat(
+    loss: ParamFn,
+    params: list[Tensor],
+    V: list[Tensor],
+    *,
+    mode: str | HessianMode = HessianMode.REVERSE_OVER_REVERSE,
+    plan: ProductPlan | None = None,
+) -> list[Tensor]:
+    r"""Hessian-matrix product :math:`\nabla^2_\theta \mathcal{L} V` (Pearlmutter, 1994).
+
+    Args:
+        loss: Maps the parameters (as positional arguments) to a scalar loss.
+        params: Parameter values.
+        V: Tensor list ``[K, *param_shape]``.
+        mode: ``"reverse-over-reverse"``, ``"forward-over-reverse"``, or ``"auto"``: use
+            ``plan.hessian_mode``, probing both on this batch if it is not set yet.
+        plan: Where ``"auto"`` stores its choice (required for ``"auto"``).
+
+    Returns:
+        Tensor list ``[K, *param_shape]``.
+
+    Raises:
+        ValueError: For an unknown mode, or ``"auto"`` without a plan.
+    """
+    try:
+        mode = HessianMode(mode)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in HessianMode)
+        raise ValueError(f"Unknown Hessian mode {mode!r}; use one of {allowed}.") from None
+    if mode == HessianMode.AUTO:
+        if plan is None:
+            raise ValueError("mode='auto' needs a ProductPlan to remember its choice in.")
+        if plan.hessian_mode is None:
+            return _probe_hessian_mode(loss, params, V, plan)
+        mode = plan.hessian_mode
+    return _HESSIAN_PASSES[mode](loss, params, V)

@@ -1,0 +1,81 @@
+"""Command line: ``python -m benchmarks [--problems mlp,cnn] [--device cpu|cuda] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.plot import plot
+from benchmarks.problems import CPU_PROBLEMS, CUDA_ONLY_PROBLEMS, problem_names
+from benchmarks.report import markdown
+from benchmarks.runner import run_suite
+from benchmarks.tasks import TASKS_BY_NAME
+
+
+def _names(text: str, known: list[str], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"Unknown {what} {unknown}; choose from {', '.join(known)}.")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite and write the Markdown report, a JSON dump and the plot."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument(
+        "--problems",
+        default=None,
+        help=f"comma-separated, from {','.join(problem_names())} (default: "
+        f"{','.join(CPU_PROBLEMS)}, plus {','.join(CUDA_ONLY_PROBLEMS)} on cuda)",
+    )
+    parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", default="benchmarks/RESULTS.md", help="Markdown report path")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (smoke test)")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory children")
+    parser.add_argument("--no-compare", action="store_true", help="skip curvlinops")
+    args = parser.parse_args(argv)
+
+    default = CPU_PROBLEMS + (CUDA_ONLY_PROBLEMS if args.device == "cuda" else [])
+    problems = (
+        default if args.problems is None else _names(args.problems, problem_names(), "problems")
+    )
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda, but torch.cuda.is_available() is False.")
+    elif any(p in CUDA_ONLY_PROBLEMS for p in problems):
+        raise SystemExit(f"{CUDA_ONLY_PROBLEMS} are sized for a GPU; use --device cuda.")
+    tasks = None if args.tasks is None else _names(args.tasks, list(TASKS_BY_NAME), "tasks")
+    results = run_suite(
+        problems,
+        tasks,
+        device=args.device,
+        repeats=2 if args.quick else args.repeats,
+        warmup=1 if args.quick else args.warmup,
+        quick=args.quick,
+        memory=not args.no_memory,
+        compare=not args.no_compare,
+        threads=args.threads,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    notes_file = out.with_name("NOTES.md")
+    notes = notes_file.read_text().splitlines() if notes_file.exists() else None
+    out.write_text(markdown(results, notes))
+    out.with_suffix(".json").write_text(json.dumps(results.to_dict(), indent=1))
+    png = out.with_name(f"results_{args.device}.png")
+    plot(results, png)
+    print(f"wrote {out}, {out.with_suffix('.json')} and {png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Peak memory of one task, isolated in a fresh child process.
+
+Each measurement runs in its own process, forked from a ``multiprocessing`` fork server that
+has only imported the libraries (no computation, no threads started, no CUDA context). The
+child builds the problem, sets the task up, calls it once (warm-up: lazy allocations and
+caches), then records the baseline, calls it again and records the peak:
+
+* CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` at baseline,
+  after ``torch.cuda.reset_peak_memory_stats()`` (method ``"cuda-allocator"``).
+* CPU: the increase of the peak resident set size over the resident set size at baseline.
+  On Linux the kernel's peak (``VmHWM``) is reset by writing ``5`` to
+  ``/proc/self/clear_refs`` first (method ``"VmHWM"``); otherwise
+  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is used (method ``"ru_maxrss"``, only exact
+  when the measured call is the process's largest allocation so far; psutil is not used).
+  The fork server runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed
+  tensors to the operating system at once, making the resident set follow live memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import resource
+from typing import Any
+
+import torch
+
+_PRELOAD = ["torch", "curvops", "benchmarks.problems", "benchmarks.tasks"]
+_CONTEXT: Any = None
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def _child(request: dict, conn) -> None:
+    try:
+        from benchmarks.problems import make_problem
+        from benchmarks.tasks import setup
+
+        torch.set_num_threads(request["threads"])
+        device = torch.device(request["device"])
+        problem = make_problem(request["problem"], device, quick=request["quick"])
+        fn = setup(request["task"], problem, request["implementation"])
+        fn()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            result = fn()
+            torch.cuda.synchronize(device)
+            peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda-allocator"
+        elif _reset_peak_rss():
+            base = _status_kib("VmRSS")
+            result = fn()
+            peak, method = (_status_kib("VmHWM") - base) * 1024, "VmHWM"
+        else:
+            base = _status_kib("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            result = fn()
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak, method = max(after - base, 0) * 1024, "ru_maxrss"
+        del result
+        conn.send({"peak_bytes": float(peak), "method": method})
+    except Exception as e:  # report, do not hang the parent
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+    finally:
+        conn.close()
+
+
+def _context():
+    global _CONTEXT
+    if _CONTEXT is None:
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        preload = list(_PRELOAD)
+        try:
+            import curvlinops  # noqa: F401
+
+            preload.append("curvlinops")
+        except ImportError:
+            pass
+        _CONTEXT.set_forkserver_preload(preload)
+    return _CONTEXT
+
+
+def peak_memory(
+    problem: str,
+    task: str,
+    implementation: str,
+    *,
+    device: str,
+    quick: bool,
+    threads: int,
+    timeout: float = 600.0,
+) -> dict:
+    """Peak memory of one call of a task, measured in a fresh child process.
+
+    Args:
+        problem: Problem name.
+        task: Task name.
+        implementation: ``"curvops"`` or ``"curvlinops"``.
+        device: ``"cpu"`` or ``"cuda"``.
+        quick: Use the tiny problem sizes.
+        threads: ``torch.set_num_threads`` in the child.
+        timeout: Seconds to wait for the child.
+
+    Returns:
+        ``{"peak_bytes": float, "method": str}`` or ``{"error": str}``.
+    """
+    ctx = _context()
+    receiver, sender = ctx.Pipe(duplex=False)
+    request = {
+        "problem": problem,
+        "task": task,
+        "implementation": implementation,
+        "device": device,
+        "quick": quick,
+        "threads": threads,
+    }
+    proc = ctx.Process(target=_child, args=(request, sender))
+    proc.start()
+    sender.close()
+    result = {"error": "the child process did not answer (crashed or timed out)"}
+    if receiver.poll(timeout):
+        try:
+            result = receiver.recv()
+        except EOFError:
+            pass
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    receiver.close()
+    return result

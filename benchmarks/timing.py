@@ -1,0 +1,104 @@
+"""Run-time measurement as multiples of one gradient, interleaved to cancel machine load.
+
+Absolute times on a shared machine drift with the load of other processes, so each repeat
+times the gradient right before the task (and before its curvlinops counterpart); the reported
+multiple is the median over repeats of the per-repeat ratios, after warm-up calls that are
+not timed (they also trigger lazy set-up such as a Hessian strategy probe).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Timing of one task.
+
+    Attributes:
+        seconds: Median run time.
+        gradients: Median over repeats of run time / gradient time of the same repeat.
+        spread: Half the inter-quartile range of those ratios (noise indicator).
+        vs_other: Median per-repeat ratio to the other implementation (``None`` if absent).
+    """
+
+    seconds: float
+    gradients: float
+    spread: float
+    vs_other: float | None = None
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(fn: Callable[[], Any]) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    return run
+
+
+def _half_iqr(values: list[float]) -> float:
+    if len(values) < 4:
+        return (max(values) - min(values)) / 2
+    q = statistics.quantiles(values, n=4)
+    return (q[2] - q[0]) / 2
+
+
+def time_task(
+    gradient: Callable[[], Any],
+    task: Callable[[], Any],
+    other: Callable[[], Any] | None,
+    *,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+) -> tuple[Timing, Timing | None, float]:
+    """Time a task (and optionally the other library's version) against the gradient.
+
+    Args:
+        gradient: The reference closure.
+        task: The closure to time.
+        other: The other implementation's closure, or ``None``.
+        device: Device (CUDA is synchronised around each call).
+        repeats: Number of timed repeats.
+        warmup: Number of untimed calls of each closure first.
+
+    Returns:
+        The task's timing, the other implementation's (or ``None``), and the median gradient
+        time of these repeats.
+    """
+    clock = _timer(device)
+    for _ in range(warmup):
+        gradient()
+        task()
+        if other is not None:
+            other()
+    grads, mine, theirs = [], [], []
+    for _ in range(repeats):
+        grads.append(clock(gradient))
+        mine.append(clock(task))
+        if other is not None:
+            theirs.append(clock(other))
+
+    def summary(times: list[float], vs: list[float] | None) -> Timing:
+        ratios = [t / g for t, g in zip(times, grads)]
+        return Timing(
+            seconds=statistics.median(times),
+            gradients=statistics.median(ratios),
+            spread=_half_iqr(ratios),
+            vs_other=None if vs is None else statistics.median([a / b for a, b in zip(times, vs)]),
+        )
+
+    mine_t = summary(mine, theirs or None)
+    theirs_t = summary(theirs, mine) if other is not None else None
+    return mine_t, theirs_t, statistics.median(grads)
