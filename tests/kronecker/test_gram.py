@@ -1,4 +1,4 @@
-"""In-place Gram sums of rows in row-major and feature-major layouts."""
+"""Upper-triangular Gram sums of rows in row-major and feature-major layouts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers.kronecker_problems import DTYPE, generator
 
-from curvops.kronecker.gram import add_gram_
+from curvops.kronecker.gram import PANEL, add_gram_upper_, symmetric_from_upper
 
 
 def _dense_gram(rows: torch.Tensor) -> torch.Tensor:
@@ -14,31 +14,41 @@ def _dense_gram(rows: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ri,rj->ij", Z, Z)
 
 
-def _layouts() -> dict[str, torch.Tensor]:
+def _layouts(d: int) -> dict[str, torch.Tensor]:
     g = generator(0)
     return {
-        "row-major": torch.randn(3, 4, 5, generator=g, dtype=DTYPE),
-        "feature-major": torch.randn(5, 3 * 4, generator=g, dtype=DTYPE)
-        .reshape(5, 3, 4)
+        "row-major": torch.randn(3, 4, d, generator=g, dtype=DTYPE),
+        "feature-major": torch.randn(d, 3 * 4, generator=g, dtype=DTYPE)
+        .reshape(d, 3, 4)
         .permute(1, 2, 0),
-        "permuted (copied)": torch.randn(2, 5, 3, 4, generator=g, dtype=DTYPE).permute(0, 2, 3, 1),
-        "one feature": torch.randn(6, 1, generator=g, dtype=DTYPE),
-        "strided rows": torch.randn(4, 10, generator=g, dtype=DTYPE)[:, ::2],
+        "permuted (copied)": torch.randn(2, d, 3, 4, generator=g, dtype=DTYPE).permute(0, 2, 3, 1),
+        "strided rows": torch.randn(4, 2 * d, generator=g, dtype=DTYPE)[:, ::2],
     }
 
 
-@pytest.mark.parametrize("layout", list(_layouts()))
-def test_add_gram_matches_dense(layout):
-    rows = _layouts()[layout]
-    d = rows.shape[-1]
+# one product, two panels, several panels with a ragged last one, wide panels
+SIZES = [5, 2 * PANEL, 3 * PANEL + 7, 9 * PANEL]
+
+
+@pytest.mark.parametrize("d", SIZES)
+@pytest.mark.parametrize("layout", list(_layouts(1)))
+def test_gram_sums_match_dense(layout, d):
+    rows = _layouts(d)[layout]
     start = torch.randn(d, d, generator=generator(1), dtype=DTYPE)
+    start = start + start.T
     acc = start.clone()
-    out = add_gram_(acc, rows, alpha=0.5)
-    assert out is acc
-    torch.testing.assert_close(acc, start + 0.5 * _dense_gram(rows))
+    assert add_gram_upper_(acc, rows, alpha=0.5) is acc
+    add_gram_upper_(acc, rows[:1])  # a second batch
+    expected = start + 0.5 * _dense_gram(rows) + _dense_gram(rows[:1])
+    torch.testing.assert_close(symmetric_from_upper(acc), expected)
+    torch.testing.assert_close(acc.triu(), expected.triu())
 
 
-def test_add_gram_of_no_rows_is_a_no_op():
-    acc = torch.ones(3, 3, dtype=DTYPE)
-    add_gram_(acc, torch.zeros(0, 3, dtype=DTYPE))
-    torch.testing.assert_close(acc, torch.ones(3, 3, dtype=DTYPE))
+def test_single_feature_and_no_rows():
+    acc = torch.zeros(1, 1, dtype=DTYPE)
+    rows = torch.randn(6, 1, generator=generator(2), dtype=DTYPE)
+    add_gram_upper_(acc, rows)
+    torch.testing.assert_close(acc, rows.T @ rows)
+    ones = torch.ones(3, 3, dtype=DTYPE)
+    add_gram_upper_(ones, torch.zeros(0, 3, dtype=DTYPE))
+    torch.testing.assert_close(ones, torch.ones(3, 3, dtype=DTYPE))

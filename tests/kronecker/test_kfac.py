@@ -200,6 +200,47 @@ def test_forward_only_is_type2_input_factor_with_identity_gradient_factor():
     assert_operator_matches(K_fo, expected)
 
 
+@pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
+def test_wide_layers_factors_are_the_explicit_sums(separate):
+    """Factors wider than a Gram panel (NOTE [upper-triangular Gram sums]) are complete.
+
+    Two linear layers of widths 2 * PANEL + 3 (input) and 3 * PANEL + 1 (output): A is the
+    mean of x x^T (x with a 1 appended for a joint bias), B the sum of the backpropagated
+    per-datum gradient outer products (here with the ReLU mask from the forward pass).
+    """
+    from curvops.kronecker.gram import PANEL
+
+    d_in, d_hidden = 2 * PANEL + 3, 3 * PANEL + 1
+    model = build(
+        lambda: nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, 2))
+    )
+    params = list(model.parameters())
+    g = generator(8)
+    X = torch.randn(N, d_in, generator=g, dtype=DTYPE)
+    data = batches(X, torch.randn(N, 2, generator=g, dtype=DTYPE))
+    K = KFACLinearOperator(
+        model,
+        nn.MSELoss(reduction="sum"),
+        params,
+        data,
+        fisher_type="type-2",
+        separate_weight_and_bias=separate,
+    )
+    f = K.factors["0"]
+    x = torch.cat([X, torch.ones(N, 1, dtype=DTYPE)], dim=1) if not separate else X
+    torch.testing.assert_close(f.input_factor, x.T @ x / N)
+    # per-datum output gradients of layer 0 for the type-2 factor sqrt(2) I of the sum-MSE
+    W2 = model[2].weight.detach()
+    mask = (model[0](X) > 0).to(DTYPE).detach()
+    J = mask[:, None, :] * W2[None]  # [N, 2, d_hidden]: d f / d z_0
+    B = 2.0 * torch.einsum("nki,nkj->ij", J, J)
+    torch.testing.assert_close(f.gradient_factor, B)
+    hidden = torch.relu(model[0](X)).detach()
+    torch.testing.assert_close(K.factors["2"].gradient_factor, 2.0 * N * torch.eye(2, dtype=DTYPE))
+    h = torch.cat([hidden, torch.ones(N, 1, dtype=DTYPE)], dim=1) if not separate else hidden
+    torch.testing.assert_close(K.factors["2"].input_factor, h.T @ h / N)
+
+
 def test_embedding_expand_exact_with_padding():
     """Embedding + position-wise linear head with MSE per position: exact, A = token counts."""
     model = build(lambda: nn.Sequential(nn.Embedding(6, 3, padding_idx=0), nn.Linear(3, 2)))

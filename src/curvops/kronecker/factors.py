@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvops.kronecker.gram import add_gram_
+from curvops.kronecker.gram import add_gram_upper_, symmetric_from_upper
 from curvops.kronecker.layers import KFACLayer
 
 
@@ -104,9 +104,9 @@ def input_rows(layer: KFACLayer, inputs: tuple) -> Tensor:
 class FactorAccumulator:
     """Sums of one layer's KFAC statistics over the batches of a pass.
 
-    The input factor's sum is kept in parts (weight block, bias column, number of rows) so
-    that every part is a contiguous accumulator updated by one in-place product
-    (:func:`~curvops.kronecker.gram.add_gram_`); :meth:`finalize` assembles them.
+    The input factor's sum is kept in parts (weight block, bias column, number of rows), each
+    a contiguous accumulator updated in place (the Gram sums as in NOTE [upper-triangular
+    Gram sums] of :mod:`curvops.kronecker.gram`); :meth:`finalize` assembles them.
 
     Args:
         layer: The layer.
@@ -156,7 +156,7 @@ class FactorAccumulator:
             # blocks of A are the column sums and the number of rows (no concatenated copy)
             rows = x.mean(dim=1) if self.reduce else x  # [N, (T,) d_in]
             if self.has_weight:
-                add_gram_(self.A_sum, rows)
+                add_gram_upper_(self.A_sum, rows)
             if self.bias_column_sum is not None:
                 self.bias_column_sum.add_(rows.sum(dim=tuple(range(rows.ndim - 1))))
             if self.has_bias:
@@ -166,7 +166,7 @@ class FactorAccumulator:
         if self.backward:
             g = layer.grad_rows(grad_output)  # [K, N, T, d_out]
             g = g.sum(dim=2) if self.reduce else g
-            add_gram_(self.B_sum, g, alpha=weight)
+            add_gram_upper_(self.B_sum, g, alpha=weight)
 
     def _token_counts(self, ids: Tensor) -> Tensor:
         module = self.layer.module
@@ -181,11 +181,17 @@ class FactorAccumulator:
         parts = (self.A_sum, self.bias_column_sum, self.num_rows, self.B_sum, self.count)
         return [t for t in parts if t is not None]
 
+    def _weight_input_factor_sum(self) -> Tensor:
+        """The weight's input factor sum (the token counts for an embedding)."""
+        if self.layer.diagonal_input:
+            return self.A_sum
+        return symmetric_from_upper(self.A_sum)
+
     def _joint_input_factor_sum(self) -> Tensor:
         """Assemble the joint block's input factor sum, with a last row/column for the bias."""
         d = self.A_sum.shape[0]
         full = self.A_sum.new_empty(d + 1, d + 1)
-        full[:d, :d] = self.A_sum
+        full[:d, :d] = symmetric_from_upper(self.A_sum)
         full[:d, d] = self.bias_column_sum
         full[d, :d] = self.bias_column_sum
         full[d, d] = self.num_rows
@@ -203,7 +209,7 @@ class FactorAccumulator:
         """
         layer = self.layer
         if self.backward:
-            B = self.B_sum
+            B = symmetric_from_upper(self.B_sum)
         else:
             d_out = layer.weight_matrix_shape[0]
             B = torch.eye(d_out, dtype=self.count.dtype, device=self.count.device)
@@ -213,7 +219,7 @@ class FactorAccumulator:
             input_factor = self._joint_input_factor_sum() / self.count
         else:
             if self.has_weight:
-                input_factor = self.A_sum / self.count
+                input_factor = self._weight_input_factor_sum() / self.count
             if self.has_bias:
                 bias_input_factor = self.num_rows / self.count
         return LayerFactors(
