@@ -7,6 +7,7 @@ import torch
 from helpers.kronecker_problems import DTYPE, build
 from torch import nn
 
+import curvops.kronecker.collection as collection
 from curvops.kronecker import KFACLinearOperator
 
 
@@ -59,6 +60,37 @@ def test_one_batched_backward_per_batch(monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", counting)
     K.compute_factors()
     assert calls == [True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("fisher_type", "mc_samples", "batched"),
+    [("empirical", 1, False), ("mc", 1, False), ("mc", 3, True)],
+)
+def test_single_factor_uses_a_plain_backward(monkeypatch, fisher_type, mc_samples, batched):
+    """One output factor per datum is backpropagated without vectorisation, same factors."""
+    model = build(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)))
+    data = [(torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 5, (4,))) for _ in range(2)]
+    options = {"fisher_type": fisher_type, "mc_samples": mc_samples}
+    K = KFACLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data, **options)
+    calls = []
+    original = torch.autograd.grad
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("is_grads_batched", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    dense = K.to_dense()
+    assert calls == [batched, batched]
+    # the same factors from a vectorised backward of the same output factors
+    monkeypatch.setattr(torch.autograd, "grad", original)
+
+    def vectorised(output, layer_outputs, S):
+        return list(torch.autograd.grad(output, layer_outputs, S, is_grads_batched=True))
+
+    monkeypatch.setattr(collection, "_backpropagate", vectorised)
+    K.compute_factors()
+    torch.testing.assert_close(K.to_dense(), dense)
 
 
 def test_forward_only_backpropagates_nothing(monkeypatch):

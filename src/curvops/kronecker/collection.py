@@ -8,7 +8,8 @@ For every batch of the data loop (:meth:`curvops.risk.EmpiricalRisk.batches`) th
    (:meth:`curvops.losses.LossSpec.output_factors`; ``K = C`` for type-2 with ``C``
    classes, ``mc_samples`` for MC, 1 for the empirical Fisher);
 3. backpropagates all :math:`K` factors at once (``torch.autograd.grad`` with
-   ``is_grads_batched=True``, a vmapped backward) to every tracked layer's output;
+   ``is_grads_batched=True``, a vmapped backward; a plain backward for :math:`K = 1`) to
+   every tracked layer's output;
 4. hands inputs and output gradients to a consumer (the KFAC factors, or the EKFAC
    eigenvalue correction), which multiplies by the batch weight :math:`w_\mathbb{B}`.
 
@@ -173,19 +174,25 @@ def statistics_pass(
 
 
 def _backpropagate(output: Tensor, layer_outputs: list[Tensor], S: Tensor) -> list[Tensor]:
-    """Backpropagate the ``K`` factors ``S`` to every layer output in one batched backward."""
+    """Backpropagate the ``K`` factors ``S`` to every layer output in one backward.
+
+    ``K > 1`` factors go through one vectorised backward (``is_grads_batched``); a single
+    factor (``mc`` with one sample, ``empirical``) through a plain backward, which skips the
+    vectorisation's overhead.
+    """
     needs = [i for i, o in enumerate(layer_outputs) if o.requires_grad]
     grads: list[Tensor | None] = [None] * len(layer_outputs)
     if needs and output.requires_grad:
+        single = S.shape[0] == 1
         computed = torch.autograd.grad(
             output,
             [layer_outputs[i] for i in needs],
-            grad_outputs=S,
-            is_grads_batched=True,
+            grad_outputs=S[0] if single else S,
+            is_grads_batched=not single,
             allow_unused=True,
         )
         for i, g in zip(needs, computed):
-            grads[i] = g
+            grads[i] = None if g is None else (g.unsqueeze(0) if single else g)
     # a layer output the model output does not depend on gets zero gradients
     return [
         torch.zeros(S.shape[0], *o.shape, dtype=o.dtype, device=o.device) if g is None else g
