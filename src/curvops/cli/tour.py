@@ -77,7 +77,7 @@ class TourConfig:
 
 
 QUICK = TourConfig(
-    channels=2,
+    channels=3,
     num_train=512,
     epochs=15,
     lr=0.05,
