@@ -16,6 +16,7 @@ from curvops.kronecker.collection import statistics_pass
 from curvops.kronecker.corrections import CorrectionAccumulator
 from curvops.kronecker.kfac import KFACLinearOperator
 from curvops.kronecker.options import FisherType, parse_enum
+from curvops.kronecker.product import DiagonalBlock, EigenCore, FactoredBlocks, MatrixBlock
 from curvops.linear_operator import LinearOperator
 from curvops.structured import DiagonalLinearOperator, KroneckerEigenLinearOperator
 
@@ -148,6 +149,31 @@ class EKFACLinearOperator(KFACLinearOperator):
         for i, diag in self._fallback_items():
             blocks.append((DiagonalLinearOperator([diag]), [i]))
         return blocks
+
+    def _build_product(self) -> FactoredBlocks:
+        """The blocks of the product as plain tensors (see :mod:`curvops.kronecker.product`)."""
+        self._ensure_factors()
+        blocks: list[MatrixBlock | DiagonalBlock] = []
+        shapes = self._in_shapes
+        for layer, f in self._layer_items():
+            w, b = layer.weight_index, layer.bias_index
+            QA, QB = self._bases(layer.name)
+            lam = self._corrections[layer.name]
+            if f.input_factor is not None:
+                # an embedding's input basis is the identity on its rows [E, D]
+                core = (
+                    EigenCore(None, QB, lam["weight"])
+                    if f.diagonal_input
+                    else EigenCore(QB, QA, lam["weight"])
+                )
+                positions = (w, b) if f.joint else (w,)
+                blocks.append(MatrixBlock(positions, tuple(shapes[i] for i in positions), core))
+            if f.bias_input_factor is not None:
+                core = EigenCore(QB, None, lam["bias"].unsqueeze(-1))
+                blocks.append(MatrixBlock((b,), (shapes[b],), core))
+        for i, diag in self._fallback_items():
+            blocks.append(DiagonalBlock((i,), diag))
+        return FactoredBlocks(blocks, shapes, dtype=self.dtype, device=self.device, psd=True)
 
     # ---------------------------------------------------------------- closed forms
     def _block_eigenvalues(self) -> list[Tensor]:

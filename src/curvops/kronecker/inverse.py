@@ -36,6 +36,13 @@ from torch import Tensor
 from curvops.kronecker.blocks import RowDiagonalKroneckerLinearOperator, WeightBiasStacking
 from curvops.kronecker.ekfac import EKFACLinearOperator
 from curvops.kronecker.kfac import KFACLinearOperator
+from curvops.kronecker.product import (
+    DiagonalBlock,
+    EigenCore,
+    FactoredBlocks,
+    KroneckerCore,
+    MatrixBlock,
+)
 from curvops.linear_operator import LinearOperator
 from curvops.structured import (
     BlockDiagonalLinearOperator,
@@ -60,8 +67,17 @@ def _inverted(denominator: Tensor, what: str) -> Tensor:
     return 1.0 / denominator
 
 
+def _inverse_factor(Q: Tensor, shifted_eigenvalues: Tensor) -> Tensor:
+    r""":math:`Q \operatorname{diag}(1 / (\lambda + \delta)) Q^\top` from positive ``λ + δ``."""
+    return (Q * shifted_eigenvalues.reciprocal()) @ Q.T
+
+
 class _BlockInverse(LinearOperator):
-    """Shared product of the inverse operators: a block-diagonal collection of blocks."""
+    """Shared product of the inverse operators: a block-diagonal collection of blocks.
+
+    Every block is kept twice: as a structured operator (:meth:`to_block_diagonal`) and as
+    plain tensors for the products (:mod:`curvops.kronecker.product`).
+    """
 
     is_self_adjoint = True
     is_psd = True
@@ -69,9 +85,10 @@ class _BlockInverse(LinearOperator):
     def __init__(self, op: KFACLinearOperator):
         super().__init__(op.in_shapes, op.out_shapes, dtype=op.dtype, device=op.device)
         self._blocks: list[tuple[LinearOperator, list[int]]] = []
+        self._product_blocks: list[MatrixBlock | DiagonalBlock] = []
 
     def _weight_block(self, op, layer, vals: Tensor, QA: Tensor | None, QB: Tensor):
-        """The block of a layer's weight (with a joint bias) for eigenvalues ``vals``."""
+        """The structured block of a layer's weight (with a joint bias) for eigenvalues ``vals``."""
         f = op.factors[layer.name]
         w, b = layer.weight_index, layer.bias_index
         if f.diagonal_input:
@@ -85,10 +102,42 @@ class _BlockInverse(LinearOperator):
         )
         return eig, [w]
 
+    def _add_weight_block(
+        self, op, layer, vals: Tensor, QA: Tensor | None, QB: Tensor, core=None
+    ) -> None:
+        """Add a layer's weight block with eigenvalues ``vals`` in the basis ``QB (x) QA``.
+
+        ``core`` replaces the eigenbasis form in the products (e.g. explicit inverse
+        factors, two matrix products instead of four).
+        """
+        f = op.factors[layer.name]
+        self._blocks.append(self._weight_block(op, layer, vals, QA, QB))
+        if core is None:
+            core = EigenCore(None, QB, vals) if f.diagonal_input else EigenCore(QB, QA, vals)
+        w, b = layer.weight_index, layer.bias_index
+        positions = (w, b) if f.joint else (w,)
+        shapes = tuple(self._in_shapes[i] for i in positions)
+        self._product_blocks.append(MatrixBlock(positions, shapes, core))
+
+    def _add_bias_block(self, layer, vals: Tensor, QB: Tensor, core=None) -> None:
+        """Add a separate bias block with eigenvalues ``vals`` in the basis ``QB``."""
+        b = layer.bias_index
+        eig = KroneckerEigenLinearOperator([QB], vals, check_orthonormal=False)
+        self._blocks.append((eig, [b]))
+        core = EigenCore(QB, None, vals.unsqueeze(-1)) if core is None else core
+        self._product_blocks.append(MatrixBlock((b,), (self._in_shapes[b],), core))
+
+    def _add_diagonal_block(self, index: int, vals: Tensor) -> None:
+        self._blocks.append((DiagonalLinearOperator([vals]), [index]))
+        self._product_blocks.append(DiagonalBlock((index,), vals))
+
     def _finish(self) -> None:
-        """Assemble the blocks into one block-diagonal operator."""
+        """Assemble the blocks into one block-diagonal operator (and the product's blocks)."""
         self._operator = BlockDiagonalLinearOperator(
             [op for op, _ in self._blocks], [positions for _, positions in self._blocks]
+        )
+        self._product = FactoredBlocks(
+            self._product_blocks, self._in_shapes, dtype=self.dtype, device=self.device, psd=True
         )
 
     def to_block_diagonal(self) -> BlockDiagonalLinearOperator:
@@ -96,7 +145,7 @@ class _BlockInverse(LinearOperator):
         return self._operator
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
-        return self._operator._matmat(X)
+        return self._product._matmat(X)
 
 
 class KFACInverseLinearOperator(_BlockInverse):
@@ -178,6 +227,7 @@ class KFACInverseLinearOperator(_BlockInverse):
                     )
                     trA = f.input_factor.diagonal().mean()
                 outer = torch.outer(lamA, lamB) if f.diagonal_input else torch.outer(lamB, lamA)
+                core = None  # exact damping: the eigenbasis form
                 if self._exact:
                     denominator = outer + delta
                 else:
@@ -188,22 +238,30 @@ class KFACInverseLinearOperator(_BlockInverse):
                         else torch.outer(lamB + dB, lamA + dA)
                     )
                 vals = _inverted(denominator, f"Kronecker block of {where}")
-                self._blocks.append(self._weight_block(K, layer, vals, QA, QB))
+                if not self._exact:  # products with the inverse factors
+                    B_inv = _inverse_factor(QB, lamB + dB)
+                    core = (
+                        KroneckerCore((lamA + dA).reciprocal(), B_inv)
+                        if f.diagonal_input
+                        else KroneckerCore(B_inv, _inverse_factor(QA, lamA + dA))
+                    )
+                self._add_weight_block(K, layer, vals, QA, QB, core)
             if f.bias_input_factor is not None:
                 a_b = f.bias_input_factor
+                core = None
                 if self._exact:
                     denominator = a_b * lamB + delta
                 else:
                     dA, dB = pair or self._heuristic_pair(delta, a_b, f.gradient_factor)
                     denominator = (a_b + dA) * (lamB + dB)
                 vals = _inverted(denominator, f"bias block of {where}")
-                eig = KroneckerEigenLinearOperator([QB], vals, check_orthonormal=False)
-                self._blocks.append((eig, [layer.bias_index]))
+                if not self._exact:
+                    core = KroneckerCore(_inverse_factor(QB, lamB + dB) / (a_b + dA), None)
+                self._add_bias_block(layer, vals, QB, core)
         shift = delta if pair is None else pair[0] * pair[1]
         names = K.param_names
         for i, diag in K._fallback_items():
-            vals = _inverted(diag + shift, f"diagonal block of '{names[i]}'")
-            self._blocks.append((DiagonalLinearOperator([vals]), [i]))
+            self._add_diagonal_block(i, _inverted(diag + shift, f"diagonal block of '{names[i]}'"))
         self._finish()
 
     def _heuristic_pair(self, delta: float, mean_trace_A: Tensor, B: Tensor) -> tuple[float, float]:
@@ -246,13 +304,11 @@ class EKFACInverseLinearOperator(_BlockInverse):
             lam = corrections[layer.name]
             if "weight" in lam:
                 vals = _inverted(lam["weight"] + delta, f"EKFAC block of {where}")
-                self._blocks.append(self._weight_block(EK, layer, vals, QA, QB))
+                self._add_weight_block(EK, layer, vals, QA, QB)
             if "bias" in lam:
                 vals = _inverted(lam["bias"] + delta, f"EKFAC bias block of {where}")
-                eig = KroneckerEigenLinearOperator([QB], vals, check_orthonormal=False)
-                self._blocks.append((eig, [layer.bias_index]))
+                self._add_bias_block(layer, vals, QB)
         names = EK.param_names
         for i, diag in EK._fallback_items():
-            vals = _inverted(diag + delta, f"diagonal block of '{names[i]}'")
-            self._blocks.append((DiagonalLinearOperator([vals]), [i]))
+            self._add_diagonal_block(i, _inverted(diag + delta, f"diagonal block of '{names[i]}'"))
         self._finish()

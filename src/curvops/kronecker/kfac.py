@@ -33,6 +33,7 @@ from curvops.kronecker.eigen import factor_eigh
 from curvops.kronecker.factors import FactorAccumulator, LayerFactors
 from curvops.kronecker.layers import KFACLayer
 from curvops.kronecker.options import FallbackType, FisherType, KFACType, parse_enum
+from curvops.kronecker.product import DiagonalBlock, FactoredBlocks, KroneckerCore, MatrixBlock
 from curvops.kronecker.state import (
     STATE_VERSION,
     check_state_header,
@@ -204,6 +205,7 @@ class KFACLinearOperator(LinearOperator):
         self._factors: dict[str, LayerFactors] | None = None
         self._fallback_diagonals: dict[str, Tensor] | None = None
         self._operator: BlockDiagonalLinearOperator | None = None
+        self._product: FactoredBlocks | None = None
         self._eigen_cache: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
         if check_deterministic:
             self._check_deterministic()
@@ -292,6 +294,7 @@ class KFACLinearOperator(LinearOperator):
     def _set_factors(self, factors: dict[str, LayerFactors], diagonals: dict[str, Tensor]) -> None:
         self._factors, self._fallback_diagonals = factors, diagonals
         self._operator = None
+        self._product = None
         self._eigen_cache = {}
 
     def _layer_items(self) -> list[tuple[KFACLayer, LayerFactors]]:
@@ -374,8 +377,32 @@ class KFACLinearOperator(LinearOperator):
             )
         return self._operator
 
+    def _build_product(self) -> FactoredBlocks:
+        """The blocks of the product as plain tensors (see :mod:`curvops.kronecker.product`)."""
+        blocks: list[MatrixBlock | DiagonalBlock] = []
+        shapes = self._in_shapes
+        for layer, f in self._layer_items():
+            w, b = layer.weight_index, layer.bias_index
+            B = f.gradient_factor
+            if f.input_factor is not None:
+                if f.diagonal_input:  # embedding weight [E, D]: diag(a) (x) B
+                    core = KroneckerCore(f.input_factor, B)
+                else:  # B (x) A on [W_mat] or [W_mat | b]
+                    core = KroneckerCore(B, f.input_factor)
+                positions = (w, b) if f.joint else (w,)
+                blocks.append(MatrixBlock(positions, tuple(shapes[i] for i in positions), core))
+            if f.bias_input_factor is not None:
+                core = KroneckerCore(f.bias_input_factor * B, None)
+                blocks.append(MatrixBlock((b,), (shapes[b],), core))
+        for i, diag in self._fallback_items():
+            blocks.append(DiagonalBlock((i,), diag))
+        return FactoredBlocks(blocks, shapes, dtype=self.dtype, device=self.device, psd=True)
+
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
-        return self.to_block_diagonal()._matmat(X)
+        if self._product is None:
+            self._ensure_factors()
+            self._product = self._build_product()
+        return self._product._matmat(X)
 
     # ---------------------------------------------------------------- closed forms
     def _block_eigenvalues(self) -> list[Tensor]:

@@ -1,0 +1,183 @@
+r"""The products of the Kronecker family: a few matrix products per layer, planned once.
+
+KFAC, EKFAC and their inverses are block-diagonal; every block acts on one layer's weight
+(viewed as the matrix :math:`X \in \mathbb{R}^{m \times n}`, NOTE [Kronecker order] of
+:mod:`curvops.structured.kronecker`), on its weight and bias stacked as :math:`[X \mid b]`, on
+a bias alone (:math:`n = 1`), or is a diagonal (fallback parameters). The blocks are built
+once, when the factors are known, as plain tensors; a product then runs, per block and for
+all :math:`K` columns at once, only
+
+* :class:`KroneckerCore`: :math:`(L \otimes R)\operatorname{vec}_r X = L X R^\top`, two
+  matrix products (a diagonal :math:`L`, the token counts of an embedding, scales rows);
+* :class:`EigenCore`: :math:`(Q_L \otimes Q_R) \operatorname{diag}(\operatorname{vec}_r
+  \Lambda) (Q_L \otimes Q_R)^\top`, i.e. :math:`Q_L ((Q_L^\top X Q_R) \odot \Lambda)
+  Q_R^\top`, four matrix products (EKFAC and exactly damped inverses);
+* :class:`DiagonalBlock`: an elementwise product.
+
+No operator objects are created and no shapes are validated per product; the only copies are
+the reshapes of :math:`K > 1` columns between the two sides of a Kronecker product and the
+stacking of a joint weight and bias. Tensor-list entries are read as views of the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvops.linear_operator import LinearOperator
+
+
+def _apply_sides(left: Tensor | None, right: Tensor | None, x: Tensor) -> Tensor:
+    r"""Compute :math:`L X_k R^\top` for every column ``k`` of ``x`` ``[m, n, K]``.
+
+    ``None`` is the identity; a 1-D ``left`` is a diagonal (it scales the rows).
+    """
+    m, n, K = x.shape
+    if left is not None and left.ndim == 1:
+        x = left[:, None, None] * x
+        left = None
+    if K == 1:  # two plain matrix products on the [m, n] slice
+        y = x[..., 0]
+        if left is not None:
+            y = left @ y
+        if right is not None:
+            y = y @ right.T
+        return y.unsqueeze(-1)
+    if left is not None:
+        x = (left @ x.reshape(m, n * K)).reshape(left.shape[0], n, K)
+    if right is not None:
+        rows = x.shape[0]
+        x = right @ x.transpose(0, 1).reshape(n, rows * K)  # one copy of the columns
+        x = x.reshape(right.shape[0], rows, K).transpose(0, 1)
+    return x
+
+
+@dataclass(frozen=True)
+class KroneckerCore:
+    r""":math:`X \mapsto L X R^\top` on ``[m, n, K]`` (a Kronecker product :math:`L \otimes R`).
+
+    Attributes:
+        left: :math:`L` ``[m, m]``, a diagonal ``[m]``, or ``None`` (identity).
+        right: :math:`R` ``[n, n]`` or ``None`` (identity).
+    """
+
+    left: Tensor | None
+    right: Tensor | None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Apply to ``x`` ``[m, n, K]``."""
+        return _apply_sides(self.left, self.right, x)
+
+
+@dataclass(frozen=True)
+class EigenCore:
+    r""":math:`X \mapsto Q_L ((Q_L^\top X Q_R) \odot \Lambda) Q_R^\top` on ``[m, n, K]``.
+
+    Attributes:
+        left: Orthogonal :math:`Q_L` ``[m, m]`` or ``None`` (identity).
+        right: Orthogonal :math:`Q_R` ``[n, n]`` or ``None`` (identity).
+        eigenvalues: :math:`\Lambda` ``[m, n]``.
+    """
+
+    left: Tensor | None
+    right: Tensor | None
+    eigenvalues: Tensor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Apply to ``x`` ``[m, n, K]``."""
+        left_t = None if self.left is None else self.left.T
+        right_t = None if self.right is None else self.right.T
+        rotated = _apply_sides(left_t, right_t, x) * self.eigenvalues.unsqueeze(-1)
+        return _apply_sides(self.left, self.right, rotated)
+
+
+@dataclass(frozen=True)
+class MatrixBlock:
+    """A block acting on one layer's weight, weight and bias (joint), or bias.
+
+    Attributes:
+        positions: Positions of its tensor-list entries: ``(weight,)``, ``(weight, bias)``
+            for a joint block (the bias is appended to the weight matrix as a last column),
+            or ``(bias,)``.
+        shapes: The shapes of those entries.
+        core: Maps ``[m, n, K]`` (``n = 1`` for a bias, ``n + 1`` for a joint block) to the
+            same shape.
+    """
+
+    positions: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    core: KroneckerCore | EigenCore
+
+    def matmat(self, xs: list[Tensor]) -> list[Tensor]:
+        """Multiply onto the block's entries (each with a trailing column axis)."""
+        K = xs[0].shape[-1]
+        shape = self.shapes[0]
+        m = shape[0] if shape else 1
+        x = xs[0].reshape(m, -1, K)
+        if len(xs) == 1:
+            return [self.core(x).reshape(*shape, K)]
+        n = x.shape[1]
+        y = self.core(torch.cat([x, xs[1].unsqueeze(1)], dim=1))
+        return [y[:, :n].reshape(*shape, K), y[:, n]]
+
+
+@dataclass(frozen=True)
+class DiagonalBlock:
+    """A diagonal block on one entry (a fallback parameter or its inverse).
+
+    Attributes:
+        positions: ``(position,)``.
+        diagonal: The diagonal, shaped like the entry.
+    """
+
+    positions: tuple[int, ...]
+    diagonal: Tensor
+
+    def matmat(self, xs: list[Tensor]) -> list[Tensor]:
+        """Multiply onto the entry (with a trailing column axis)."""
+        return [self.diagonal.unsqueeze(-1) * xs[0]]
+
+
+class FactoredBlocks(LinearOperator):
+    """A symmetric block-diagonal operator of :class:`MatrixBlock` and :class:`DiagonalBlock`.
+
+    Args:
+        blocks: The blocks; their positions partition the entries of ``shapes``.
+        shapes: Shapes of the tensor list the operator acts on.
+        dtype: Data type.
+        device: Device.
+        psd: Whether the operator is positive semi-definite.
+    """
+
+    is_self_adjoint = True
+
+    def __init__(
+        self,
+        blocks: list[MatrixBlock | DiagonalBlock],
+        shapes: list[tuple[int, ...]],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        psd: bool,
+    ):
+        super().__init__(shapes, shapes, dtype=dtype, device=device)
+        covered = sorted(p for block in blocks for p in block.positions)
+        if covered != list(range(len(shapes))):
+            raise ValueError(f"The blocks cover the entries {covered} of {len(shapes)} entries.")
+        self._blocks = list(blocks)
+        self.is_psd = psd
+
+    @property
+    def blocks(self) -> list[MatrixBlock | DiagonalBlock]:
+        """The blocks."""
+        return list(self._blocks)
+
+    def _matmat(self, X: list[Tensor]) -> list[Tensor]:
+        out: list = [None] * len(X)
+        for block in self._blocks:
+            results = block.matmat([X[p] for p in block.positions])
+            for p, y in zip(block.positions, results):
+                out[p] = y
+        return out
