@@ -23,10 +23,16 @@ against :math:`Q` gives :math:`Q_2 R_2`, and
 so only the new columns :math:`A Q_2` are needed: growing costs exactly what a fresh sketch
 of the new size would cost. (:math:`Q_2` comes from a Householder QR of
 :math:`[Q, Y'_\\perp]`, which stays orthonormal to :math:`Q` even if the new sketch lies in
-the old range, e.g. for low-rank :math:`A`.) If :math:`A` has rank below :math:`m`,
-:math:`R` is singular; tiny diagonal entries are floored at
-:math:`\\varepsilon \\max_j |R_{jj}|` before the triangular solve, which only picks a basis
-of the (irrelevant) extra directions.
+the old range, e.g. for low-rank :math:`A`.)
+
+If :math:`A` has rank :math:`r < m` (a GGN with fewer data than parameters is exactly
+low-rank), :math:`Y` is rank deficient and the formula above is wrong: :math:`Q` then
+holds :math:`m - r` arbitrary directions that depend on every :math:`\\omega_j`.
+:meth:`LeaveOneOutSketch.leave_one_out` therefore works in an effective basis
+:math:`Q U_r` of :math:`\\operatorname{range}(Y)` (SVD :math:`R = U \\Sigma V^\\top`).
+Dropping column :math:`i` lowers the rank only if row :math:`i` of the null-space basis
+:math:`V_{:, r:}` vanishes; otherwise :math:`Q_{(i)} = Q U_r` and nothing is removed
+(:math:`s_i = 0`); else the removed direction is the one orthogonal to the other columns.
 """
 
 from __future__ import annotations
@@ -90,6 +96,34 @@ class LeaveOneOutSketch:
         self.R = R
         self.Z = torch.cat([self.Z, self._AZ @ Q2], dim=1)
         self.num_matvecs += 2 * n
+
+    def leave_one_out(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Effective basis and removed directions (NOTE [leave-one-out sketch]).
+
+        Returns:
+            ``(Q, Z, R, S)``: an orthonormal basis ``[D, r]`` of the sketch's range, the
+            products of ``A`` (or ``A^T``) with it ``[D, r]``, the coefficients ``[r, m]`` of
+            the sketch in it (``Y = Q R``), and the removed directions ``[r, m]`` (zero
+            columns where dropping a test vector keeps the range).
+        """
+        m = self.size
+        U, sigma, Vh = torch.linalg.svd(self.R)
+        eps = torch.finfo(self.R.dtype).eps
+        tol = 100 * m * eps * sigma[0] if m else 0.0
+        r = int((sigma > tol).sum())
+        if r == m:
+            return self.Q, self.Z, self.R, self.removed_directions()
+        U_r = U[:, :r]
+        R_eff = U_r.T @ self.R
+        null_rows = torch.linalg.vector_norm(Vh[r:].T, dim=1)
+        S = torch.zeros(r, m, dtype=self.R.dtype, device=self.R.device)
+        keep = torch.ones(m, dtype=torch.bool, device=self.R.device)
+        for i in torch.nonzero(null_rows <= eps**0.5).flatten().tolist():
+            keep[i] = False
+            left, _, _ = torch.linalg.svd(R_eff[:, keep])  # rank r - 1: last column is removed
+            S[:, i] = left[:, -1]
+            keep[i] = True
+        return self.Q @ U_r, self.Z @ U_r, R_eff, S
 
     def removed_directions(self) -> Tensor:
         """The unit vectors :math:`s_i` of NOTE [leave-one-out sketch] as columns, ``[m, m]``."""

@@ -14,8 +14,8 @@ from curvops.linear_operator import LinearOperator
 
 def _xdiag_samples(sketch: LeaveOneOutSketch) -> Tensor:
     """The :math:`m` leave-one-out diagonal estimates :math:`d_i` of XDiag, ``[D, m]``."""
-    Omega, Q, AtQ, R = sketch.Omega, sketch.Q, sketch.Z, sketch.R
-    S = sketch.removed_directions()
+    Omega = sketch.Omega
+    Q, AtQ, R, S = sketch.leave_one_out()
     Q_removed = Q @ S  # columns q~_i = Q s_i
     # diag(Q_(i) Q_(i)^T A) = diag(Q Q^T A) - q~_i * (A^T q~_i)
     exact_part = (Q * AtQ).sum(1, keepdim=True) - Q_removed * (AtQ @ S)

@@ -14,8 +14,8 @@ from curvops.linear_operator import LinearOperator
 
 def _xtrace_samples(sketch: LeaveOneOutSketch) -> Tensor:
     """The :math:`m` leave-one-out Hutch++ estimates :math:`t_i` of XTrace, ``[m]``."""
-    Omega, Y, Q, Z = sketch.Omega, sketch.Y, sketch.Q, sketch.Z
-    S = sketch.removed_directions()
+    Omega, Y = sketch.Omega, sketch.Y
+    Q, Z, _, S = sketch.leave_one_out()
     QtAQ = Q.T @ Z
     # tr(Q_(i)^T A Q_(i)) = tr(Q^T A Q) - s_i^T Q^T A Q s_i
     exact_part = torch.trace(QtAQ) - (S * (QtAQ @ S)).sum(0)
