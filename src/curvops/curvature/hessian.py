@@ -28,7 +28,7 @@ class HessianLinearOperator(CurvatureLinearOperator):
         **kwargs: ``progressbar``, ``check_deterministic``, ``num_data``, ``batch_size_fn``,
             ``process_group`` (see :class:`~curvops.curvature.base.CurvatureLinearOperator`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from curvops import HessianLinearOperator

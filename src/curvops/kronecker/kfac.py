@@ -107,7 +107,7 @@ class KFACLinearOperator(LinearOperator):
         NotImplementedError: For a loss without likelihood interpretation, or an unsupported
             configuration of a supported layer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)).double()

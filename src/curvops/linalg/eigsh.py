@@ -127,7 +127,7 @@ def eigsh(
             the wrong shape.
         RuntimeError: If the pairs do not converge within ``max_iter`` cycles.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
         >>> evals, evecs = eigsh(A, k=2, which="LA", generator=torch.Generator().manual_seed(0))

@@ -70,7 +70,7 @@ class SubmatrixLinearOperator(LinearOperator):
     :math:`E_\\text{cols}^\\top A^\\top E_\\text{rows}`. The operator acts on flat vectors
     ``[len(col_idxs)]`` and returns ``[len(row_idxs)]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> M = torch.arange(9.0, dtype=torch.float64).reshape(3, 3)
         >>> S = SubmatrixLinearOperator(M, [0, 2], [1])

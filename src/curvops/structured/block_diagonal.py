@@ -28,7 +28,7 @@ class BlockDiagonalLinearOperator(LinearOperator):
     :math:`\\|\\cdot\\|_F^2 = \\sum_b \\|B_b\\|_F^2`, the diagonal is assembled from the blocks'
     diagonals and the inverse is block-diagonal with the blocks' inverses.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from curvops.structured import DiagonalLinearOperator, IdentityLinearOperator
         >>> I2 = IdentityLinearOperator([(2,)], dtype=torch.float64, device="cpu", scale=2.0)

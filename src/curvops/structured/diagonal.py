@@ -24,7 +24,7 @@ class DiagonalLinearOperator(LinearOperator):
     give the shapes (e.g. a diagonal curvature approximation shaped like a model's
     parameters). :meth:`diagonal` and :meth:`inverse` keep the format it was given in.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = DiagonalLinearOperator(torch.tensor([1.0, 2.0, 4.0]))
         >>> float(A.det()), A.inverse().diagonal().tolist()

@@ -44,7 +44,7 @@ class EigendecompositionLinearOperator(LinearOperator):
     this is a rank-:math:`k` matrix (e.g. a truncated eigendecomposition from Lanczos or a
     randomized sketch). Products cost :math:`O(D k)` per column.
 
-    Example:
+    Examples:
         >>> import torch
         >>> Q = torch.eye(3, dtype=torch.float64)[:, :2]
         >>> A = EigendecompositionLinearOperator(Q, torch.tensor([2.0, 3.0], dtype=torch.float64))

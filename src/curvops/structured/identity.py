@@ -18,7 +18,7 @@ class IdentityLinearOperator(LinearOperator):
     ``scale`` makes :math:`c I` representable structurally, so that damping terms such as
     ``K + 0.1 * IdentityLinearOperator(...)`` keep closed forms for their parts.
 
-    Example:
+    Examples:
         >>> import torch
         >>> eye = IdentityLinearOperator([(2, 3)], dtype=torch.float64, device="cpu")
         >>> float((0.5 * eye).trace()), float(eye.inverse(damping=1.0).diagonal()[0])

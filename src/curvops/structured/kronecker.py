@@ -50,7 +50,7 @@ class KroneckerProductLinearOperator(LinearOperator):
     :math:`\\log\\det = \\sum_i (N / n_i) \\log\\det A_i`,
     :math:`\\|\\cdot\\|_F = \\prod_i \\|A_i\\|_F`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
         >>> B = torch.tensor([[1.0, 1.0], [0.0, 1.0]])

@@ -42,7 +42,7 @@ class KroneckerEigenLinearOperator(LinearOperator):
     :math:`O(N \\sum_i n_i)` per column, :math:`N = \\prod_i n_i`, instead of :math:`O(N^2)`.
     The operator acts on one tensor of shape ``shape`` (default :math:`(n_1, \\dots, n_k)`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> Q1, Q2 = torch.eye(2), torch.eye(3)
         >>> A = KroneckerEigenLinearOperator([Q1, Q2], torch.arange(1.0, 7.0).reshape(2, 3))

@@ -25,7 +25,7 @@ class TensorLinearOperator(LinearOperator):
     convention of :mod:`curvops.linear_operator`: a list is flattened, multiplied by
     :math:`M`, and split into ``out_shapes``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> M = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> A = TensorLinearOperator(M)

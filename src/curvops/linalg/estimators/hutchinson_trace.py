@@ -57,7 +57,7 @@ def hutchinson_trace(
     Raises:
         ValueError: If ``A`` is not square or an option is invalid.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
         >>> est = hutchinson_trace(A, 5, generator=torch.Generator().manual_seed(0))

@@ -60,7 +60,7 @@ class CGInverseLinearOperator(_IterativeInverseLinearOperator):
     operator is not positive definite and the solve stops with an error instead of
     returning garbage.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> A_inv = CGInverseLinearOperator(A, tolerance=1e-10)

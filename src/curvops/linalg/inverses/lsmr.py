@@ -67,7 +67,7 @@ class LSMRInverseLinearOperator(_IterativeInverseLinearOperator):
     (a least-squares solution is found), where :math:`\\|A\\|` is the Frobenius norm
     estimate of the bidiagonal matrix.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.tensor([[1.0, 2.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
         >>> A_pinv = LSMRInverseLinearOperator(A, tolerance=1e-12)

@@ -71,7 +71,7 @@ class NeumannInverseLinearOperator(_IterativeInverseLinearOperator):
     in Agarwal, Bullins, Hazan (2017). Second-order stochastic optimization for machine
     learning in linear time.
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.tensor([[1.0, 0.2], [0.2, 0.5]], dtype=torch.float64)
         >>> A_inv = NeumannInverseLinearOperator(A, num_terms=200, scale=1.0)

@@ -133,7 +133,7 @@ class LanczosApproximateSpectrumCached(_LanczosQuadrature):
     object smooths the stored quadrature rules on a grid (NOTE [Lanczos quadrature] in
     :mod:`curvops.linalg.spectral.lanczos_density`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> A = torch.diag(torch.linspace(0.0, 1.0, 50, dtype=torch.float64))
         >>> spectrum = LanczosApproximateSpectrumCached(
