@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or process CPU time (robust on shared machines; use with --threads 1)",
+    )
     parser.add_argument("--out", default="benchmarks/RESULTS.md", help="Markdown report path")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (smoke test)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory children")
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         memory=not args.no_memory,
         compare=not args.no_compare,
         threads=args.threads,
+        clock=args.clock,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

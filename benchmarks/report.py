@@ -127,7 +127,8 @@ def markdown(results: Results, notes: list[str] | None = None) -> str:
         f"{m['torch_threads']} threads, Python {m['python']}, {m['platform']}",
         f"- device: {c['device']}" + (f" ({m['gpu']})" if "gpu" in m else ""),
         f"- curvlinops: {m.get('curvlinops', 'not installed')}",
-        f"- repeats: {c['repeats']} (after {c['warmup']} warm-up calls); memory method: "
+        f"- clock: {c.get('clock', 'wall')} time; repeats: {c['repeats']} (after "
+        f"{c['warmup']} warm-up calls); memory method: "
         f"{c.get('memory_method', 'not measured')}; quick sizes: {c['quick']}",
         f"- run: `{c['command']}` on {c['date']}",
         "",

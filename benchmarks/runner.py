@@ -105,6 +105,7 @@ def run_suite(
     memory: bool = True,
     compare: bool = True,
     threads: int | None = None,
+    clock: str = "wall",
 ) -> Results:
     """Measure every task on every problem.
 
@@ -118,6 +119,7 @@ def run_suite(
         memory: Measure peak memory (one child process per task and implementation).
         compare: Include curvlinops if it is installed.
         threads: ``torch.set_num_threads`` (default: PyTorch's default).
+        clock: ``"wall"`` or ``"cpu"`` time (:mod:`benchmarks.timing`).
 
     Returns:
         The results.
@@ -136,6 +138,7 @@ def run_suite(
             "device": device,
             "repeats": repeats,
             "warmup": warmup,
+            "clock": clock,
             "quick": quick,
             "kfac": with_kfac,
             "curvlinops": compare,
@@ -180,7 +183,13 @@ def run_suite(
             try:
                 if mine is not None:
                     t_mine, t_other, g = time_task(
-                        gradient, mine, other, device=dev, repeats=repeats, warmup=warmup
+                        gradient,
+                        mine,
+                        other,
+                        device=dev,
+                        repeats=repeats,
+                        warmup=warmup,
+                        clock=clock,
                     )
                     grad_seconds.append(g)
                     for impl, t in (("curvops", t_mine), ("curvlinops", t_other)):

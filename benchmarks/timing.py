@@ -4,6 +4,10 @@ Absolute times on a shared machine drift with the load of other processes, so ea
 times the gradient right before the task (and before its curvlinops counterpart); the reported
 multiple is the median over repeats of the per-repeat ratios, after warm-up calls that are
 not timed (they also trigger lazy set-up such as a Hessian strategy probe).
+
+Clocks: ``"wall"`` (``time.perf_counter``, CUDA synchronised) or ``"cpu"`` (the process's CPU
+time, ``time.process_time``): on a machine shared with other jobs, CPU time with one thread is
+far less sensitive to the others' load (it does not count time the process waits for a core).
 """
 
 from __future__ import annotations
@@ -34,15 +38,23 @@ class Timing:
     vs_other: float | None = None
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+CLOCKS = ("wall", "cpu")
+
+
+def _timer(device: torch.device, clock: str) -> Callable[[Callable[[], Any]], float]:
+    if clock not in CLOCKS:
+        raise ValueError(f"Unknown clock {clock!r}; use one of {CLOCKS}.")
+    if clock == "cpu" and device.type == "cuda":
+        raise ValueError("clock='cpu' measures CPU time, meaningless for CUDA; use 'wall'.")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    now = time.perf_counter if clock == "wall" else time.process_time
 
     def run(fn: Callable[[], Any]) -> float:
         sync()
-        start = time.perf_counter()
+        start = now()
         fn()
         sync()
-        return time.perf_counter() - start
+        return now() - start
 
     return run
 
@@ -62,6 +74,7 @@ def time_task(
     device: torch.device,
     repeats: int,
     warmup: int,
+    clock: str = "wall",
 ) -> tuple[Timing, Timing | None, float]:
     """Time a task (and optionally the other library's version) against the gradient.
 
@@ -72,12 +85,13 @@ def time_task(
         device: Device (CUDA is synchronised around each call).
         repeats: Number of timed repeats.
         warmup: Number of untimed calls of each closure first.
+        clock: ``"wall"`` or ``"cpu"`` (see the module docstring).
 
     Returns:
         The task's timing, the other implementation's (or ``None``), and the median gradient
         time of these repeats.
     """
-    clock = _timer(device)
+    clock = _timer(device, clock)
     for _ in range(warmup):
         gradient()
         task()

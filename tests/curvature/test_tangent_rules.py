@@ -13,6 +13,13 @@ from curvops.curvature.tangent_rules import efficient_tangents
 DT = torch.float64
 
 
+class MethodActivations(nn.Module):
+    """Activations called as tensor methods and torch functions."""
+
+    def forward(self, x):
+        return torch.sigmoid(torch.relu(x).tanh()) + x.relu() + x.sigmoid()
+
+
 def _modules():
     gen = torch.Generator().manual_seed(0)
     bn = nn.BatchNorm2d(3).to(DT).eval()
@@ -24,14 +31,25 @@ def _modules():
         (nn.Conv1d(3, 2, 2, padding=1), (2, 3, 5)),
         (nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 7, 7)),
         (nn.Conv3d(2, 2, 2), (1, 2, 3, 3, 3)),
+        (nn.Conv2d(3, 2, 3, padding="same", bias=False), (2, 3, 5, 5)),  # native rule
+        (nn.Conv2d(3, 2, 3, dilation=2, groups=1), (3, 7, 7)),  # unbatched: native rule
         (bn, (2, 3, 4, 4)),
         (nn.BatchNorm1d(3, affine=False).to(DT).eval(), (4, 3)),
         (nn.LayerNorm([4, 5]), (3, 4, 5)),
         (nn.LayerNorm(5, elementwise_affine=False), (3, 5)),
+        (nn.Sequential(nn.Linear(5, 5), nn.ReLU()), (4, 5)),
+        (nn.Sequential(nn.Linear(5, 5), MethodActivations()), (4, 5)),
+        (nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Sigmoid()), (4, 5)),
+        (nn.Sequential(nn.Linear(5, 5), nn.GELU(), nn.SiLU()), (4, 5)),
+        (nn.Sequential(nn.Linear(5, 5), nn.GELU(approximate="tanh")), (4, 5)),
+        (nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(2)), (2, 2, 5, 5)),
+        (nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(3, stride=2, padding=1)), (2, 2, 6, 6)),
+        (nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(2, ceil_mode=True)), (2, 5, 5)),
+        (nn.Sequential(nn.Linear(5, 5), nn.ReLU(inplace=True)), (4, 5)),  # native rule
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(20))
 @pytest.mark.parametrize("input_tangent", [False, True])
 def test_rules_match_native_autodiff(index, input_tangent):
     module, shape = _modules()[index]

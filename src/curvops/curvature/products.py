@@ -120,11 +120,29 @@ def _forward_with_tangent(
     Returns:
         The output (differentiable w.r.t. ``leaves``) and the detached tangent :math:`Jv`.
     """
-    with torch.enable_grad(), fwAD.dual_level(), efficient_tangents():
+    with (
+        torch.enable_grad(),
+        fwAD.dual_level(),
+        efficient_tangents(),
+        torch.autograd.graph.saved_tensors_hooks(_without_tangent, _identity),
+    ):
         duals = [fwAD.make_dual(p, _plain(t)) for p, t in zip(leaves, tangents)]
         out, tangent = fwAD.unpack_dual(f(*duals))
         tangent = torch.zeros_like(out) if tangent is None else tangent.detach()
     return out, tangent
+
+
+def _without_tangent(t: Tensor) -> Tensor:
+    """Save a tensor for the backward pass without its tangent.
+
+    The backward pass needs primal values only; saving the dual tensor itself would keep its
+    tangent alive as long as the graph (twice the activation memory).
+    """
+    return t.detach() if fwAD.unpack_dual(t).tangent is not None else t
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
 
 
 def jacobian_matmat(f: ParamFn, params: list[Tensor], V: list[Tensor]) -> Tensor:

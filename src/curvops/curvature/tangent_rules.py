@@ -11,17 +11,22 @@ are slow or missing (torch 2.13, CPU):
   input tangent);
 * ``F.scaled_dot_product_attention`` has no forward-mode rule for its fused kernels.
 
-Inside :func:`efficient_tangents` these calls run through :class:`_WithTangentRule`: the
-primal output and the backward pass are PyTorch's own (an inner autograd graph built in the
-forward pass and differentiated in the backward pass, so the memory saved for the backward
-is exactly what the native operation saves), and the tangent is the operation's bilinear
-(or closed-form, NOTE [attention JVP] of :mod:`curvops.curvature.attention`) rule, skipping
-absent tangents:
+Inside :func:`efficient_tangents` these calls (and LayerNorm and BatchNorm in eval mode,
+whose native forward-mode rules are several times slower than needed) run through custom
+autograd functions whose primal output and backward pass are computed exactly as PyTorch
+does (the same kernels; the same tensors saved for the backward pass) and whose tangent is
+the operation's bilinear or closed-form rule, skipping absent tangents and recording no
+graph:
 
 .. math::
     \dot y = \operatorname{op}(\dot x, W) + \operatorname{op}(x, \dot W) + \dot b
     \quad\text{for } y = \operatorname{op}(x, W) + b,\ \operatorname{op}\in\{\text{linear},
-    \text{conv}\}.
+    \text{conv}\};
+
+normalisation layers use the derivative of :math:`\hat x = (x - \mu)/\sigma`, attention the
+NOTE [attention JVP] of :mod:`curvops.curvature.attention` (its fused backward is reached
+through an inner autograd graph built in the forward pass, which saves what the native
+operation saves).
 
 The backward pass of these nodes is not differentiable again (``once_differentiable``): the
 rules serve first-order passes only; Hessian products use PyTorch's native rules.
@@ -45,57 +50,95 @@ from curvops.curvature.attention import attention_jvp
 
 
 class _Rule:
-    """An operation's primal function and its tangent rule on ``(args, tangents, out)``."""
+    """An operation computed as PyTorch does, with its own tangent rule.
 
-    def __init__(self, primal: Callable[..., Tensor], tangent: Callable[..., Tensor]):
-        self.primal = primal
+    ``forward(args) -> (out, saved, meta)``: the output, the tensors the backward pass needs
+    and other context; ``backward(saved, meta, grad_out, needs) -> grads`` (one entry per
+    argument); ``tangent(args, tangents, out, saved) -> Tensor``.
+    """
+
+    def __init__(self, forward, backward, tangent):
+        self.forward = forward
+        self.backward = backward
         self.tangent = tangent
 
 
-class _WithTangentRule(torch.autograd.Function):
-    """Native primal and backward (through an inner graph), custom tangent rule."""
+class _WithRule(torch.autograd.Function):
+    """Primal and backward as PyTorch computes them, tangent from the rule."""
 
     @staticmethod
     def forward(ctx, rule: _Rule, *args: Any) -> Tensor:
         ctx.set_materialize_grads(False)
-        needs = ctx.needs_input_grad[1:]
-        with torch.enable_grad():
-            inner = [
-                a.detach().requires_grad_(r) if isinstance(a, Tensor) else a
-                for a, r in zip(args, needs)
-            ]
-            out = rule.primal(*inner)
-        ctx.inner = (inner, out) if any(needs) else None
-        ctx.rule = rule
-        ctx.positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
-        ctx.others = list(args)
-        out = out.detach()
-        ctx.save_for_forward(*[args[i] for i in ctx.positions], out)
+        out, saved, meta = rule.forward(args)
+        # NOTE [saving without tangents]: PyTorch's saved variables also keep the tangent of a
+        # dual tensor (for forward-over-reverse), which would hold every tangent of the pass
+        # until its end (twice the activation memory). The rules keep detached tensors (the
+        # same storage) and check their versions themselves.
+        saved = [t if t is None else t.detach() for t in saved]
+        ctx.saved = (saved, [None if t is None else t._version for t in saved])
+        ctx.rule, ctx.meta, ctx.num_args = rule, meta, len(args)
+        ctx.for_tangent = ([a.detach() if isinstance(a, Tensor) else a for a in args], out.detach())
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor | None):
-        none = (None,) * (len(ctx.others) + 1)
-        if ctx.inner is None or grad_out is None:
-            return none
-        inner, out = ctx.inner
-        ctx.inner = None
-        wanted = [i for i, a in enumerate(inner) if isinstance(a, Tensor) and a.requires_grad]
-        grads = torch.autograd.grad(out, [inner[i] for i in wanted], grad_out, allow_unused=True)
-        result = [None] * len(inner)
-        for i, g in zip(wanted, grads):
-            result[i] = g
-        return (None, *result)
+        if grad_out is None:
+            return (None,) * (ctx.num_args + 1)
+        saved, versions = ctx.saved
+        if any(t is not None and t._version != v for t, v in zip(saved, versions)):
+            raise RuntimeError(
+                "A tensor needed for the backward pass of a curvature product was modified "
+                "in place during the forward pass. Avoid in-place operations on activations."
+            )
+        needs = ctx.needs_input_grad[1:]
+        return (None, *ctx.rule.backward(saved, ctx.meta, grad_out, needs))
 
     @staticmethod
     def jvp(ctx, _rule_tangent, *tangents: Tensor | None) -> Tensor:
-        args = list(ctx.others)
-        *saved, out = ctx.saved_tensors
-        for i, t in zip(ctx.positions, saved):
-            args[i] = t
+        args, out = ctx.for_tangent
+        ctx.for_tangent = None
         with torch.no_grad():  # tangents are never differentiated: record no graph
-            return ctx.rule.tangent(args, list(tangents), out)
+            return ctx.rule.tangent(args, list(tangents), out, ctx.saved[0])
+
+
+class _AttentionWithRule(torch.autograd.Function):
+    """SDPA: fused primal and backward through an inner graph, closed-form tangent."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Tensor:
+        ctx.set_materialize_grads(False)
+        options = {"attn_mask": attn_mask, "is_causal": is_causal, "enable_gqa": enable_gqa}
+        if scale is not None:
+            options["scale"] = scale
+        needs = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            inner = [t.detach().requires_grad_(r) for t, r in zip((q, k, v), needs)]
+            out = F.scaled_dot_product_attention(*inner, **options)
+        # the inner graph saves what the fused backward needs (inputs, output, statistics)
+        ctx.inner = (inner, out) if any(needs) else None
+        ctx.options = options
+        result = out.detach()
+        ctx.for_tangent = ([t.detach() for t in (q, k, v)], result.detach())
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor | None):
+        if ctx.inner is None or grad_out is None:
+            return (None,) * 7
+        inner, out = ctx.inner
+        ctx.inner = None
+        wanted = [t for t in inner if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return (*[next(grads) if t.requires_grad else None for t in inner], None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, *_):
+        (q, k, v), out = ctx.for_tangent
+        ctx.for_tangent = None
+        with torch.no_grad():
+            return attention_jvp(q, k, v, out, dq, dk, dv, **ctx.options)
 
 
 def _sum(terms: list[Tensor | None], out: Tensor) -> Tensor:
@@ -111,14 +154,25 @@ def _sum(terms: list[Tensor | None], out: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- linear
-def _linear(x, w, b=None):
-    return F.linear(x, w, b)
+def _linear_forward(args):
+    x, w, b = args
+    return F.linear(x, w, b), (x, w), b is not None
 
 
-def _linear_tangent(args, tangents, out):
+def _linear_backward(saved, has_bias, g, needs):
+    x, w = saved
+    gx = g.matmul(w) if needs[0] else None
+    gw = gb = None
+    if needs[1] or (has_bias and needs[2]):
+        g2 = g.reshape(-1, g.shape[-1])
+        gw = g2.T.mm(x.reshape(-1, x.shape[-1])) if needs[1] else None
+        gb = g2.sum(0) if has_bias and needs[2] else None
+    return gx, gw, gb
+
+
+def _linear_tangent(args, tangents, out, saved):
     x, w = args[0], args[1]
-    dx, dw = tangents[0], tangents[1]
-    db = tangents[2] if len(tangents) > 2 else None
+    dx, dw, db = tangents
     if dw is not None:  # x dW^T + db in one fused product
         return _sum([F.linear(x, dw, db), None if dx is None else F.linear(dx, w)], out)
     return _sum([None if dx is None else F.linear(dx, w), db], out)
@@ -126,37 +180,76 @@ def _linear_tangent(args, tangents, out):
 
 # ---------------------------------------------------------------- convolution
 def _conv_rule(conv: Callable[..., Tensor]) -> _Rule:
-    def primal(x, w, b=None, *options):
-        return conv(x, w, b, *options)
+    def forward(args):
+        x, w, b, *options = args
+        return conv(x, w, b, *options), (x, w), (b is not None, options)
 
-    def tangent(args, tangents, out):
+    def backward(saved, meta, g, needs):
+        (x, w), (has_bias, (stride, padding, dilation, groups)) = saved, meta
+        nd = x.ndim - 2
+
+        def full(value):
+            return list(value) if isinstance(value, (list, tuple)) else [value] * nd
+
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g,
+            x,
+            w,
+            [w.shape[0]] if has_bias else None,
+            full(stride),
+            full(padding),
+            full(dilation),
+            False,
+            [0] * nd,
+            groups,
+            [needs[0], needs[1], has_bias and needs[2]],
+        )
+        return gx, gw, gb, None, None, None, None
+
+    def tangent(args, tangents, out, saved):
         x, w, options = args[0], args[1], args[3:]
-        dx, dw = tangents[0], tangents[1]
-        db = tangents[2] if len(tangents) > 2 else None
-        out_shape = [1] * (x.ndim - 1)
+        dx, dw, db = tangents[:3]
         terms = [
             None if dx is None else conv(dx, w, None, *options),
             None if dw is None else conv(x, dw, None, *options),
         ]
         if db is not None:
-            out_shape[0] = -1
-            terms.append(db.reshape(out_shape))
+            terms.append(db.reshape([-1] + [1] * (x.ndim - 2)))
         return _sum(terms, out)
 
-    return _Rule(primal, tangent)
+    return _Rule(forward, backward, tangent)
 
 
 # ---------------------------------------------------------------- normalisation
-def _batch_norm_eval(x, mean, var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
-    return F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)
+def _bn_shape(x: Tensor) -> list[int]:
+    return [1, -1] + [1] * (x.ndim - 2)
 
 
-def _batch_norm_eval_tangent(args, tangents, out):
+def _batch_norm_forward(args):
+    x, mean, var, weight, bias, _, momentum, eps = args
+    out = F.batch_norm(x, mean, var, weight, bias, False, momentum, eps)
+    return out, (x, mean, var, weight), (bias is not None, eps)
+
+
+def _batch_norm_backward(saved, meta, g, needs):
+    (x, mean, var, weight), (has_bias, eps) = saved, meta
+    shape, dims = _bn_shape(x), [0, *range(2, x.ndim)]
+    inv_std = (var + eps).rsqrt()
+    gx = gw = gb = None
+    if needs[0]:
+        gx = g * (inv_std if weight is None else weight * inv_std).reshape(shape)
+    if weight is not None and needs[3]:
+        gw = (g * (x - mean.reshape(shape)) * inv_std.reshape(shape)).sum(dims)
+    if has_bias and needs[4]:
+        gb = g.sum(dims)
+    return gx, None, None, gw, gb, None, None, None
+
+
+def _batch_norm_tangent(args, tangents, out, saved):
     x, mean, var, weight = args[:4]
-    eps = args[7] if len(args) > 7 else 1e-5
-    dx, dw = tangents[0], tangents[3] if len(tangents) > 3 else None
-    db = tangents[4] if len(tangents) > 4 else None
-    shape = [1, -1] + [1] * (x.ndim - 2)
+    eps = args[7]
+    dx, dw, db = tangents[0], tangents[3], tangents[4]
+    shape = _bn_shape(x)
     inv_std = (var + eps).rsqrt()
     gain = inv_std if weight is None else weight * inv_std
     terms = [None if dx is None else dx * gain.reshape(shape)]
@@ -167,18 +260,27 @@ def _batch_norm_eval_tangent(args, tangents, out):
     return _sum(terms, out)
 
 
-def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+def _layer_norm_forward(args):
+    x, normalized_shape, weight, bias, eps = args
+    out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    return out, (x, mean, rstd, weight, bias), list(normalized_shape)
 
 
-def _layer_norm_tangent(args, tangents, out):
-    x, normalized_shape, weight = args[0], args[1], args[2] if len(args) > 2 else None
-    eps = args[4] if len(args) > 4 else 1e-5
-    dx = tangents[0]
-    dw = tangents[2] if len(tangents) > 2 else None
-    db = tangents[3] if len(tangents) > 3 else None
+def _layer_norm_backward(saved, normalized_shape, g, needs):
+    x, mean, rstd, weight, bias = saved
+    mask = [needs[0], weight is not None and needs[2], bias is not None and needs[3]]
+    gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+        g, x, normalized_shape, mean, rstd, weight, bias, mask
+    )
+    return gx, None, gw, gb, None
+
+
+def _layer_norm_tangent(args, tangents, out, saved):
+    x, normalized_shape, weight = args[0], args[1], args[2]
+    _, mean, inv_std = saved[:3]
+    dx, dw, db = tangents[0], tangents[2], tangents[3]
     dims = tuple(range(-len(normalized_shape), 0))
-    x_hat, _, inv_std = torch.native_layer_norm(x, normalized_shape, None, None, eps)
+    x_hat = (x - mean) * inv_std
     terms = []
     if dx is not None:
         # (dx - mean(dx) - x_hat mean(dx x_hat)) / std, times the weight
@@ -192,35 +294,79 @@ def _layer_norm_tangent(args, tangents, out):
     return _sum(terms, out)
 
 
-# ---------------------------------------------------------------- attention
-def _attention(q, k, v, attn_mask, is_causal, scale, enable_gqa):
-    options = {"attn_mask": attn_mask, "is_causal": is_causal, "enable_gqa": enable_gqa}
-    if scale is not None:
-        options["scale"] = scale
-    return F.scaled_dot_product_attention(q, k, v, **options)
+# ---------------------------------------------------------------- activations, pooling
+def _unary_rule(op: Callable[[Tensor], Tensor], kernel, extra: tuple, uses_output: bool) -> _Rule:
+    """Elementwise :math:`y = f(x)`: backward and tangent both multiply by :math:`f'(x)`.
+
+    ``kernel(u, saved, *extra)`` is PyTorch's own backward kernel of ``f`` (which receives
+    the output or the input, as ``uses_output`` says).
+    """
+
+    def forward(args):
+        out = op(args[0])
+        return out, (out if uses_output else args[0],), len(args)
+
+    def backward(saved, num_args, g, needs):
+        return (kernel(g, saved[0], *extra) if needs[0] else None, *([None] * (num_args - 1)))
+
+    def tangent(args, tangents, out, saved):
+        return kernel(tangents[0], saved[0], *extra)
+
+    return _Rule(forward, backward, tangent)
 
 
-def _attention_tangent(args, tangents, out):
-    q, k, v, attn_mask, is_causal, scale, enable_gqa = args
-    return attention_jvp(
-        q,
-        k,
-        v,
-        out,
-        *tangents[:3],
-        attn_mask=attn_mask,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-    )
+def _max_pool_forward(args):
+    x, kernel, stride, padding, dilation, ceil_mode, _ = args
+    stride = kernel if stride is None or stride == [] else stride
+    options = (kernel, stride, padding, dilation, ceil_mode)
+    out, indices = torch.ops.aten.max_pool2d_with_indices(x, *options)
+    return out, (x, indices), options
 
 
-_ATTENTION = _Rule(_attention, _attention_tangent)
+def _max_pool_backward(saved, options, g, needs):
+    x, indices = saved
+    gx = torch.ops.aten.max_pool2d_with_indices_backward(g, x, *options, indices)
+    return gx if needs[0] else None, None, None, None, None, None, None
+
+
+def _max_pool_tangent(args, tangents, out, saved):
+    _, indices = saved
+    dx = tangents[0]
+    flat = dx.flatten(start_dim=-2).gather(-1, indices.flatten(start_dim=-2))
+    return flat.view(out.shape)
+
+
+_UNARY = {
+    F.relu: (torch.relu, torch.ops.aten.threshold_backward, True, (0,)),
+    torch.relu: (torch.relu, torch.ops.aten.threshold_backward, True, (0,)),
+    Tensor.relu: (torch.relu, torch.ops.aten.threshold_backward, True, (0,)),
+    torch.tanh: (torch.tanh, torch.ops.aten.tanh_backward, True, ()),
+    Tensor.tanh: (torch.tanh, torch.ops.aten.tanh_backward, True, ()),
+    torch.sigmoid: (torch.sigmoid, torch.ops.aten.sigmoid_backward, True, ()),
+    Tensor.sigmoid: (torch.sigmoid, torch.ops.aten.sigmoid_backward, True, ()),
+    F.silu: (F.silu, torch.ops.aten.silu_backward, False, ()),
+}
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
 _RULES = {
-    F.linear: _Rule(_linear, _linear_tangent),
+    F.linear: _Rule(_linear_forward, _linear_backward, _linear_tangent),
     **{conv: _conv_rule(conv) for conv in (F.conv1d, F.conv2d, F.conv3d)},
-    F.batch_norm: _Rule(_batch_norm_eval, _batch_norm_eval_tangent),
-    F.layer_norm: _Rule(_layer_norm, _layer_norm_tangent),
+    F.batch_norm: _Rule(_batch_norm_forward, _batch_norm_backward, _batch_norm_tangent),
+    F.layer_norm: _Rule(_layer_norm_forward, _layer_norm_backward, _layer_norm_tangent),
+    F.max_pool2d: _Rule(_max_pool_forward, _max_pool_backward, _max_pool_tangent),
+    F.gelu: _Rule(
+        lambda args: (F.gelu(args[0], approximate=args[1]), (args[0],), args[1]),
+        lambda saved, meta, g, needs: (
+            torch.ops.aten.gelu_backward(g, saved[0], approximate=meta) if needs[0] else None,
+            None,
+        ),
+        lambda args, tangents, out, saved: torch.ops.aten.gelu_backward(
+            tangents[0], saved[0], approximate=args[1]
+        ),
+    ),
+    **{
+        func: _unary_rule(op, kernel, extra, uses_output)
+        for func, (op, kernel, uses_output, extra) in _UNARY.items()
+    },
 }
 
 
@@ -242,6 +388,14 @@ _PARAMETERS = {
         (None, None, False, 0.1, 1e-5),
     ),
     F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"), (None, None, 1e-5)),
+    F.max_pool2d: (
+        ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+        (None, 0, 1, False, False),
+    ),
+    F.gelu: (("input", "approximate"), ("none",)),
+    **{f: (("input", "inplace"), (False,)) for f in (F.relu, F.silu)},
+    **{f: (("input",), ()) for f in (torch.relu, Tensor.relu, torch.tanh, Tensor.tanh)},
+    **{f: (("input",), ()) for f in (torch.sigmoid, Tensor.sigmoid)},
     F.scaled_dot_product_attention: (
         ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
         (None, 0.0, False, None, False),
@@ -285,10 +439,14 @@ class _TangentRuleMode(TorchFunctionMode):
                 # a learned additive mask: differentiable primitives (native rules)
                 with sdpa_kernel([SDPBackend.MATH]):
                     return func(*args, **kwargs)
-            return _WithTangentRule.apply(_ATTENTION, q, k, v, mask, is_causal, scale, gqa)
+            return _AttentionWithRule.apply(q, k, v, mask, is_causal, scale, gqa)
         if func is F.batch_norm and (bound[5] or _has_tangent(bound[1:3])):
             return func(*args, **kwargs)  # training mode, or statistics with tangents: native
-        return _WithTangentRule.apply(_RULES[func], *bound)
+        if func in _CONVS and (isinstance(bound[4], str) or bound[0].ndim != bound[1].ndim):
+            return func(*args, **kwargs)  # padding="same"/"valid" or unbatched input: native
+        if (func in (F.relu, F.silu) and bound[1]) or (func is F.max_pool2d and bound[6]):
+            return func(*args, **kwargs)  # in place, or pooling indices requested: native
+        return _WithRule.apply(_RULES[func], *bound)
 
 
 @contextlib.contextmanager
