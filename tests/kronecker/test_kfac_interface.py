@@ -135,6 +135,24 @@ def test_callers_state_is_untouched():
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical", "forward-only"])
+def test_existing_grads_are_untouched(fisher_type):
+    """The statistics pass runs the module itself; .grad of every parameter stays as it was."""
+    model, params, data = embedding_gain_problem()
+    grads = [torch.full_like(p, float(i)) for i, p in enumerate(model.parameters())]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    fallback = None if fisher_type == "forward-only" else "diagonal"
+    if fallback is None:
+        params = [p for p in params if p is not model.gain]
+    K = KFACLinearOperator(
+        model, nn.MSELoss(), params, data, fisher_type=fisher_type, fallback=fallback
+    )
+    K.compute_factors()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
 def test_hooks_are_removed_after_an_error():
     class Twice(nn.Module):
         def __init__(self):

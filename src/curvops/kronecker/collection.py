@@ -2,8 +2,8 @@ r"""The statistics pass: layer inputs by forward hooks, output gradients by one 
 
 For every batch of the data loop (:meth:`curvops.risk.EmpiricalRisk.batches`) the pass
 
-1. evaluates the model functionally while forward hooks record each tracked layer's input
-   and output (and count the calls, to reject layers used twice);
+1. evaluates the model (the module itself, with its parameters) while forward hooks record
+   each tracked layer's input and output (and count the calls, to reject layers used twice);
 2. asks the loss for the per-datum output factors :math:`S = [s_1, \dots, s_K]`
    (:meth:`curvops.losses.LossSpec.output_factors`; ``K = C`` for type-2 with ``C``
    classes, ``mc_samples`` for MC, 1 for the empirical Fisher);
@@ -149,9 +149,12 @@ def statistics_pass(
     recorder = _Recorder(layers)
     with recorder.installed():
         for batch in risk.batches(desc=desc):
-            values = [p.detach().requires_grad_(backward) for p in risk.params]
             with torch.set_grad_enabled(backward), recorder.recording():
-                output = risk.forward(values, batch.X)
+                # the module itself, not a functional call with detached parameter copies
+                # (which re-parametrises the module on every batch): the backward below
+                # differentiates w.r.t. the recorded layer outputs only, so no parameter's
+                # .grad is touched
+                output = risk.module(batch.X)
             recorder.check_calls()
             inputs = [recorder.inputs[i] for i in range(len(layers))]
             grads: list[Tensor | None] = [None] * len(layers)
@@ -164,11 +167,11 @@ def statistics_pass(
                     S = separate_output_positions(S)
                 grads = _backpropagate(output, [recorder.outputs[i] for i in range(len(layers))], S)
                 if fallback_indices:
-                    detached = [v.detach() for v in values]
+                    detached = [p.detach() for p in risk.params]
                     fallback_grads = per_datum_vjps(
                         risk.forward, detached, fallback_indices, batch.X, S
                     )
-            del output, values
+            del output
             recorder.outputs = {}
             consume(BatchStatistics(batch, inputs, grads, fallback_grads))
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvops.kronecker.gram import add_gram_upper_, symmetric_from_upper
+from curvops.kronecker.gram import add_gram_upper_, mirror_upper_
 from curvops.kronecker.layers import KFACLayer
 
 
@@ -185,13 +185,13 @@ class FactorAccumulator:
         """The weight's input factor sum (the token counts for an embedding)."""
         if self.layer.diagonal_input:
             return self.A_sum
-        return symmetric_from_upper(self.A_sum)
+        return mirror_upper_(self.A_sum)
 
     def _joint_input_factor_sum(self) -> Tensor:
         """Assemble the joint block's input factor sum, with a last row/column for the bias."""
         d = self.A_sum.shape[0]
         full = self.A_sum.new_empty(d + 1, d + 1)
-        full[:d, :d] = symmetric_from_upper(self.A_sum)
+        full[:d, :d] = mirror_upper_(self.A_sum)
         full[:d, d] = self.bias_column_sum
         full[d, :d] = self.bias_column_sum
         full[d, d] = self.num_rows
@@ -209,7 +209,7 @@ class FactorAccumulator:
         """
         layer = self.layer
         if self.backward:
-            B = symmetric_from_upper(self.B_sum)
+            B = mirror_upper_(self.B_sum)
         else:
             d_out = layer.weight_matrix_shape[0]
             B = torch.eye(d_out, dtype=self.count.dtype, device=self.count.device)

@@ -11,8 +11,8 @@ accumulated: the columns are split into panels of :data:`PANEL` and panel :math:
 in-place ``addmm``. With :math:`p` panels this costs :math:`(p + 1) / (2p)` of the
 multiply-adds of :math:`Z^\top Z`, and the narrow output panels are also faster per
 multiply-add on a CPU (PyTorch has no symmetric rank-k update). Blocks left of the diagonal
-blocks stay untouched; :func:`symmetric_from_upper` mirrors the upper triangle once, after
-the last batch.
+blocks stay untouched; :func:`mirror_upper_` copies them from the blocks right of the
+diagonal once, after the last batch.
 
 The rows arrive as a tensor ``[..., d]`` in one of two memory layouts, and the products are
 taken in the layout they are stored in, so no operand is copied more than once:
@@ -34,7 +34,7 @@ PANEL = 128
 
 
 def _panel_width(d: int) -> int:
-    if d <= 3 * PANEL // 2:
+    if d <= 2 * PANEL:
         return d  # one product; panels this small gain nothing
     return PANEL if d <= 8 * PANEL else 2 * PANEL
 
@@ -43,7 +43,7 @@ def add_gram_upper_(accumulator: Tensor, rows: Tensor, *, alpha: float = 1.0) ->
     r"""Add :math:`\alpha Z^\top Z` to the upper triangle of ``accumulator`` in place.
 
     See NOTE [upper-triangular Gram sums]: entries below the diagonal blocks are not
-    updated; read the result with :func:`symmetric_from_upper`.
+    updated; complete the result with :func:`mirror_upper_`.
 
     Args:
         accumulator: ``[d, d]`` matrix.
@@ -70,14 +70,21 @@ def add_gram_upper_(accumulator: Tensor, rows: Tensor, *, alpha: float = 1.0) ->
     return accumulator
 
 
-def symmetric_from_upper(accumulator: Tensor) -> Tensor:
-    """The symmetric matrix whose upper triangle ``accumulator`` holds (a new tensor).
+def mirror_upper_(accumulator: Tensor) -> Tensor:
+    """Complete a Gram sum of :func:`add_gram_upper_` to the symmetric matrix, in place.
+
+    Copies the (transposed) blocks right of every diagonal panel below it; the diagonal
+    panels are already complete. Costs one copy of fewer than half the entries.
 
     Args:
-        accumulator: ``[d, d]`` matrix whose upper triangle (diagonal included) is valid.
+        accumulator: ``[d, d]`` matrix accumulated by :func:`add_gram_upper_`.
 
     Returns:
-        ``triu(accumulator) + triu(accumulator, 1)^T``.
+        ``accumulator``, now symmetric.
     """
-    upper = accumulator.triu()
-    return upper + upper.triu(1).T
+    d = accumulator.shape[0]
+    width = _panel_width(d)
+    for start in range(0, d - width, width):
+        stop = start + width
+        accumulator[stop:, start:stop] = accumulator[start:stop, stop:].T
+    return accumulator
