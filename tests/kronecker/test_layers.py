@@ -61,10 +61,13 @@ CONVS = {
 }
 
 
+@pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 @pytest.mark.parametrize("dim", list(CONVS))
-def test_conv_kfac_equals_kfac_of_linear_on_unfolded_patches(dim, kfac_approx, fisher_type):
+def test_conv_kfac_equals_kfac_of_linear_on_unfolded_patches(
+    dim, kfac_approx, fisher_type, separate
+):
     factory, spatial = CONVS[dim]
     conv = build(factory)
     g = generator(1)
@@ -78,7 +81,11 @@ def test_conv_kfac_equals_kfac_of_linear_on_unfolded_patches(dim, kfac_approx, f
     data = batches(X, torch.randint(0, 3, (N,), generator=g))
     loss = nn.CrossEntropyLoss()
     torch.testing.assert_close(model(X), twin(X))
-    options = {"fisher_type": fisher_type, "kfac_approx": kfac_approx}
+    options = {
+        "fisher_type": fisher_type,
+        "kfac_approx": kfac_approx,
+        "separate_weight_and_bias": separate,
+    }
     K_conv = KFACLinearOperator(model, loss, list(model.parameters()), data, **options)
     twin_params = list(twin[0].linear.parameters()) + list(twin[3].parameters())
     K_lin = KFACLinearOperator(twin, loss, twin_params, data, **options)

@@ -7,7 +7,11 @@ import torch
 from helpers.kronecker_problems import DTYPE, build, generator
 from torch import nn
 
-from curvops.kronecker.unfold import unfold_conv_input
+from curvops.kronecker.unfold import (
+    kernel_major_order,
+    unfold_conv_input,
+    unfold_conv_input_kernel_major,
+)
 
 CONVS = {
     "1d-stride-pad": (lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1), (7,)),
@@ -62,3 +66,17 @@ def test_patches_are_a_view_of_a_feature_major_buffer():
     patches = unfold_conv_input(conv, x)
     assert patches.shape == (4, 25, 18)
     assert patches.permute(2, 0, 1).is_contiguous()
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("name", list(CONVS))
+def test_kernel_major_patches_are_permuted_patches(name):
+    factory, spatial = CONVS[name]
+    conv = build(factory)
+    x = torch.randn(3, 2, *spatial, generator=generator(1), dtype=DTYPE)
+    patches = unfold_conv_input(conv, x)
+    kernel_major = unfold_conv_input_kernel_major(conv, x)
+    assert kernel_major.stride(-1) == 1
+    order = kernel_major_order(conv)
+    assert sorted(order.tolist()) == list(range(patches.shape[-1]))
+    torch.testing.assert_close(kernel_major, patches[..., order], rtol=0, atol=0)

@@ -137,6 +137,7 @@ class FactorAccumulator:
         self.num_rows = torch.zeros((), **like) if self.has_bias else None
         self.B_sum = torch.zeros(d_out, d_out, **like) if backward else None
         self.count = torch.zeros((), **like)
+        self.feature_order: Tensor | None = None
 
     def add(self, inputs: tuple, grad_output: Tensor | None, weight: float) -> None:
         """Add one batch's contribution.
@@ -147,7 +148,11 @@ class FactorAccumulator:
             weight: The batch weight :math:`w_\\mathbb{B}`.
         """
         layer = self.layer
-        x = layer.input_rows(inputs)  # [N, T, d_in], token ids [N, T] for an embedding
+        if layer.diagonal_input:
+            x = layer.input_rows(inputs)  # token ids [N, T]
+        else:
+            # [N, T, d_in], features possibly permuted (undone in finalize)
+            x, self.feature_order = layer.factor_input_rows(inputs)
         N, T = x.shape[0], x.shape[1]
         if layer.diagonal_input:
             self.A_sum.add_(self._token_counts(x))
@@ -182,18 +187,26 @@ class FactorAccumulator:
         return [t for t in parts if t is not None]
 
     def _weight_input_factor_sum(self) -> Tensor:
-        """The weight's input factor sum (the token counts for an embedding)."""
+        """The weight's input factor sum in the weight's feature order (or the token counts)."""
         if self.layer.diagonal_input:
             return self.A_sum
-        return mirror_upper_(self.A_sum)
+        A = mirror_upper_(self.A_sum)
+        if self.feature_order is None:
+            return A
+        inverse = torch.argsort(self.feature_order)
+        return A[inverse][:, inverse]
 
     def _joint_input_factor_sum(self) -> Tensor:
         """Assemble the joint block's input factor sum, with a last row/column for the bias."""
-        d = self.A_sum.shape[0]
-        full = self.A_sum.new_empty(d + 1, d + 1)
-        full[:d, :d] = mirror_upper_(self.A_sum)
-        full[:d, d] = self.bias_column_sum
-        full[d, :d] = self.bias_column_sum
+        A = self._weight_input_factor_sum()
+        column = self.bias_column_sum
+        if self.feature_order is not None:
+            column = column[torch.argsort(self.feature_order)]
+        d = A.shape[0]
+        full = A.new_empty(d + 1, d + 1)
+        full[:d, :d] = A
+        full[:d, d] = column
+        full[d, :d] = column
         full[d, d] = self.num_rows
         return full
 

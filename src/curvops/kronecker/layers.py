@@ -21,7 +21,11 @@ from math import prod
 
 from torch import Tensor, nn
 
-from curvops.kronecker.unfold import unfold_conv_input
+from curvops.kronecker.unfold import (
+    kernel_major_order,
+    unfold_conv_input,
+    unfold_conv_input_kernel_major,
+)
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -75,6 +79,16 @@ class KFACLayer:
         """Turn output gradients ``[K, *output.shape]`` into gradient rows ``[K, N, T, d_out]``."""
         raise NotImplementedError
 
+    def factor_input_rows(self, inputs: tuple) -> tuple[Tensor, Tensor | None]:
+        """Input rows for the input factor's sums, in the layout cheapest to sum.
+
+        Returns:
+            Rows ``[N, T, d_in]`` whose features may be permuted, and the permutation
+            ``order`` (feature ``j`` is feature ``order[j]`` of :meth:`input_rows`), or
+            ``None`` if they are in the order of :meth:`input_rows`.
+        """
+        return self.input_rows(inputs), None
+
     def _batched(self, t: Tensor, min_ndim: int, what: str) -> Tensor:
         if t.ndim < min_ndim:
             raise ValueError(
@@ -111,6 +125,12 @@ class ConvLayer(KFACLayer):
 
     def grad_rows(self, grad_output: Tensor) -> Tensor:  # noqa: D102
         return grad_output.flatten(start_dim=3).transpose(2, 3)
+
+    def factor_input_rows(self, inputs: tuple) -> tuple[Tensor, Tensor | None]:
+        """Kernel-major patches (cheaper to copy and sum) and their feature order."""
+        x = self._batched(inputs[0], len(self.module.kernel_size) + 2, "input")
+        rows = unfold_conv_input_kernel_major(self.module, x)
+        return rows, kernel_major_order(self.module)
 
 
 class EmbeddingLayer(KFACLayer):

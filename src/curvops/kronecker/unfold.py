@@ -17,8 +17,25 @@ from __future__ import annotations
 
 from math import prod
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _padded(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    """The input as the convolution reads it: padded (any padding mode)."""
+    if module.padding_mode != "zeros":
+        # the module pads explicitly in this case and convolves without padding
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    pads = _zero_padding(module)
+    return F.pad(x, pads) if any(pads) else x
+
+
+def _output_size(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, padded: Tensor) -> list[int]:
+    return [
+        (n - d * (k - 1) - 1) // s + 1
+        for n, k, d, s in zip(padded.shape[2:], module.kernel_size, module.dilation, module.stride)
+    ]
 
 
 def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
@@ -37,19 +54,13 @@ def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> T
         that ``patches @ module.weight.reshape(C_out, -1).T + bias`` equals the layer output
         with its spatial axes flattened to ``P`` and moved before the channels. The result
         is a view of a contiguous *feature-major* buffer ``[C_in * prod(kernel_size), N P]``
-        (see :mod:`curvops.kronecker.gram`): its Gram matrix, the input factor's sum, is then
-        one matrix product of that buffer with its transpose, without another copy.
+        (see :mod:`curvops.kronecker.gram`): its Gram matrix is one matrix product of that
+        buffer with its transpose, without another copy.
     """
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    if module.padding_mode != "zeros":
-        # the module pads explicitly in this case and convolves without padding
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    else:
-        pads = _zero_padding(module)
-        if any(pads):
-            x = F.pad(x, pads)
-    N, C, spatial = x.shape[0], x.shape[1], x.shape[2:]
-    out = [(n - d * (k - 1) - 1) // s + 1 for n, k, d, s in zip(spatial, kernel, dilation, stride)]
+    x = _padded(module, x)
+    N, C = x.shape[0], x.shape[1]
+    out = _output_size(module, x)
     step = x.stride()[2:]
     view = x.as_strided(
         (N, C, *kernel, *out),
@@ -68,6 +79,58 @@ def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> T
     order = (1, *range(2, 2 + ndim), 0, *range(2 + ndim, 2 + 2 * ndim))
     buffer = view.permute(order).reshape(d, N * P)
     return buffer.reshape(d, N, P).permute(1, 2, 0)
+
+
+def unfold_conv_input_kernel_major(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    """The patches of :func:`unfold_conv_input` with features in *kernel-major* order.
+
+    Feature ``k * C_in + c`` is input channel ``c`` at kernel offset ``k`` (offsets
+    flattened row-major), instead of ``c * prod(kernel_size) + k``
+    (:func:`kernel_major_order` maps between the two). The patches are copied from a
+    channels-last copy of the padded input, whose reads are runs of ``C_in * kernel_size[-1]``
+    contiguous entries (instead of runs along the output width), into row-major rows: this
+    copy and the Gram matrix of the rows (one matrix product with its transposed view) are
+    the cheapest way to the input factor of small convolutions.
+
+    Args:
+        module: The convolution (``groups == 1``).
+        x: Its input, ``[N, C_in, *spatial]``.
+
+    Returns:
+        Patches ``[N, P, prod(kernel_size) * C_in]`` with a contiguous last axis (a copy,
+        or a view where the reshape needs none, e.g. 1-D kernels without gaps).
+    """
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    padded = _padded(module, x)
+    N, C = padded.shape[0], padded.shape[1]
+    out = _output_size(module, padded)
+    x = padded.movedim(1, -1).contiguous()  # [N, *spatial, C]
+    step = x.stride()[1:-1]
+    view = x.as_strided(
+        (N, *out, *kernel, C),
+        (
+            x.stride(0),
+            *[st * s for st, s in zip(step, stride)],
+            *[st * d for st, d in zip(step, dilation)],
+            1,
+        ),
+        x.storage_offset(),
+    )
+    return view.reshape(N, prod(out), prod(kernel) * C)
+
+
+def kernel_major_order(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> Tensor:
+    """Channel-major feature index of every kernel-major feature.
+
+    Args:
+        module: The convolution.
+
+    Returns:
+        ``order`` with ``kernel_major[..., j] == channel_major[..., order[j]]`` for the rows
+        of :func:`unfold_conv_input_kernel_major` and :func:`unfold_conv_input`.
+    """
+    C, K = module.in_channels, prod(module.kernel_size)
+    return torch.arange(C * K, device=module.weight.device).reshape(C, K).T.reshape(-1)
 
 
 def _zero_padding(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
