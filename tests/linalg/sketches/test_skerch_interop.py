@@ -43,3 +43,18 @@ def test_skerch_seigh_on_cg_inverse():
     torch.testing.assert_close(
         top, torch.tensor([100.0, 50.0, 20.0], dtype=DTYPE), rtol=2e-2, atol=0
     )
+
+
+def test_skerch_seigh_on_ggn_of_a_net():
+    """The paper's snippet: a sketched eigendecomposition of a curvature operator."""
+    from cases import make_case
+
+    from curvops import GGNLinearOperator
+    from curvops.testing import dense_ggn
+
+    case = make_case("mlp-mse-sum")  # D = 45, rank(GGN) <= N * outputs = 36
+    G = GGNLinearOperator(case.model_func, case.loss_func, case.params, case.data)
+    eigenvalues, eigenvectors = skerch_algorithms.seigh(G, G.device, G.dtype, 40)
+    approx = (eigenvectors * eigenvalues) @ eigenvectors.T
+    exact = dense_ggn(case.model_func, case.loss_func, case.params, case.data)
+    torch.testing.assert_close(approx, exact, rtol=1e-7, atol=1e-8)
