@@ -212,3 +212,19 @@ def test_hessian_through_layer_norm_matches_finite_differences(mode):
     V = _columns(params, 3)
     result = P.hessian_matmat(loss, params, V, mode=mode)
     torch.testing.assert_close(_flat(result), _flat(V) @ fd.T, rtol=1e-6, atol=1e-8)
+
+
+def test_model_without_forward_mode_rule_gets_a_clear_error():
+    class NoJvp(torch.autograd.Function):  # like the functions torch.compile generates
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    w = torch.randn(3, dtype=DT)
+    V = [torch.ones(1, 3, dtype=DT)]
+    with pytest.raises(NotImplementedError, match="torch.compile'd model"):
+        P.ggn_matmat(lambda w: NoJvp.apply(w), lambda out: out.square().sum(), [w], V)

@@ -36,8 +36,9 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -127,9 +128,26 @@ def _forward_with_tangent(
         torch.autograd.graph.saved_tensors_hooks(_without_tangent, _identity),
     ):
         duals = [fwAD.make_dual(p, _plain(t)) for p, t in zip(leaves, tangents)]
-        out, tangent = fwAD.unpack_dual(f(*duals))
+        with _clear_forward_mode_errors():
+            out, tangent = fwAD.unpack_dual(f(*duals))
         tangent = torch.zeros_like(out) if tangent is None else tangent.detach()
     return out, tangent
+
+
+@contextlib.contextmanager
+def _clear_forward_mode_errors() -> Iterator[None]:
+    """Explain PyTorch's error for models without forward-mode support (``torch.compile``)."""
+    try:
+        yield
+    except NotImplementedError as e:
+        if "jvp function for custom autograd.Function" not in str(e):
+            raise
+        raise NotImplementedError(
+            "The model runs a custom autograd.Function without a forward-mode (jvp) rule, "
+            "which GGN, Fisher and Jacobian products need. A torch.compile'd model is one: "
+            "pass the uncompiled module (e.g. `compiled._orig_mod`) instead. Otherwise "
+            "implement `jvp` for the custom function."
+        ) from e
 
 
 def _without_tangent(t: Tensor) -> Tensor:
@@ -220,7 +238,7 @@ def linearized_matmat(
         out, vjp_fn = vjp(f, *params)
         out = out.detach()
         for start in range(0, K, COLUMN_CHUNK):
-            chunk = [v[start : start + COLUMN_CHUNK] for v in V]
+            chunk = [v[start : start + COLUMN_CHUNK].contiguous() for v in V]
             JV = vmap(lambda *v: jvp(f, params, v)[1])(*chunk)
             results.append(vmap(vjp_fn)(output_matmat(out, JV)))
     return [torch.cat(parts) for parts in zip(*results)]
