@@ -138,6 +138,8 @@ class FactorAccumulator:
         self.B_sum = torch.zeros(d_out, d_out, **like) if backward else None
         self.count = torch.zeros((), **like)
         self.feature_order: Tensor | None = None
+        # the counts are summed in Python per batch and written by flush_counts()
+        self._num_rows, self._count = 0, 0
 
     def add(self, inputs: tuple, grad_output: Tensor | None, weight: float) -> None:
         """Add one batch's contribution.
@@ -164,10 +166,8 @@ class FactorAccumulator:
                 add_gram_upper_(self.A_sum, rows)
             if self.bias_column_sum is not None:
                 self.bias_column_sum.add_(rows.sum(dim=tuple(range(rows.ndim - 1))))
-            if self.has_bias:
-                self.num_rows.add_(N if self.reduce else N * T)
-        count = N if self.reduce else N * (T if self.loss_terms is None else self.loss_terms)
-        self.count.add_(count)
+            self._num_rows += N if self.reduce else N * T
+        self._count += N if self.reduce else N * (T if self.loss_terms is None else self.loss_terms)
         if self.backward:
             g = layer.grad_rows(grad_output)  # [K, N, T, d_out]
             g = g.sum(dim=2) if self.reduce else g
@@ -181,8 +181,17 @@ class FactorAccumulator:
         counts = torch.bincount(flat, minlength=module.num_embeddings)
         return counts.to(dtype=module.weight.dtype)
 
+    def flush_counts(self) -> None:
+        """Write the counts summed so far into their tensors (before these are reduced)."""
+        self.count.fill_(self._count)
+        if self.num_rows is not None:
+            self.num_rows.fill_(self._num_rows)
+
     def tensors(self) -> list[Tensor]:
-        """The accumulators (zero-initialised; to be summed across processes in place)."""
+        """The accumulators (zero-initialised; to be summed across processes in place).
+
+        Call :meth:`flush_counts` after the last batch, before they are summed.
+        """
         parts = (self.A_sum, self.bias_column_sum, self.num_rows, self.B_sum, self.count)
         return [t for t in parts if t is not None]
 

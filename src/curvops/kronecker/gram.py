@@ -59,6 +59,8 @@ def add_gram_upper_(accumulator: Tensor, rows: Tensor, *, alpha: float = 1.0) ->
     width = _panel_width(d)
     if rows.stride(-1) == 1 or d == 1:
         Z = rows.reshape(-1, d)  # a view for row-major rows
+        if width == d:  # one product (most layers; the loop's slicing costs time per batch)
+            return accumulator.addmm_(Z.T, Z, alpha=alpha)
         for start in range(0, d, width):
             stop = min(start + width, d)
             accumulator[start:stop, start:].addmm_(Z[:, start:stop].T, Z[:, start:], alpha=alpha)

@@ -282,6 +282,8 @@ class KFACLinearOperator(LinearOperator):
                 fallback_indices=self._fallback_indices,
                 desc=f"{type(self).__name__} factors",
             )
+            for acc in accumulators:
+                acc.flush_counts()
         names = dict(enumerate(risk.param_names))
         self._set_factors(
             {
