@@ -161,7 +161,9 @@ class FactorAccumulator:
         else:
             # rows of the (averaged) inputs; a bias appends a constant 1 to every row, whose
             # blocks of A are the column sums and the number of rows (no concatenated copy)
-            rows = x.mean(dim=1) if self.reduce else x  # [N, (T,) d_in]
+            rows = x  # [N, T, d_in], or [N, d_in] averaged over the positions (a view if T = 1)
+            if self.reduce:
+                rows = x[:, 0] if T == 1 else x.mean(dim=1)
             if self.has_weight:
                 add_gram_upper_(self.A_sum, rows)
             if self.bias_column_sum is not None:
@@ -170,7 +172,8 @@ class FactorAccumulator:
         self._count += N if self.reduce else N * (T if self.loss_terms is None else self.loss_terms)
         if self.backward:
             g = layer.grad_rows(grad_output)  # [K, N, T, d_out]
-            g = g.sum(dim=2) if self.reduce else g
+            if self.reduce:  # sums over the positions (a view for one position)
+                g = g[:, :, 0] if g.shape[2] == 1 else g.sum(dim=2)
             add_gram_upper_(self.B_sum, g, alpha=weight)
 
     def _token_counts(self, ids: Tensor) -> Tensor:
