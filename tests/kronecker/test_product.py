@@ -47,6 +47,8 @@ def test_kronecker_core(K):
         (KroneckerCore(a, R), torch.kron(torch.diag(a), R)),
         (KroneckerCore(L, None), torch.kron(L, torch.eye(4, dtype=DTYPE))),
         (KroneckerCore(None, R), torch.kron(torch.eye(3, dtype=DTYPE), R)),
+        (KroneckerCore(L, R + R.T, symmetric=True), torch.kron(L, R + R.T)),
+        (KroneckerCore(a, R + R.T, symmetric=True), torch.kron(torch.diag(a), R + R.T)),
     ]
     for core, dense in cases:
         torch.testing.assert_close(core(x), _apply_dense(dense, x))

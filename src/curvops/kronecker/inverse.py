@@ -68,8 +68,12 @@ def _inverted(denominator: Tensor, what: str) -> Tensor:
 
 
 def _inverse_factor(Q: Tensor, shifted_eigenvalues: Tensor) -> Tensor:
-    r""":math:`Q \operatorname{diag}(1 / (\lambda + \delta)) Q^\top` from positive ``λ + δ``."""
-    return (Q * shifted_eigenvalues.reciprocal()) @ Q.T
+    r""":math:`Q \operatorname{diag}(1 / (\lambda + \delta)) Q^\top` from positive ``λ + δ``.
+
+    Symmetrised, so that it is exactly symmetric (its products use it untransposed).
+    """
+    M = (Q * shifted_eigenvalues.reciprocal()) @ Q.T
+    return (M + M.T) / 2
 
 
 class _BlockInverse(LinearOperator):
@@ -241,9 +245,9 @@ class KFACInverseLinearOperator(_BlockInverse):
                 if not self._exact:  # products with the inverse factors
                     B_inv = _inverse_factor(QB, lamB + dB)
                     core = (
-                        KroneckerCore((lamA + dA).reciprocal(), B_inv)
+                        KroneckerCore((lamA + dA).reciprocal(), B_inv, symmetric=True)
                         if f.diagonal_input
-                        else KroneckerCore(B_inv, _inverse_factor(QA, lamA + dA))
+                        else KroneckerCore(B_inv, _inverse_factor(QA, lamA + dA), symmetric=True)
                     )
                 self._add_weight_block(K, layer, vals, QA, QB, core)
             if f.bias_input_factor is not None:

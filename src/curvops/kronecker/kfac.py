@@ -388,9 +388,9 @@ class KFACLinearOperator(LinearOperator):
             B = f.gradient_factor
             if f.input_factor is not None:
                 if f.diagonal_input:  # embedding weight [E, D]: diag(a) (x) B
-                    core = KroneckerCore(f.input_factor, B)
+                    core = KroneckerCore(f.input_factor, B, symmetric=True)
                 else:  # B (x) A on [W_mat] or [W_mat | b]
-                    core = KroneckerCore(B, f.input_factor)
+                    core = KroneckerCore(B, f.input_factor, symmetric=True)
                 positions = (w, b) if f.joint else (w,)
                 blocks.append(MatrixBlock(positions, tuple(shapes[i] for i in positions), core))
             if f.bias_input_factor is not None:

@@ -29,10 +29,12 @@ from torch import Tensor
 from curvops.linear_operator import LinearOperator
 
 
-def _apply_sides(left: Tensor | None, right: Tensor | None, x: Tensor) -> Tensor:
-    r"""Compute :math:`L X_k R^\top` for every column ``k`` of ``x`` ``[m, n, K]``.
+def _apply_sides(left: Tensor | None, right_t: Tensor | None, x: Tensor) -> Tensor:
+    r"""Compute :math:`L X_k M` for every column ``k`` of ``x`` ``[m, n, K]``.
 
-    ``None`` is the identity; a 1-D ``left`` is a diagonal (it scales the rows).
+    ``None`` is the identity; a 1-D ``left`` is a diagonal (it scales the rows). ``right_t``
+    is the matrix :math:`M` multiplied from the right (:math:`R^\top` of a Kronecker factor
+    :math:`R`).
     """
     m, n, K = x.shape
     if left is not None and left.ndim == 1:
@@ -42,15 +44,15 @@ def _apply_sides(left: Tensor | None, right: Tensor | None, x: Tensor) -> Tensor
         y = x[..., 0]
         if left is not None:
             y = left @ y
-        if right is not None:
-            y = y @ right.T
+        if right_t is not None:
+            y = y @ right_t
         return y.unsqueeze(-1)
     if left is not None:
         x = (left @ x.reshape(m, n * K)).reshape(left.shape[0], n, K)
-    if right is not None:
+    if right_t is not None:
         rows = x.shape[0]
-        x = right @ x.transpose(0, 1).reshape(n, rows * K)  # one copy of the columns
-        x = x.reshape(right.shape[0], rows, K).transpose(0, 1)
+        x = right_t.T @ x.transpose(0, 1).reshape(n, rows * K)  # one copy of the columns
+        x = x.reshape(right_t.shape[1], rows, K).transpose(0, 1)
     return x
 
 
@@ -61,14 +63,18 @@ class KroneckerCore:
     Attributes:
         left: :math:`L` ``[m, m]``, a diagonal ``[m]``, or ``None`` (identity).
         right: :math:`R` ``[n, n]`` or ``None`` (identity).
+        symmetric: Whether :math:`R` is symmetric; then it multiplies as stored, not as a
+            transposed view (faster for wide layers).
     """
 
     left: Tensor | None
     right: Tensor | None
+    symmetric: bool = False
 
     def __call__(self, x: Tensor) -> Tensor:
         """Apply to ``x`` ``[m, n, K]``."""
-        return _apply_sides(self.left, self.right, x)
+        right_t = self.right if self.symmetric or self.right is None else self.right.T
+        return _apply_sides(self.left, right_t, x)
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,8 @@ class EigenCore:
         """Apply to ``x`` ``[m, n, K]``."""
         left_t = None if self.left is None else self.left.T
         right_t = None if self.right is None else self.right.T
-        rotated = _apply_sides(left_t, right_t, x) * self.eigenvalues.unsqueeze(-1)
-        return _apply_sides(self.left, self.right, rotated)
+        rotated = _apply_sides(left_t, self.right, x) * self.eigenvalues.unsqueeze(-1)
+        return _apply_sides(self.left, right_t, rotated)
 
 
 @dataclass(frozen=True)
