@@ -12,7 +12,7 @@ that is a row-major reshape (``nn.Linear``, ``nn.Conv*d``) or the transpose (``n
 where :math:`x_{n,t}` is a one-hot token) of the weight tensor. A layer type only needs to
 turn its input into *input rows* ``[N, T, d_in]`` and the backpropagated output gradients
 into *gradient rows* ``[K, N, T, d_out]``; the factor math in
-:mod:`curvops.kronecker.statistics` is shared by all layer types.
+:mod:`curvops.kronecker.factors` is shared by all layer types.
 """
 
 from __future__ import annotations
