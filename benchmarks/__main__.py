@@ -10,7 +10,7 @@ from pathlib import Path
 from benchmarks.plot import plot
 from benchmarks.problems import CPU_PROBLEMS, CUDA_ONLY_PROBLEMS, problem_names
 from benchmarks.report import markdown
-from benchmarks.runner import run_suite
+from benchmarks.runner import Results, run_suite
 from benchmarks.tasks import TASKS_BY_NAME
 
 
@@ -46,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (smoke test)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory children")
     parser.add_argument("--no-compare", action="store_true", help="skip curvlinops")
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="re-render the report and plot from a saved RESULTS.json (no measurements)",
+    )
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        results = Results.from_dict(json.loads(Path(args.from_json).read_text()))
+        _write(results, Path(args.out), results.config["device"])
+        return 0
 
     default = CPU_PROBLEMS + (CUDA_ONLY_PROBLEMS if args.device == "cuda" else [])
     problems = (
@@ -72,16 +81,20 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         clock=args.clock,
     )
-    out = Path(args.out)
+    _write(results, Path(args.out), args.device)
+    return 0
+
+
+def _write(results: Results, out: Path, device: str) -> None:
+    """Write the Markdown report (with NOTES.md appended), the JSON dump and the plot."""
     out.parent.mkdir(parents=True, exist_ok=True)
     notes_file = out.with_name("NOTES.md")
     notes = notes_file.read_text().splitlines() if notes_file.exists() else None
     out.write_text(markdown(results, notes))
     out.with_suffix(".json").write_text(json.dumps(results.to_dict(), indent=1))
-    png = out.with_name(f"results_{args.device}.png")
+    png = out.with_name(f"results_{device}.png")
     plot(results, png)
     print(f"wrote {out}, {out.with_suffix('.json')} and {png}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

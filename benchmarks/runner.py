@@ -59,6 +59,12 @@ class Results:
         """Plain-Python form (for JSON)."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Results:
+        """Inverse of :meth:`to_dict`."""
+        measurements = [Measurement(**m) for m in data["measurements"]]
+        return cls(data["machine"], data["config"], data["problems"], measurements)
+
 
 def _cpu_model() -> str:
     try:

@@ -49,6 +49,12 @@ def test_cli_writes_report_json_and_plot(tmp_path):
     assert code == 0
     assert "EF @ v" in out.read_text()
     assert (tmp_path / "RESULTS.json").exists() and (tmp_path / "results_cpu.png").exists()
+    again = tmp_path / "again" / "RESULTS.md"
+    again.parent.mkdir()
+    (again.parent / "NOTES.md").write_text("a note on the results")
+    assert main(["--from-json", str(tmp_path / "RESULTS.json"), "--out", str(again)]) == 0
+    text = again.read_text()
+    assert "EF @ v" in text and "a note on the results" in text
 
 
 def test_input_errors():
