@@ -17,6 +17,11 @@ from curvops.risk.determinism import (
 )
 
 
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether all entries are finite; a finite sum implies it (NaN and Inf propagate)."""
+    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in tensors)
+
+
 class CurvatureLinearOperator(LinearOperator):
     """A linear operator defined by a sum of per-batch products over the data.
 
@@ -121,10 +126,10 @@ class CurvatureLinearOperator(LinearOperator):
         # local pass, then the sum across processes (NOTE [data parallelism]); the ranks
         # compare fingerprints of X, and an error on any rank is raised on all of them
         with self._risk.partial_sums(out, inputs=X, what=f"{type(self).__name__} product"):
-            if self._check_finite and not all(torch.isfinite(x).all() for x in X):
+            if self._check_finite and not _all_finite(X):
                 raise ValueError(f"The input to {type(self).__name__} contains NaN or Inf entries.")
             self._accumulate(out, V)
-        if self._check_finite and not all(torch.isfinite(o).all() for o in out):
+        if self._check_finite and not _all_finite(out):
             raise FloatingPointError(
                 f"{type(self).__name__} produced NaN or Inf. Check the model and data for "
                 "non-finite values (e.g. log of zero, exploding activations) or use float64."
