@@ -99,6 +99,19 @@ class _LanczosQuadrature:
         generator: torch.Generator | None = None,
         progressbar: bool = False,
     ):
+        """Run the Lanczos processes.
+
+        Args:
+            A: Symmetric operator (or dense symmetric matrix).
+            ncv: Number of Lanczos steps per repeat, at most ``D``.
+            num_repeats: Number of independent start vectors :math:`R`.
+            generator: Random number generator of the start vectors (NOTE [estimator
+                randomness] in :mod:`curvops.linalg._sampling`).
+            progressbar: Whether to show a progress bar over the Lanczos steps.
+
+        Raises:
+            ValueError: If ``A`` is not square and symmetric, or an option is invalid.
+        """
         A = as_linear_operator(A)
         name = type(self).__name__
         D = require_square(A, name)
@@ -144,32 +157,6 @@ class LanczosApproximateSpectrumCached(_LanczosQuadrature):
         1.0
     """
 
-    def __init__(
-        self,
-        A: LinearOperator | Tensor,
-        *,
-        ncv: int,
-        num_repeats: int = 1,
-        generator: torch.Generator | None = None,
-        progressbar: bool = False,
-    ):
-        """Run the Lanczos processes.
-
-        Args:
-            A: Symmetric operator (or dense symmetric matrix).
-            ncv: Number of Lanczos steps per repeat, at most ``D``.
-            num_repeats: Number of independent start vectors :math:`R`.
-            generator: Random number generator of the start vectors (NOTE [estimator
-                randomness] in :mod:`curvops.linalg._sampling`).
-            progressbar: Whether to show a progress bar over the Lanczos steps.
-
-        Raises:
-            ValueError: If ``A`` is not square and symmetric, or an option is invalid.
-        """
-        super().__init__(
-            A, ncv=ncv, num_repeats=num_repeats, generator=generator, progressbar=progressbar
-        )
-
     def __call__(
         self,
         *,
@@ -211,32 +198,6 @@ class LanczosApproximateLogSpectrumCached(_LanczosQuadrature):
     (Papyan (2020); NOTE [Lanczos quadrature] in
     :mod:`curvops.linalg.spectral.lanczos_density`).
     """
-
-    def __init__(
-        self,
-        A: LinearOperator | Tensor,
-        *,
-        ncv: int,
-        num_repeats: int = 1,
-        generator: torch.Generator | None = None,
-        progressbar: bool = False,
-    ):
-        """Run the Lanczos processes.
-
-        Args:
-            A: Symmetric operator (or dense symmetric matrix).
-            ncv: Number of Lanczos steps per repeat, at most ``D``.
-            num_repeats: Number of independent start vectors :math:`R`.
-            generator: Random number generator of the start vectors (NOTE [estimator
-                randomness] in :mod:`curvops.linalg._sampling`).
-            progressbar: Whether to show a progress bar over the Lanczos steps.
-
-        Raises:
-            ValueError: If ``A`` is not square and symmetric, or an option is invalid.
-        """
-        super().__init__(
-            A, ncv=ncv, num_repeats=num_repeats, generator=generator, progressbar=progressbar
-        )
 
     def __call__(
         self,
