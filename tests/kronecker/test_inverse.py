@@ -1,4 +1,9 @@
-"""Damped inverses of KFAC and EKFAC against dense inverses of dense damped operators."""
+"""Damped inverses of KFAC and EKFAC against dense inverses of dense damped operators.
+
+Factor-wise and heuristic damping must not eigendecompose (NOTE [Cholesky inverse factors] of
+``curvops.kronecker.inverse``): their tests run with ``torch.linalg.eigh`` made to fail, except
+for the structured form ``to_block_diagonal()``, which needs the eigendecompositions.
+"""
 
 from __future__ import annotations
 
@@ -72,14 +77,29 @@ def damped_kfac_dense(
     return damped.to_dense()
 
 
+def _forbid_eigh(monkeypatch):
+    """Make every symmetric eigendecomposition fail (undo with ``monkeypatch.undo()``)."""
+
+    def eigh(*args, **kwargs):
+        raise AssertionError("torch.linalg.eigh was called")
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+
+
 @pytest.mark.parametrize("damping", [0.1, (0.05, 0.3)], ids=["float", "pair"])
 @pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
-def test_factor_damping(separate, damping):
+def test_factor_damping(separate, damping, monkeypatch):
     K = make_kfac(separate)
     dA, dB = (damping, damping) if isinstance(damping, float) else damping
-    K_inv = KFACInverseLinearOperator(K, damping=damping)
     dense = damped_kfac_dense(K, {name: (dA, dB) for name in K.factors}, shift=dA * dB)
-    assert_operator_matches(K_inv, torch.linalg.inv(dense), rtol=1e-7, atol=1e-9)
+    reference = torch.linalg.inv(dense)
+    _forbid_eigh(monkeypatch)
+    K_inv = KFACInverseLinearOperator(K, damping=damping)
+    assert_operator_matches(K_inv, reference, rtol=1e-7, atol=1e-9)
+    assert K._eigen_cache == {}
+    monkeypatch.undo()
+    assert_operator_matches(K_inv.to_block_diagonal(), reference, rtol=1e-7, atol=1e-9)
+    assert K_inv.to_block_diagonal() is K_inv.to_block_diagonal()  # built once
 
 
 @pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
@@ -97,13 +117,15 @@ def heuristic_pair(A, B, delta, min_damping):
 
 
 @pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
-def test_heuristic_damping(separate):
+def test_heuristic_damping(separate, monkeypatch):
     """Martens & Grosse (2015), §6.3, computed here directly from the factors."""
     K = make_kfac(separate)
     delta, min_damping = 0.01, 0.05
+    _forbid_eigh(monkeypatch)
     K_inv = KFACInverseLinearOperator(
         K, damping=delta, use_heuristic_damping=True, min_damping=min_damping
     )
+    monkeypatch.undo()
     dampings = {}
     for name, f in K.factors.items():
         # joint and weight blocks: (A, B); a separate bias block has its own pi with A = a_b
@@ -125,7 +147,10 @@ def test_heuristic_damping(separate):
             start = sum(torch.Size(s).numel() for s in K.in_shapes[:i])
             idx = torch.arange(start, start + block.shape[0])
             reference[idx[:, None], idx[None, :]] = block
+    _forbid_eigh(monkeypatch)
     assert_operator_matches(K_inv, reference, rtol=1e-7, atol=1e-9)
+    monkeypatch.undo()
+    assert_operator_matches(K_inv.to_block_diagonal(), reference, rtol=1e-7, atol=1e-9)
 
 
 def test_heuristic_damping_is_clipped_at_min_damping():
@@ -175,12 +200,129 @@ def test_singular_block_without_damping_is_an_error_naming_the_layer():
         KFACInverseLinearOperator(K, use_exact_damping=True)
 
 
-def test_factorisations_are_cached():
+def test_eigendecompositions_are_cached():
     K = make_kfac()
-    KFACInverseLinearOperator(K, damping=0.1)
+    KFACInverseLinearOperator(K, damping=0.1, use_exact_damping=True)
     cached = dict(K._eigen_cache)
+    assert len(cached) == 2 * len(K.factors) - 1  # the embedding's input factor is diagonal
     KFACInverseLinearOperator(K, damping=0.2, use_exact_damping=True)
+    KFACInverseLinearOperator(K, damping=0.2).to_block_diagonal()
+    assert K._eigen_cache.keys() == cached.keys()
     assert all(K._eigen_cache[key] is value for key, value in cached.items())
+
+
+@pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
+def test_factor_damping_uses_cached_eigendecompositions(separate, monkeypatch):
+    """With the eigendecompositions cached, the inverse factors come from them."""
+    K = make_kfac(separate)
+    damping = (0.05, 0.3)
+    reference = torch.linalg.inv(
+        damped_kfac_dense(K, {name: damping for name in K.factors}, shift=0.05 * 0.3)
+    )
+    KFACInverseLinearOperator(K, damping=0.1, use_exact_damping=True)  # fills the cache
+
+    def cholesky_ex(*args, **kwargs):
+        raise AssertionError("torch.linalg.cholesky_ex was called")
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", cholesky_ex)
+    K_inv = KFACInverseLinearOperator(K, damping=damping)
+    assert_operator_matches(K_inv, reference, rtol=1e-7, atol=1e-9)
+
+
+def test_structured_form_keeps_the_factors_of_construction():
+    """to_block_diagonal() (built lazily) describes the operator, even if K's factors change."""
+    K = make_kfac()
+    K_inv = KFACInverseLinearOperator(K, damping=(0.05, 0.3))
+    v = torch.randn(K.shape[0], generator=generator(6), dtype=DTYPE)
+    before = K_inv @ v
+    state = K.state_dict()
+    for tensors in state["factors"].values():
+        tensors["gradient_factor"] = 2 * tensors["gradient_factor"]
+    K.load_state_dict(state)  # replaces the factors and drops the cache
+    torch.testing.assert_close(K_inv.to_block_diagonal() @ v, before, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(K_inv @ v, before, rtol=0, atol=0)
+
+
+def _rank_deficient_kfac(dtype=DTYPE) -> KFACLinearOperator:
+    model = build(lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))).to(dtype)
+    g = generator(5)
+    data = batches(
+        torch.randn(N, 3, generator=g, dtype=DTYPE).to(dtype),
+        torch.randn(N, 2, generator=g, dtype=DTYPE).to(dtype),
+    )
+    return KFACLinearOperator(
+        model, nn.MSELoss(), list(model.parameters()), data, fisher_type="type-2"
+    )  # the gradient factor B of layer '0' has rank 2 < 4
+
+
+def _spy_eigendecompositions(K, monkeypatch) -> list[tuple[str, str]]:
+    calls = []
+    original = K.eigendecomposition
+
+    def eigendecomposition(layer_name, factor, **kwargs):
+        calls.append((layer_name, factor))
+        return original(layer_name, factor, **kwargs)
+
+    monkeypatch.setattr(K, "eigendecomposition", eigendecomposition)
+    return calls
+
+
+@pytest.mark.parametrize("damping", [0.0, (1.0, 0.0)], ids=["float", "pair"])
+def test_singular_factor_without_damping_is_an_error_naming_the_layer(damping, monkeypatch):
+    """The Cholesky factorisation of a singular factor falls back to the eigendecomposition."""
+    K = _rank_deficient_kfac()
+    calls = _spy_eigendecompositions(K, monkeypatch)
+    with pytest.raises(ValueError, match="gradient factor of Linear '0' is singular"):
+        KFACInverseLinearOperator(K, damping=damping)
+    assert ("0", "gradient") in calls and ("0", "input") not in calls
+
+
+def test_retry_option_reaches_the_fallback_decomposition(monkeypatch):
+    """A float32 singular factor falls back to eigh, which is retried in float64 if asked."""
+    K = _rank_deficient_kfac(torch.float32)
+    K.compute_factors()
+    original = torch.linalg.eigh
+
+    def eigh(A):
+        if A.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("simulated failure")
+        return original(A)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    with pytest.raises(RuntimeError, match=r"gradient factor of Linear '0' \(torch.float32\)"):
+        KFACInverseLinearOperator(K, damping=0.0, retry_double_precision=False)
+    with pytest.raises(ValueError, match="gradient factor of Linear '0' is singular"):
+        KFACInverseLinearOperator(K, damping=0.0)
+
+
+def test_slightly_indefinite_factor_with_tiny_damping_gives_finite_psd_inverse(monkeypatch):
+    """An eigenvalue of round-off size (here negative) is clipped to 0 (NOTE [numerical rank
+    of factors]), so the inverse factor is Q diag(1 / (max(lambda, 0) + delta)) Q^T."""
+    model = build(lambda: nn.Linear(3, 4, bias=False))
+    g = generator(7)
+    data = batches(
+        torch.randn(N, 3, generator=g, dtype=DTYPE), torch.randn(N, 4, generator=g, dtype=DTYPE)
+    )
+    K = KFACLinearOperator(model, nn.MSELoss(), [model.weight], data, fisher_type="type-2")
+    Q = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=DTYPE))[0].contiguous()
+    lam = torch.tensor([-1e-13, 100.0, 200.0, 300.0], dtype=DTYPE)
+    state = K.state_dict()
+    (tensors,) = state["factors"].values()
+    tensors["gradient_factor"] = (Q * lam) @ Q.T
+    K.load_state_dict(state)
+    delta = 1e-13
+    calls = _spy_eigendecompositions(K, monkeypatch)
+    K_inv = KFACInverseLinearOperator(K, damping=delta)
+    assert calls == [("", "gradient")]  # the input factor A is well conditioned
+    dense = K_inv.to_dense()
+    B_inv = (Q / (lam.clamp(min=0) + delta)) @ Q.T
+    A = tensors["input_factor"]
+    A_inv = torch.linalg.inv(A + delta * torch.eye(3, dtype=DTYPE))
+    reference = torch.kron(B_inv.contiguous(), A_inv.contiguous())  # kron rejects column-major
+    assert bool(torch.isfinite(dense).all())
+    scale = float(reference.abs().max())  # about 1 / delta
+    torch.testing.assert_close(dense, reference, rtol=1e-6, atol=1e-6 * scale)
+    assert float(torch.linalg.eigvalsh(dense).min()) > 0
 
 
 @pytest.mark.parametrize(

@@ -1,22 +1,39 @@
-r"""Damped inverses of KFAC and EKFAC, from eigendecompositions computed once.
+r"""Damped inverses of KFAC and EKFAC, factorised once at construction.
 
-Every KFAC block :math:`B \otimes A` (with :math:`A = Q_A \Lambda_A Q_A^\top`,
-:math:`B = Q_B \Lambda_B Q_B^\top`) inverts in its eigenbasis, returned as a
-:class:`~curvops.structured.KroneckerEigenLinearOperator`:
+Every KFAC block :math:`B \otimes A` is inverted factor by factor or in its eigenbasis
+(:math:`A = Q_A \Lambda_A Q_A^\top`, :math:`B = Q_B \Lambda_B Q_B^\top`):
 
 * factor-wise damping :math:`(\delta_A, \delta_B)`:
-  :math:`(B + \delta_B I)^{-1} \otimes (A + \delta_A I)^{-1}`, eigenvalues
-  :math:`1 / ((\lambda_B + \delta_B)(\lambda_A + \delta_A))` (a float :math:`\delta` means
-  :math:`\delta_A = \delta_B = \delta`);
+  :math:`(B + \delta_B I)^{-1} \otimes (A + \delta_A I)^{-1}` (a float :math:`\delta` means
+  :math:`\delta_A = \delta_B = \delta`), from Cholesky factorisations of the damped factors
+  (NOTE [Cholesky inverse factors]); its eigenvalues are
+  :math:`1 / ((\lambda_B + \delta_B)(\lambda_A + \delta_A))`;
 * heuristic (:math:`\pi`-) damping (Martens, J., Grosse, R. (2015). Optimizing neural networks
-  with Kronecker-factored approximate curvature, §6.3):
+  with Kronecker-factored approximate curvature, §6.3): factor-wise damping with
   :math:`\pi = \sqrt{(\operatorname{tr} A / \dim A) / (\operatorname{tr} B / \dim B)}`,
   :math:`\delta_A = \max(\pi \sqrt\delta, \delta_\text{min})`,
   :math:`\delta_B = \max(\sqrt\delta / \pi, \delta_\text{min})` (:math:`\pi = 1` if a trace
   vanishes);
-* exact damping :math:`(B \otimes A + \delta I)^{-1}`, eigenvalues
+* exact damping :math:`(B \otimes A + \delta I)^{-1}`, in the eigenbasis with eigenvalues
   :math:`1 / (\lambda_B \lambda_A + \delta)` (Grosse, R., Bae, J., Anil, C., et al. (2023).
   Studying large language model generalization with influence functions).
+
+NOTE [Cholesky inverse factors]: a factor-damped block needs only the inverse factors
+:math:`(A + \delta_A I)^{-1}` and :math:`(B + \delta_B I)^{-1}`, computed from the Cholesky
+factorisation :math:`F + \delta I = L L^\top` as :math:`L^{-\top} L^{-1}` (about :math:`n^3`
+flops, several times cheaper than a symmetric eigendecomposition; Golub, G. H., Van Loan, C. F.
+(2013). Matrix Computations, 4th ed., §4.2). Every pivot satisfies :math:`L_{ii}^2 \geq
+\lambda_\min(F + \delta I)` (it is the reciprocal of a diagonal entry of the inverse of a
+leading principal submatrix, whose smallest eigenvalue is at least :math:`\lambda_\min`), so
+a pivot :math:`L_{ii}^2 \leq n \varepsilon \max_i (F + \delta I)_{ii}` proves the damped factor
+singular up to round-off (the tolerance of NOTE [numerical rank of factors] in
+:mod:`curvops.kronecker.eigen`, with the largest diagonal entry in place of the largest
+eigenvalue, which it does not exceed). Such a factor, or one whose factorisation fails, is
+inverted from its eigendecomposition instead (eigenvalues clipped at 0, an error if
+:math:`\lambda + \delta` is not positive); so is a factor whose eigendecomposition is
+already cached on the KFAC operator. The structured form
+(:meth:`_BlockInverse.to_block_diagonal`) needs the eigendecompositions and computes them on
+its first call.
 
 NOTE [damping of fallback blocks]: a fallback block :math:`\operatorname{diag}(d)` has no
 factors; it is damped with the coefficient of :math:`I` in the damped Kronecker product,
@@ -27,6 +44,8 @@ damping and :math:`c = \delta` for exact and heuristic damping (where
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from math import sqrt
 from numbers import Real
 
@@ -34,7 +53,9 @@ import torch
 from torch import Tensor
 
 from curvops.kronecker.blocks import RowDiagonalKroneckerLinearOperator, WeightBiasStacking
+from curvops.kronecker.eigen import factor_eigh
 from curvops.kronecker.ekfac import EKFACLinearOperator
+from curvops.kronecker.factors import LayerFactors
 from curvops.kronecker.kfac import KFACLinearOperator
 from curvops.kronecker.product import (
     DiagonalBlock,
@@ -49,6 +70,8 @@ from curvops.structured import (
     DiagonalLinearOperator,
     KroneckerEigenLinearOperator,
 )
+
+_Structured = Callable[[], tuple[LinearOperator, list[int]]]
 
 
 def _nonnegative(value: object, name: str) -> float:
@@ -67,20 +90,39 @@ def _inverted(denominator: Tensor, what: str) -> Tensor:
     return 1.0 / denominator
 
 
-def _inverse_factor(Q: Tensor, shifted_eigenvalues: Tensor) -> Tensor:
-    r""":math:`Q \operatorname{diag}(1 / (\lambda + \delta)) Q^\top` from positive ``λ + δ``.
-
-    Symmetrised, so that it is exactly symmetric (its products use it untransposed).
-    """
-    M = (Q * shifted_eigenvalues.reciprocal()) @ Q.T
+def _symmetrised(M: Tensor) -> Tensor:
+    """``(M + M^T) / 2``: exactly symmetric, so that products may use it untransposed."""
     return (M + M.T) / 2
+
+
+def _eigen_inverse(Q: Tensor, inverse_eigenvalues: Tensor) -> Tensor:
+    r""":math:`Q \operatorname{diag}(\mu) Q^\top` for ``inverse_eigenvalues`` :math:`\mu`."""
+    return _symmetrised((Q * inverse_eigenvalues) @ Q.T)
+
+
+def _cholesky_inverse(matrix: Tensor, damping: float) -> Tensor | None:
+    r""":math:`(F + \delta I)^{-1}` from a Cholesky factorisation, or ``None`` if singular.
+
+    ``None`` if the factorisation fails or a pivot proves the damped factor numerically
+    singular (NOTE [Cholesky inverse factors]).
+    """
+    damped = matrix.clone()
+    damped.diagonal().add_(damping)
+    L, info = torch.linalg.cholesky_ex(damped)
+    n = matrix.shape[-1]
+    tol = n * torch.finfo(matrix.dtype).eps * damped.diagonal().max()
+    # one synchronisation; a NaN pivot (failed factorisation, non-finite factor) compares False
+    if not bool((info == 0) & (L.diagonal().square().min() > tol)):
+        return None
+    return _symmetrised(torch.cholesky_inverse(L))
 
 
 class _BlockInverse(LinearOperator):
     """Shared product of the inverse operators: a block-diagonal collection of blocks.
 
-    Every block is kept twice: as a structured operator (:meth:`to_block_diagonal`) and as
-    plain tensors for the products (:mod:`curvops.kronecker.product`).
+    Every block is kept as plain tensors for the products (:mod:`curvops.kronecker.product`)
+    and as a recipe for its structured operator, built by the first call of
+    :meth:`to_block_diagonal`.
     """
 
     is_self_adjoint = True
@@ -88,12 +130,14 @@ class _BlockInverse(LinearOperator):
 
     def __init__(self, op: KFACLinearOperator):
         super().__init__(op.in_shapes, op.out_shapes, dtype=op.dtype, device=op.device)
-        self._blocks: list[tuple[LinearOperator, list[int]]] = []
+        self._structured: list[_Structured] = []
         self._product_blocks: list[MatrixBlock | DiagonalBlock] = []
+        self._operator: BlockDiagonalLinearOperator | None = None
 
-    def _weight_block(self, op, layer, vals: Tensor, QA: Tensor | None, QB: Tensor):
+    def _weight_block(
+        self, layer, f: LayerFactors, vals: Tensor, QA: Tensor | None, QB: Tensor
+    ) -> tuple[LinearOperator, list[int]]:
         """The structured block of a layer's weight (with a joint bias) for eigenvalues ``vals``."""
-        f = op.factors[layer.name]
         w, b = layer.weight_index, layer.bias_index
         if f.diagonal_input:
             return RowDiagonalKroneckerLinearOperator(QB, vals), [w]
@@ -106,46 +150,56 @@ class _BlockInverse(LinearOperator):
         )
         return eig, [w]
 
-    def _add_weight_block(
-        self, op, layer, vals: Tensor, QA: Tensor | None, QB: Tensor, core=None
-    ) -> None:
-        """Add a layer's weight block with eigenvalues ``vals`` in the basis ``QB (x) QA``.
+    def _bias_block(self, layer, vals: Tensor, QB: Tensor) -> tuple[LinearOperator, list[int]]:
+        """The structured block of a separate bias for eigenvalues ``vals`` in the basis ``QB``."""
+        return KroneckerEigenLinearOperator([QB], vals, check_orthonormal=False), [layer.bias_index]
 
-        ``core`` replaces the eigenbasis form in the products (e.g. explicit inverse
-        factors, two matrix products instead of four).
-        """
-        f = op.factors[layer.name]
-        self._blocks.append(self._weight_block(op, layer, vals, QA, QB))
-        if core is None:
-            core = EigenCore(None, QB, vals) if f.diagonal_input else EigenCore(QB, QA, vals)
+    def _add_weight_product(self, layer, f: LayerFactors, core) -> None:
+        """Add the product block of a layer's weight (with a joint bias)."""
         w, b = layer.weight_index, layer.bias_index
         positions = (w, b) if f.joint else (w,)
         shapes = tuple(self._in_shapes[i] for i in positions)
         self._product_blocks.append(MatrixBlock(positions, shapes, core))
 
-    def _add_bias_block(self, layer, vals: Tensor, QB: Tensor, core=None) -> None:
-        """Add a separate bias block with eigenvalues ``vals`` in the basis ``QB``."""
+    def _add_bias_product(self, layer, core) -> None:
+        """Add the product block of a separate bias."""
         b = layer.bias_index
-        eig = KroneckerEigenLinearOperator([QB], vals, check_orthonormal=False)
-        self._blocks.append((eig, [b]))
-        core = EigenCore(QB, None, vals.unsqueeze(-1)) if core is None else core
         self._product_blocks.append(MatrixBlock((b,), (self._in_shapes[b],), core))
 
+    def _add_eigen_weight_block(
+        self, layer, f: LayerFactors, vals: Tensor, QA: Tensor | None, QB: Tensor
+    ) -> None:
+        """Add a layer's weight block with eigenvalues ``vals`` in the basis ``QB (x) QA``."""
+        self._structured.append(lambda: self._weight_block(layer, f, vals, QA, QB))
+        core = EigenCore(None, QB, vals) if f.diagonal_input else EigenCore(QB, QA, vals)
+        self._add_weight_product(layer, f, core)
+
+    def _add_eigen_bias_block(self, layer, vals: Tensor, QB: Tensor) -> None:
+        """Add a separate bias block with eigenvalues ``vals`` in the basis ``QB``."""
+        self._structured.append(lambda: self._bias_block(layer, vals, QB))
+        self._add_bias_product(layer, EigenCore(QB, None, vals.unsqueeze(-1)))
+
     def _add_diagonal_block(self, index: int, vals: Tensor) -> None:
-        self._blocks.append((DiagonalLinearOperator([vals]), [index]))
+        self._structured.append(lambda: (DiagonalLinearOperator([vals]), [index]))
         self._product_blocks.append(DiagonalBlock((index,), vals))
 
     def _finish(self) -> None:
-        """Assemble the blocks into one block-diagonal operator (and the product's blocks)."""
-        self._operator = BlockDiagonalLinearOperator(
-            [op for op, _ in self._blocks], [positions for _, positions in self._blocks]
-        )
+        """Assemble the product's blocks."""
         self._product = FactoredBlocks(
             self._product_blocks, self._in_shapes, dtype=self.dtype, device=self.device, psd=True
         )
 
     def to_block_diagonal(self) -> BlockDiagonalLinearOperator:
-        """The inverse as a block-diagonal composition of structured blocks."""
+        """The inverse as a block-diagonal composition of structured (eigenbasis) blocks.
+
+        Built on the first call; for factor-wise and heuristic damping this computes the
+        eigendecompositions of the factors (NOTE [Cholesky inverse factors]).
+        """
+        if self._operator is None:
+            blocks = [build() for build in self._structured]
+            self._operator = BlockDiagonalLinearOperator(
+                [op for op, _ in blocks], [positions for _, positions in blocks]
+            )
         return self._operator
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
@@ -155,8 +209,10 @@ class _BlockInverse(LinearOperator):
 class KFACInverseLinearOperator(_BlockInverse):
     r"""Damped inverse of a :class:`~curvops.kronecker.kfac.KFACLinearOperator`.
 
-    The factors' eigendecompositions are computed once at construction (cached on the KFAC
-    operator) and every product costs a few small matrix products per layer. See the module
+    The damped factors are factorised once at construction and every product costs a few
+    small matrix products per layer: factor-wise and heuristic damping multiply with
+    explicit inverse factors from Cholesky factorisations (NOTE [Cholesky inverse factors]),
+    exact damping in the factors' eigenbases (cached on the KFAC operator). See the module
     docstring for the three damping schemes and NOTE [damping of fallback blocks].
 
     Args:
@@ -216,57 +272,120 @@ class KFACInverseLinearOperator(_BlockInverse):
         self._damping = damping
         self._heuristic, self._exact = use_heuristic_damping, use_exact_damping
         self._min_damping = min_damping
+        self._retry = retry_double_precision
+        self._inverse_factors: dict[tuple[str, str, float], Tensor] = {}
 
         for layer, f in K._layer_items():
-            where = f"{f.module_type} '{layer.name}'"
-            lamB, QB = K.eigendecomposition(
-                layer.name, "gradient", retry_double_precision=retry_double_precision
-            )
-            if f.input_factor is not None:
-                if f.diagonal_input:
-                    lamA, QA, trA = f.input_factor, None, f.input_factor.mean()
-                else:
-                    lamA, QA = K.eigendecomposition(
-                        layer.name, "input", retry_double_precision=retry_double_precision
-                    )
-                    trA = f.input_factor.diagonal().mean()
-                outer = torch.outer(lamA, lamB) if f.diagonal_input else torch.outer(lamB, lamA)
-                core = None  # exact damping: the eigenbasis form
-                if self._exact:
-                    denominator = outer + delta
-                else:
-                    dA, dB = pair or self._heuristic_pair(delta, trA, f.gradient_factor)
-                    denominator = (
-                        torch.outer(lamA + dA, lamB + dB)
-                        if f.diagonal_input
-                        else torch.outer(lamB + dB, lamA + dA)
-                    )
-                vals = _inverted(denominator, f"Kronecker block of {where}")
-                if not self._exact:  # products with the inverse factors
-                    B_inv = _inverse_factor(QB, lamB + dB)
-                    core = (
-                        KroneckerCore((lamA + dA).reciprocal(), B_inv, symmetric=True)
-                        if f.diagonal_input
-                        else KroneckerCore(B_inv, _inverse_factor(QA, lamA + dA), symmetric=True)
-                    )
-                self._add_weight_block(K, layer, vals, QA, QB, core)
-            if f.bias_input_factor is not None:
-                a_b = f.bias_input_factor
-                core = None
-                if self._exact:
-                    denominator = a_b * lamB + delta
-                else:
-                    dA, dB = pair or self._heuristic_pair(delta, a_b, f.gradient_factor)
-                    denominator = (a_b + dA) * (lamB + dB)
-                vals = _inverted(denominator, f"bias block of {where}")
-                if not self._exact:
-                    core = KroneckerCore(_inverse_factor(QB, lamB + dB) / (a_b + dA), None)
-                self._add_bias_block(layer, vals, QB, core)
+            if self._exact:
+                self._add_exactly_damped(layer, f, delta)
+            else:
+                self._add_factor_damped(layer, f, pair, delta)
         shift = delta if pair is None else pair[0] * pair[1]
         names = K.param_names
         for i, diag in K._fallback_items():
             self._add_diagonal_block(i, _inverted(diag + shift, f"diagonal block of '{names[i]}'"))
+        self._inverse_factors = {}  # only shared between the blocks of one layer
         self._finish()
+
+    # ------------------------------------------------------------ factorisations
+    def _eigh(self, layer_name: str, f: LayerFactors, factor: str) -> tuple[Tensor, Tensor]:
+        """Eigendecomposition of a factor of ``f``, cached on the KFAC operator.
+
+        Computed without the cache if the operator's factors were replaced since
+        construction (the inverse keeps the factors it was built from).
+        """
+        K = self._K
+        if K._factors is not None and K._factors.get(layer_name) is f:
+            return K.eigendecomposition(layer_name, factor, retry_double_precision=self._retry)
+        matrix = f.input_factor if factor == "input" else f.gradient_factor
+        return factor_eigh(
+            matrix,
+            what=f"{factor} factor of {f.module_type} '{layer_name}'",
+            retry_double_precision=self._retry,
+        )
+
+    def _inverse_factor(self, layer_name: str, f: LayerFactors, factor: str, d: float) -> Tensor:
+        r"""The damped inverse factor :math:`(F + d I)^{-1}` (NOTE [Cholesky inverse factors])."""
+        key = (layer_name, factor, d)
+        if key not in self._inverse_factors:
+            matrix = f.input_factor if factor == "input" else f.gradient_factor
+            inverse = None
+            if (layer_name, factor) not in self._K._eigen_cache:
+                inverse = _cholesky_inverse(matrix, d)
+            if inverse is None:
+                lam, Q = self._eigh(layer_name, f, factor)
+                what = f"{factor} factor of {f.module_type} '{layer_name}'"
+                inverse = _eigen_inverse(Q, _inverted(lam + d, what))
+            self._inverse_factors[key] = inverse
+        return self._inverse_factors[key]
+
+    # ------------------------------------------------------------ damping schemes
+    def _add_factor_damped(
+        self, layer, f: LayerFactors, pair: tuple[float, float] | None, delta: float | None
+    ) -> None:
+        """Add the blocks of a layer with factor-wise (or heuristic) damping."""
+        where = f"{f.module_type} '{layer.name}'"
+        name = layer.name
+        if f.input_factor is not None:
+            A = f.input_factor
+            trA = A.mean() if f.diagonal_input else A.diagonal().mean()
+            dA, dB = pair or self._heuristic_pair(delta, trA, f.gradient_factor)
+            B_inv = self._inverse_factor(name, f, "gradient", dB)
+            if f.diagonal_input:
+                A_inv = _inverted(A + dA, f"Kronecker block of {where}")
+                core = KroneckerCore(A_inv, B_inv, symmetric=True)
+            else:
+                A_inv = self._inverse_factor(name, f, "input", dA)
+                core = KroneckerCore(B_inv, A_inv, symmetric=True)
+            self._add_weight_product(layer, f, core)
+            self._structured.append(partial(self._damped_weight_block, layer, f, dA, dB))
+        if f.bias_input_factor is not None:
+            a_b = f.bias_input_factor
+            dA, dB = pair or self._heuristic_pair(delta, a_b, f.gradient_factor)
+            scale = _inverted(a_b + dA, f"bias block of {where}")
+            B_inv = self._inverse_factor(name, f, "gradient", dB)
+            self._add_bias_product(layer, KroneckerCore(B_inv * scale, None))
+            self._structured.append(partial(self._damped_bias_block, layer, f, dA, dB))
+
+    def _damped_weight_block(
+        self, layer, f: LayerFactors, dA: float, dB: float
+    ) -> tuple[LinearOperator, list[int]]:
+        """Structured form of a factor-damped weight block (needs the eigendecompositions)."""
+        lamB, QB = self._eigh(layer.name, f, "gradient")
+        if f.diagonal_input:
+            lamA, QA = f.input_factor, None
+            denominator = torch.outer(lamA + dA, lamB + dB)
+        else:
+            lamA, QA = self._eigh(layer.name, f, "input")
+            denominator = torch.outer(lamB + dB, lamA + dA)
+        vals = _inverted(denominator, f"Kronecker block of {f.module_type} '{layer.name}'")
+        return self._weight_block(layer, f, vals, QA, QB)
+
+    def _damped_bias_block(
+        self, layer, f: LayerFactors, dA: float, dB: float
+    ) -> tuple[LinearOperator, list[int]]:
+        """Structured form of a factor-damped separate bias block."""
+        lamB, QB = self._eigh(layer.name, f, "gradient")
+        denominator = (f.bias_input_factor + dA) * (lamB + dB)
+        vals = _inverted(denominator, f"bias block of {f.module_type} '{layer.name}'")
+        return self._bias_block(layer, vals, QB)
+
+    def _add_exactly_damped(self, layer, f: LayerFactors, delta: float) -> None:
+        """Add the blocks of a layer with exact damping, in the factors' eigenbases."""
+        where = f"{f.module_type} '{layer.name}'"
+        lamB, QB = self._eigh(layer.name, f, "gradient")
+        if f.input_factor is not None:
+            if f.diagonal_input:
+                lamA, QA = f.input_factor, None
+                outer = torch.outer(lamA, lamB)
+            else:
+                lamA, QA = self._eigh(layer.name, f, "input")
+                outer = torch.outer(lamB, lamA)
+            vals = _inverted(outer + delta, f"Kronecker block of {where}")
+            self._add_eigen_weight_block(layer, f, vals, QA, QB)
+        if f.bias_input_factor is not None:
+            vals = _inverted(f.bias_input_factor * lamB + delta, f"bias block of {where}")
+            self._add_eigen_bias_block(layer, vals, QB)
 
     def _heuristic_pair(self, delta: float, mean_trace_A: Tensor, B: Tensor) -> tuple[float, float]:
         """Per-factor dampings :math:`(\\delta_A, \\delta_B)` of the :math:`\\pi` heuristic."""
@@ -308,10 +427,10 @@ class EKFACInverseLinearOperator(_BlockInverse):
             lam = corrections[layer.name]
             if "weight" in lam:
                 vals = _inverted(lam["weight"] + delta, f"EKFAC block of {where}")
-                self._add_weight_block(EK, layer, vals, QA, QB)
+                self._add_eigen_weight_block(layer, f, vals, QA, QB)
             if "bias" in lam:
                 vals = _inverted(lam["bias"] + delta, f"EKFAC bias block of {where}")
-                self._add_bias_block(layer, vals, QB)
+                self._add_eigen_bias_block(layer, vals, QB)
         names = EK.param_names
         for i, diag in EK._fallback_items():
             self._add_diagonal_block(i, _inverted(diag + delta, f"diagonal block of '{names[i]}'"))
