@@ -18,10 +18,16 @@ from curvops.kronecker.layers import LinearLayer
 K, N, D_OUT, D_IN = 3, 7, 4, 5
 
 
-def per_datum_reference(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sum_{k,n} (sum_t g_knt y_nt^T)^2 with every per-datum matrix materialised."""
-    per_datum = torch.einsum("knto,nti->knoi", g, y)
-    return per_datum.square().sum(dim=(0, 1))
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, n, generator=generator(seed), dtype=DTYPE))[0]
+
+
+def per_datum_reference(g, x, QB, QA, bias_column):
+    """sum_{k,n} (QB^T G_kn QA)^2 with every per-datum gradient G_kn materialised."""
+    if bias_column:
+        x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
+    per_datum = torch.einsum("knto,nti->knoi", g, x)
+    return (QB.T @ per_datum @ QA).square().sum(dim=(0, 1))
 
 
 class CountingBmm:
@@ -37,40 +43,48 @@ class CountingBmm:
         return out
 
 
-# budget -> (k_chunk, n_chunk) for K=3, N=7, d_out * d_in = 20
-CHUNKINGS = {
-    "default": (K, N),
-    "n-chunks": (K, 2),  # 120 // (3 * 20) = 2: N = 2 + 2 + 2 + 1
-    "k-chunks": (2, 1),  # 40 // 20 = 2: K = 2 + 1, one datum at a time
-    "below-one-matrix": (1, 1),  # still one matrix at a time
+# (K, T, d_out), covering the paths of squared_gradient_sum (d_in = 5 or 6 with the bias):
+# T == 1; T <= d_in rotates g first, T <= K d_out rotates x first
+SHAPES = {
+    "no-positions": (3, 1, 4),
+    "rotate-both-first": (3, 4, 4),
+    "rotate-g-after": (3, 8, 4),
+    "rotate-x-after": (1, 4, 2),
+    "rotate-both-after": (2, 13, 4),
 }
-BUDGETS = {"default": None, "n-chunks": 120, "k-chunks": 40, "below-one-matrix": 7}
+# budget (from K and the entries of one matrix) -> (k_chunk, n_chunk) for N = 7
+CHUNKINGS = {
+    "default": (None, lambda k: (k, N)),
+    "n-chunks": (lambda k, m: 2 * k * m, lambda k: (k, 2)),  # N = 2 + 2 + 2 + 1
+    "k-chunks": (lambda k, m: 2 * m, lambda k: (min(k, 2), 2 // min(k, 2))),  # K = 3 = 2 + 1
+    "below-one-matrix": (lambda k, m: 1, lambda k: (1, 1)),  # still one matrix at a time
+}
 
 
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("bias_column", [False, True], ids=["no-bias", "bias-column"])
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("chunking", list(CHUNKINGS))
-def test_squared_gradient_sum_matches_per_datum_squares(T, chunking, monkeypatch):
-    if BUDGETS[chunking] is not None:
-        monkeypatch.setattr(corrections, "CHUNK_ELEMENTS", BUDGETS[chunking])
+def test_squared_gradient_sum_matches_per_datum_squares(shape, chunking, bias_column, monkeypatch):
+    K_, T, d_out = SHAPES[shape]
+    d_in = D_IN + bias_column
+    budget, chunks = CHUNKINGS[chunking]
+    if budget is not None:
+        monkeypatch.setattr(corrections, "CHUNK_ELEMENTS", budget(K_, d_out * d_in))
     counter = CountingBmm()
     monkeypatch.setattr(torch, "bmm", counter)
     gen = generator(0)
-    g = torch.randn(K, N, T, D_OUT, generator=gen, dtype=DTYPE)
-    y = torch.randn(N, T, D_IN, generator=gen, dtype=DTYPE)
-    result = squared_gradient_sum(g, y)
-    torch.testing.assert_close(result, per_datum_reference(g, y), rtol=1e-12, atol=1e-12)
+    g = torch.randn(K_, N, T, d_out, generator=gen, dtype=DTYPE)
+    x = torch.randn(N, T, D_IN, generator=gen, dtype=DTYPE)
+    QB, QA = random_orthogonal(d_out, 1), random_orthogonal(d_in, 2)
+    result = squared_gradient_sum(g, x, QB, QA, bias_column=bias_column)
+    expected = per_datum_reference(g, x, QB, QA, bias_column)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
     if T == 1:
         assert counter.calls == 0  # one plain matrix product, no per-datum matrices
     else:
-        k_chunk, n_chunk = CHUNKINGS[chunking]
-        assert counter.calls == math.ceil(K / k_chunk) * math.ceil(N / n_chunk)
-        assert counter.largest == k_chunk * n_chunk * D_OUT * D_IN
-        budget = corrections.CHUNK_ELEMENTS
-        assert counter.largest <= max(budget, D_OUT * D_IN)
-
-
-def random_orthogonal(n: int, seed: int) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(n, n, generator=generator(seed), dtype=DTYPE))[0]
+        k_chunk, n_chunk = chunks(K_)
+        assert counter.calls == math.ceil(K_ / k_chunk) * math.ceil(N / n_chunk)
+        assert counter.largest <= k_chunk * n_chunk * d_out * d_in
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["unchunked", "chunked"])

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvops.kronecker.factors import LayerFactors, input_rows
+from curvops.kronecker.factors import LayerFactors
 from curvops.kronecker.layers import KFACLayer
 
 #: Most entries of the temporary per-datum gradients ``[k_chunk * n_chunk, d_out, d_in]`` that
@@ -52,25 +52,43 @@ from curvops.kronecker.layers import KFACLayer
 CHUNK_ELEMENTS = 2**22
 
 
-def squared_gradient_sum(g: Tensor, y: Tensor) -> Tensor:
-    r"""Sum of squared per-datum weight gradients, :math:`\sum_{k,n} (g_{k,n}^\top y_n)^{\odot 2}`.
+def squared_gradient_sum(
+    g: Tensor, x: Tensor, QB: Tensor, QA: Tensor, *, bias_column: bool = False
+) -> Tensor:
+    r"""Squared per-datum weight gradients in the eigenbasis, summed over :math:`k` and data.
 
-    See NOTE [squared per-datum gradients]: one matrix product for :math:`T = 1`, else
-    batched products over chunks of at most :data:`CHUNK_ELEMENTS` entries.
+    Computes :math:`\sum_{k,n} (Q_B^\top G_{k,n} Q_A)^{\odot 2}` with
+    :math:`G_{k,n} = \sum_t g_{k,n,t} \bar x_{n,t}^\top`, where :math:`\bar x = x`, or
+    :math:`\bar x = (x, 1)` with ``bias_column`` (the last row of :math:`Q_A` then belongs to
+    the bias' constant input). See NOTE [squared per-datum gradients]: one matrix product for
+    :math:`T = 1`, else batched products over chunks of at most :data:`CHUNK_ELEMENTS`
+    entries, each side rotated into the eigenbasis before or after the per-datum product,
+    whichever is cheaper.
 
     Args:
         g: Gradient rows ``[K, N, T, d_out]``.
-        y: Input rows ``[N, T, d_in]``.
+        x: Input rows ``[N, T, d_x]``.
+        QB: :math:`Q_B`, ``[d_out, d_out]``.
+        QA: :math:`Q_A`, ``[d_x (+1), d_in]``.
+        bias_column: Whether the inputs get a constant 1 appended (a joint bias).
 
     Returns:
-        ``[d_out, d_in]``, entry :math:`(o, i)` being
-        :math:`\sum_{k,n} (\sum_t g_{k,n,t,o} y_{n,t,i})^2`.
+        ``[d_out, d_in]``.
     """
     K, N, T, d_out = g.shape
-    d_in = y.shape[-1]
+    QA_w, QA_b = (QA[:-1], QA[-1]) if bias_column else (QA, None)
+    d_in = QA.shape[1]
     if T == 1:
-        return g[:, :, 0].square().sum(dim=0).T @ y[:, 0].square()
-    out = torch.zeros(d_out, d_in, dtype=g.dtype, device=g.device)
+        y = _rotate_rows(x[:, 0], QA_w, QA_b)
+        return (g[:, :, 0] @ QB).square().sum(dim=0).T @ y.square()
+    # rotating g first costs K N T d_out^2, the per-datum matrices after K N d_out^2 d_in;
+    # rotating x first costs N T d_x d_in, the per-datum matrices after K N d_out d_x d_in
+    rotate_g_first, rotate_x_first = T <= d_in, T <= K * d_out
+    if rotate_g_first:
+        g = g @ QB
+    if rotate_x_first:
+        x = _rotate_rows(x, QA_w, QA_b)
+    out = torch.zeros(d_out * d_in, dtype=g.dtype, device=g.device)
     per_matrix = d_out * d_in
     k_chunk = max(1, min(K, CHUNK_ELEMENTS // per_matrix))
     n_chunk = max(1, min(N, CHUNK_ELEMENTS // (k_chunk * per_matrix)))
@@ -78,11 +96,24 @@ def squared_gradient_sum(g: Tensor, y: Tensor) -> Tensor:
         for n0 in range(0, N, n_chunk):
             gc = g[k0 : k0 + k_chunk, n0 : n0 + n_chunk]  # [k, n, T, d_out]
             k, n = gc.shape[:2]
-            # [n, k * d_out, T] (a view for k == 1) times [n, T, d_in]
+            # [n, k * d_out, T] (a view for k == 1) times [n, T, d_x or d_in]
             lhs = gc.permute(1, 0, 3, 2).reshape(n, k * d_out, T)
-            per_datum = torch.bmm(lhs, y[n0 : n0 + n])
-            out += per_datum.square_().sum(dim=0).reshape(k, d_out, d_in).sum(dim=0)
-    return out
+            per_datum = torch.bmm(lhs, x[n0 : n0 + n])
+            if not rotate_x_first:
+                per_datum = per_datum @ QA_w
+                if QA_b is not None:  # the bias column's gradient is sum_t g
+                    per_datum.add_(lhs.sum(dim=-1, keepdim=True) * QA_b)
+            per_datum = per_datum.reshape(n * k, d_out, d_in)
+            if not rotate_g_first:
+                per_datum = torch.matmul(QB.T, per_datum)
+            out += per_datum.square_().reshape(n * k, per_matrix).sum(dim=0)
+    return out.reshape(d_out, d_in)
+
+
+def _rotate_rows(x: Tensor, QA_w: Tensor, QA_b: Tensor | None) -> Tensor:
+    """Rows ``(x, 1) @ QA`` (``x @ QA`` without a bias row), without appending the 1."""
+    y = x @ QA_w
+    return y if QA_b is None else y.add_(QA_b)
 
 
 class CorrectionAccumulator:
@@ -129,18 +160,21 @@ class CorrectionAccumulator:
             grad_output: Output gradients ``[K, *output.shape]``.
             weight: The batch weight :math:`w_\\mathbb{B}`.
         """
-        f = self.factors
-        x = input_rows(self.layer, inputs)
-        g = self.layer.grad_rows(grad_output) @ self.QB  # [K, N, T, d_out] in the eigenbasis
+        f, layer = self.factors, self.layer
+        g = layer.grad_rows(grad_output)  # [K, N, T, d_out]
         if f.input_factor is not None:
             if f.diagonal_input:
-                contribution = self._embedding_squares(x, g)
+                contribution = self._embedding_squares(layer.input_rows(inputs), g @ self.QB)
             else:
-                xw = x if f.joint or self.layer.bias_index is None else x[..., :-1]
-                contribution = squared_gradient_sum(g, xw @ self.QA)
+                x, order = layer.factor_input_rows(inputs)
+                QA = self.QA
+                if order is not None:  # x[..., j] is feature order[j]; rows of QA alike
+                    QA = torch.cat([QA[order], QA[order.numel() :]])
+                bias_column = f.joint and layer.bias_index is not None
+                contribution = squared_gradient_sum(g, x, self.QB, QA, bias_column=bias_column)
             self.weight_sum.add_(contribution, alpha=weight)
         if f.bias_input_factor is not None:
-            contribution = g.sum(dim=2).square().sum(dim=(0, 1))
+            contribution = (g.sum(dim=2) @ self.QB).square().sum(dim=(0, 1))
             self.bias_sum.add_(contribution, alpha=weight)
 
     def _embedding_squares(self, ids: Tensor, g: Tensor) -> Tensor:
