@@ -34,8 +34,13 @@ x_{n,t}`, the weight correction is :math:`\sum_{k,n} (\tilde G_{k,n})^{\odot 2}`
 * With :math:`T > 1` (convolutions, sequences) the per-datum matrices :math:`\tilde G_{k,n}` are
   formed by batched matrix products over chunks of data (and of :math:`k` if needed) whose
   temporary ``[k_chunk * n_chunk, d_out, d_in]`` holds at most :data:`CHUNK_ELEMENTS` entries
-  (at least one datum's one matrix, the weight's size), then squared in place and summed. The
-  result is exact; the chunking only bounds the memory.
+  (at least one datum's one matrix, the weight's size; rotating a chunk into the eigenbasis
+  makes at most two such temporaries), then squared in place and summed. Each side is rotated
+  into the eigenbasis where it is cheaper: the rows before the products (``g @ Q_B`` costs
+  :math:`K N T d_\text{out}^2`, ``x @ Q_A`` costs :math:`N T d_\text{in}^2`) or the
+  per-datum matrices after (:math:`K N d_\text{out}^2 d_\text{in}`, resp.
+  :math:`K N d_\text{out} d_\text{in}^2`); convolutions with many output locations rotate
+  after. The result is exact; the chunking only bounds the memory.
 """
 
 from __future__ import annotations
