@@ -6,6 +6,7 @@ import scipy.sparse.linalg
 import torch
 
 from curvops import LinearOperator
+from curvops.linear_operator import FlatBackedList
 from curvops.testing import assert_operator_matches
 
 
@@ -114,3 +115,50 @@ def test_bad_inputs(square, rect):
         op / 0
     with pytest.raises(ValueError, match="Left multiplication"):
         torch.zeros(2, 2, 7, dtype=torch.float64) @ op
+
+
+class _PassThrough(LinearOperator):
+    """The identity, returning its input list itself."""
+
+    def _matmat(self, X):
+        return X
+
+    def _adjoint_matmat(self, X):
+        return X
+
+
+class _FreshBuffer(LinearOperator):
+    """Twice the input, written into one fresh flat buffer (NOTE [flat-backed lists])."""
+
+    def _matmat(self, X):
+        flat = 2 * torch.cat([x.reshape(-1, x.shape[-1]) for x in X])
+        views = self._flat_to_list(flat, self.out_shapes)
+        return FlatBackedList(list(views), flat, fresh=True)
+
+    _adjoint_matmat = _matmat
+
+
+def test_flat_products_never_alias_the_input():
+    op = _PassThrough([(3,), (2, 2)], [(3,), (2, 2)], dtype=torch.float64, device="cpu")
+    for x in (_rand(7), _rand(7, 2)):
+        y = op @ x
+        torch.testing.assert_close(y, x)
+        assert y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+def test_fresh_flat_backed_output_is_returned_without_copy():
+    op = _FreshBuffer([(3,), (2, 2)], [(3,), (2, 2)], dtype=torch.float64, device="cpu")
+    captured = {}
+    original = op._matmat
+
+    def spy(X):
+        result = original(X)
+        captured["flat"] = result.flat
+        return result
+
+    op._matmat = spy
+    x = _rand(7, 2)
+    y = op @ x
+    torch.testing.assert_close(y, 2 * x)
+    assert y.data_ptr() == captured["flat"].data_ptr()
+    assert_operator_matches(op, 2 * torch.eye(7, dtype=torch.float64))

@@ -31,6 +31,28 @@ from torch import Tensor
 Shapes = list[tuple[int, ...]]
 
 
+class FlatBackedList(list):
+    """A tensor list whose entries ``[*shape_i, K]`` are consecutive views of one flat tensor.
+
+    NOTE [flat-backed lists]: for matrices with many rows, a copy costs about as much as a
+    product (memory-bound). :meth:`LinearOperator._flat_to_list` returns its views in such a
+    list (``fresh=False``: :attr:`flat` is the caller's input, only to be *read*, e.g. to
+    transpose all columns at once), and an operator whose product writes into one fresh
+    buffer may return its views in such a list with ``fresh=True``, which
+    :meth:`LinearOperator._list_to_flat` then returns as is instead of concatenating.
+
+    Args:
+        tensors: The views.
+        flat: The flat ``[D, K]`` tensor they are views of (in order).
+        fresh: Whether ``flat`` is a new buffer that may be handed to the caller.
+    """
+
+    def __init__(self, tensors, flat: Tensor, *, fresh: bool):
+        super().__init__(tensors)
+        self.flat = flat
+        self.fresh = fresh
+
+
 def _as_shapes(shapes: Sequence[Sequence[int] | torch.Size]) -> Shapes:
     return [tuple(int(s) for s in shape) for shape in shapes]
 
@@ -180,11 +202,17 @@ class LinearOperator:
     def _flat_to_list(x: Tensor, shapes: Shapes) -> list[Tensor]:
         """Split a flat ``[D, K]`` matrix into a tensor list with entries ``[*shape, K]``."""
         sizes = [prod(s) for s in shapes]
-        return [chunk.reshape(*s, x.shape[-1]) for chunk, s in zip(x.split(sizes, dim=0), shapes)]
+        views = [chunk.reshape(*s, x.shape[-1]) for chunk, s in zip(x.split(sizes, dim=0), shapes)]
+        return FlatBackedList(views, x, fresh=False)
 
     @staticmethod
     def _list_to_flat(X: Sequence[Tensor]) -> Tensor:
-        """Concatenate a tensor list with entries ``[*shape, K]`` into a flat ``[D, K]``."""
+        """Concatenate a tensor list with entries ``[*shape, K]`` into a flat ``[D, K]``.
+
+        A fresh :class:`FlatBackedList` gives its buffer without copying.
+        """
+        if isinstance(X, FlatBackedList) and X.fresh:
+            return X.flat
         return torch.cat([x.reshape(-1, x.shape[-1]) for x in X], dim=0)
 
     # ---------------------------------------------------------------- products

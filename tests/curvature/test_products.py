@@ -228,3 +228,35 @@ def test_model_without_forward_mode_rule_gets_a_clear_error():
     V = [torch.ones(1, 3, dtype=DT)]
     with pytest.raises(NotImplementedError, match="torch.compile'd model"):
         P.ggn_matmat(lambda w: NoJvp.apply(w), lambda out: out.square().sum(), [w], V)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("which", ["ggn", "hessian"])
+def test_products_accumulate_into_out(which, K, monkeypatch):
+    """``out=`` receives ``alpha`` times the product on top of its content, in place."""
+    monkeypatch.setattr(P, "COLUMN_CHUNK", 2)
+    _, f, _, _, params, _, y, loss_func = _problem()
+    V = _columns(params, K)
+    start = _columns(params, K, seed=7)
+    out = [s.clone() for s in start]
+    if which == "ggn":
+        expected = P.ggn_matmat(f, lambda o: loss_func(o, y), params, V)
+        returned = P.ggn_matmat(f, lambda o: loss_func(o, y), params, V, out=out, alpha=0.25)
+    else:
+        loss = lambda *p: loss_func(f(*p), y)  # noqa: E731
+        expected = P.hessian_matmat(loss, params, V)
+        returned = P.hessian_matmat(loss, params, V, out=out, alpha=0.25)
+    assert returned is out
+    for o, s, e in zip(out, start, expected):
+        torch.testing.assert_close(o, s + 0.25 * e, **TOL)
+
+
+def test_tangent_with_shared_storage_is_copied_once():
+    """A column viewing a larger buffer becomes a tangent via one plain copy (no zero fill)."""
+    buffer = torch.randn(10, dtype=DT)
+    view = buffer[2:8].view(2, 3)
+    plain = P._plain(view)
+    assert plain.untyped_storage().nbytes() == plain.numel() * plain.element_size()
+    torch.testing.assert_close(plain, view)
+    own = torch.randn(2, 3, dtype=DT)
+    assert P._plain(own).data_ptr() == own.data_ptr()  # nothing to copy

@@ -3,18 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from math import prod
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvops.linear_operator import LinearOperator
+from curvops.linear_operator import FlatBackedList, LinearOperator
 from curvops.risk import Batch, EmpiricalRisk
 from curvops.risk.determinism import (
     NonDeterministicError,
     check_deterministic,
     loss_and_gradient_probe,
 )
+
+
+def _row_views(rows: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
+    """Consecutive column blocks of ``rows`` ``[K, D]`` as views ``[K, *shape]``.
+
+    ``narrow`` rather than ``split``: views of a multi-output view function may not be
+    updated in place.
+    """
+    views, offset = [], 0
+    for shape in shapes:
+        size = prod(shape)
+        views.append(rows.narrow(1, offset, size).view(rows.shape[0], *shape))
+        offset += size
+    return views
+
+
+def _columns_first(X: list[Tensor]) -> list[Tensor]:
+    """Tensor list ``[*shape, K]`` -> ``[K, *shape]`` entries with contiguous columns.
+
+    The products slice columns off the leading axis. A single column gets its own storage,
+    so that it becomes a forward-mode tangent without a copy (``make_dual`` copies tangents
+    whose storage is larger than the parameter's, into a zero-filled tensor). Columns of a
+    flat ``[D, K]`` input are transposed at once (NOTE [flat-backed lists]); one 2-d
+    transpose is far faster than one per parameter.
+    """
+    K = X[0].shape[-1]
+    if K == 1:
+        return [x.reshape(1, *x.shape[:-1]).clone() for x in X]
+    if isinstance(X, FlatBackedList):
+        rows = X.flat.T.contiguous()
+        return _row_views(rows, [x.shape[:-1] for x in X])
+    return [x.reshape(-1, K).T.contiguous().view(K, *x.shape[:-1]) for x in X]
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -103,16 +136,22 @@ class CurvatureLinearOperator(LinearOperator):
         return grads, loss
 
     # ---------------------------------------------------------------- the product
-    def _batch_matmat(self, params: list[Tensor], batch: Batch, V: list[Tensor]) -> list[Tensor]:
-        """Product of one batch's matrix (from the batch loss) with ``V``.
+    def _batch_matmat(
+        self,
+        params: list[Tensor],
+        batch: Batch,
+        V: list[Tensor],
+        out: list[Tensor],
+        alpha: float,
+    ) -> None:
+        """Add ``alpha`` times one batch's matrix (from the batch loss) times ``V`` to ``out``.
 
         Args:
             params: Detached parameter values to evaluate at.
             batch: The batch.
-            V: Tensor list ``[K, *param_shape]``.
-
-        Returns:
-            Tensor list ``[K, *out_shape]`` (not yet multiplied by the batch weight).
+            V: Tensor list ``[K, *param_shape]`` (with ``K = 1``, each entry owns its storage).
+            out: Accumulators ``[K, *out_shape]``, updated in place.
+            alpha: The batch weight :math:`w_\\mathbb{B}`.
         """
         raise NotImplementedError
 
@@ -120,21 +159,25 @@ class CurvatureLinearOperator(LinearOperator):
         """Hook run before each pass over the data (e.g. to reset a random generator)."""
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
-        V = [x.movedim(-1, 0) for x in X]
-        K = V[0].shape[0]
-        out = [torch.zeros(K, *s, dtype=self.dtype, device=self.device) for s in self.out_shapes]
+        K = X[0].shape[-1]
+        V = _columns_first(X)
+        # NOTE [flat-backed lists]: the products accumulate into the rows of one [K, D]
+        # buffer; its transpose is the flat [D, K] result, handed out without a copy
+        sizes = [prod(s) for s in self.out_shapes]
+        buffer = torch.zeros(K, sum(sizes), dtype=self.dtype, device=self.device)
+        out = _row_views(buffer, self.out_shapes)
         # local pass, then the sum across processes (NOTE [data parallelism]); the ranks
         # compare fingerprints of X, and an error on any rank is raised on all of them
-        with self._risk.partial_sums(out, inputs=X, what=f"{type(self).__name__} product"):
-            if self._check_finite and not _all_finite(X):
+        with self._risk.partial_sums([buffer], inputs=X, what=f"{type(self).__name__} product"):
+            if self._check_finite and not _all_finite(V):
                 raise ValueError(f"The input to {type(self).__name__} contains NaN or Inf entries.")
             self._accumulate(out, V)
-        if self._check_finite and not _all_finite(out):
+        if self._check_finite and not _all_finite([buffer]):
             raise FloatingPointError(
                 f"{type(self).__name__} produced NaN or Inf. Check the model and data for "
                 "non-finite values (e.g. log of zero, exploding activations) or use float64."
             )
-        return [o.movedim(0, -1) for o in out]
+        return FlatBackedList([o.movedim(0, -1) for o in out], buffer.T, fresh=True)
 
     def _accumulate(self, out: list[Tensor], V: list[Tensor]) -> None:
         """Add this process's weighted per-batch products with ``V`` (``[K, ...]``) to ``out``."""
@@ -142,7 +185,7 @@ class CurvatureLinearOperator(LinearOperator):
         self._before_pass()
         for batch in self._risk.batches(desc=type(self).__name__):
             try:
-                result = self._batch_matmat(params, batch, V)
+                self._batch_matmat(params, batch, V, out, batch.weight)
             except RuntimeError as e:
                 if "randomness" in str(e):
                     raise NonDeterministicError(
@@ -151,8 +194,6 @@ class CurvatureLinearOperator(LinearOperator):
                         "matrix. Call model.eval() or remove the randomness."
                     ) from e
                 raise
-            for o, r in zip(out, result):
-                o.add_(r.detach(), alpha=batch.weight)
 
     # ---------------------------------------------------------------- safeguards
     def _check_deterministic(self) -> None:

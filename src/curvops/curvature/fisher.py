@@ -47,13 +47,18 @@ class EFLinearOperator(CurvatureLinearOperator):
         make_loss_spec(loss_func).require_fisher(type(self).__name__)
         super().__init__(model_func, loss_func, params, data, **kwargs)
 
-    def _batch_matmat(self, params: list[Tensor], batch: Batch, V: list[Tensor]) -> list[Tensor]:
+    def _batch_matmat(
+        self, params: list[Tensor], batch: Batch, V: list[Tensor], out: list[Tensor], alpha: float
+    ) -> None:
         def factors(out: Tensor) -> Tensor:
             return self._risk.loss.output_factors(
                 out, batch.y, self._kind, mc_samples=self._mc_samples, generator=self._generator
             )
 
-        return factor_ggn_matmat(lambda *p: self._risk.forward(p, batch.X), factors, params, V)
+        def model(*p: Tensor) -> Tensor:
+            return self._risk.forward(p, batch.X)
+
+        factor_ggn_matmat(model, factors, params, V, out=out, alpha=alpha)
 
 
 class FisherMCLinearOperator(EFLinearOperator):

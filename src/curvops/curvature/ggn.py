@@ -39,10 +39,14 @@ class GGNLinearOperator(CurvatureLinearOperator):
     def __init__(self, model_func, loss_func, params, data, **kwargs):
         super().__init__(model_func, loss_func, params, data, **kwargs)
 
-    def _batch_matmat(self, params: list[Tensor], batch: Batch, V: list[Tensor]) -> list[Tensor]:
-        return ggn_matmat(
+    def _batch_matmat(
+        self, params: list[Tensor], batch: Batch, V: list[Tensor], out: list[Tensor], alpha: float
+    ) -> None:
+        ggn_matmat(
             lambda *p: self._risk.forward(p, batch.X),
-            lambda out: self._risk.loss(out, batch.y),
+            lambda output: self._risk.loss(output, batch.y),
             params,
             V,
+            out=out,
+            alpha=alpha,
         )

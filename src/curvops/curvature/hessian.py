@@ -42,13 +42,17 @@ class HessianLinearOperator(CurvatureLinearOperator):
     def __init__(self, model_func, loss_func, params, data, **kwargs):
         super().__init__(model_func, loss_func, params, data, **kwargs)
 
-    def _batch_matmat(self, params: list[Tensor], batch: Batch, V: list[Tensor]) -> list[Tensor]:
+    def _batch_matmat(
+        self, params: list[Tensor], batch: Batch, V: list[Tensor], out: list[Tensor], alpha: float
+    ) -> None:
         # reverse- or forward-over-reverse, chosen by timing both at the first product
         plan = self.__dict__.setdefault("_product_plan", ProductPlan())
-        return hessian_matmat(
+        hessian_matmat(
             lambda *p: self._risk.batch_loss(p, batch),
             params,
             V,
             mode=HessianMode.AUTO,
             plan=plan,
+            out=out,
+            alpha=alpha,
         )

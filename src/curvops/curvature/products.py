@@ -100,12 +100,20 @@ def _stack_columns(columns: list[list[Tensor]]) -> list[Tensor]:
 
 
 def _plain(t: Tensor) -> Tensor:
-    """``t`` as a non-view tensor sharing its storage.
+    """``t`` as a tangent that ``make_dual`` takes without copying it again.
 
     ``make_dual`` with a view of a differently shaped base as tangent (a column of ``V``)
-    is orders of magnitude slower than with a plain tensor (torch 2.13).
+    is orders of magnitude slower than with a plain tensor (torch 2.13), and a tangent whose
+    storage is not exactly its own (an offset, or a larger storage) is copied into a
+    zero-filled new tensor; one plain copy is cheaper than that fill and copy.
     """
-    return t.detach()
+    t = t.detach()
+    owns_storage = (
+        t.storage_offset() == 0
+        and t.is_contiguous()
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+    return t if owns_storage else t.clone(memory_format=torch.contiguous_format)
 
 
 def _forward_with_tangent(
@@ -206,8 +214,30 @@ def jacobian_t_matmat(f: ParamFn, params: list[Tensor], U: Tensor) -> list[Tenso
     return _stack_columns(columns)
 
 
+def _output_buffers(
+    params: list[Tensor], V: list[Tensor], out: list[Tensor] | None
+) -> list[Tensor]:
+    """The accumulators of a product: ``out``, or zeros ``[K, *param_shape]``."""
+    if out is not None:
+        return out
+    K = V[0].shape[0]
+    return [torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for p in params]
+
+
+def _add_columns(out: list[Tensor], start: int, columns: list[Tensor], alpha: float) -> None:
+    """``out[i][start : start + K] += alpha * columns[i]`` for every parameter."""
+    for o, c in zip(out, columns):
+        o[start : start + c.shape[0]].add_(c, alpha=alpha)
+
+
 def linearized_matmat(
-    f: ParamFn, output_matmat: OutputMatmat, params: list[Tensor], V: list[Tensor]
+    f: ParamFn,
+    output_matmat: OutputMatmat,
+    params: list[Tensor],
+    V: list[Tensor],
+    *,
+    out: list[Tensor] | None = None,
+    alpha: float = 1.0,
 ) -> list[Tensor]:
     r"""Product :math:`J^\top M J V` with an output-space matrix :math:`M` applied by a function.
 
@@ -222,26 +252,30 @@ def linearized_matmat(
             :math:`M` times them.
         params: Parameter values.
         V: Tensor list ``[K, *param_shape]``.
+        out: Accumulators ``[K, *param_shape]`` to add ``alpha`` times the product to (in
+            place, no intermediate copy); new zeros if ``None``.
+        alpha: Scale of the product.
 
     Returns:
-        Tensor list ``[K, *param_shape]``.
+        ``out`` (tensor list ``[K, *param_shape]``).
     """
     K = V[0].shape[0]
+    out = _output_buffers(params, V, out)
     if K == 1:
         leaves = _detached_leaves(params)
-        out, Jv = _forward_with_tangent(f, leaves, [v[0] for v in V])
-        u = output_matmat(out.detach(), Jv.unsqueeze(0))[0]
-        return _stack_columns([_vjp(out, leaves, u)])
+        result, Jv = _forward_with_tangent(f, leaves, [v[0] for v in V])
+        u = output_matmat(result.detach(), Jv.unsqueeze(0))[0]
+        _add_columns(out, 0, [g.unsqueeze(0) for g in _vjp(result, leaves, u)], alpha)
+        return out
     params = tuple(p.detach() for p in params)
-    results = []
     with differentiable_attention():
-        out, vjp_fn = vjp(f, *params)
-        out = out.detach()
+        result, vjp_fn = vjp(f, *params)
+        result = result.detach()
         for start in range(0, K, COLUMN_CHUNK):
             chunk = [v[start : start + COLUMN_CHUNK].contiguous() for v in V]
             JV = vmap(lambda *v: jvp(f, params, v)[1])(*chunk)
-            results.append(vmap(vjp_fn)(output_matmat(out, JV)))
-    return [torch.cat(parts) for parts in zip(*results)]
+            _add_columns(out, start, vmap(vjp_fn)(output_matmat(result, JV)), alpha)
+    return out
 
 
 def loss_hessian_matmat(loss_of_output: Callable[[Tensor], Tensor]) -> OutputMatmat:
@@ -275,6 +309,9 @@ def ggn_matmat(
     loss_of_output: Callable[[Tensor], Tensor],
     params: list[Tensor],
     V: list[Tensor],
+    *,
+    out: list[Tensor] | None = None,
+    alpha: float = 1.0,
 ) -> list[Tensor]:
     r"""GGN-matrix product :math:`J^\top (\nabla_f^2 \ell) J V` (Schraudolph, 2002).
 
@@ -287,11 +324,15 @@ def ggn_matmat(
         loss_of_output: Maps the model output to the scalar batch loss.
         params: Parameter values.
         V: Tensor list ``[K, *param_shape]``.
+        out: Accumulators, see :func:`linearized_matmat`.
+        alpha: Scale of the product.
 
     Returns:
         Tensor list ``[K, *param_shape]``.
     """
-    return linearized_matmat(f, loss_hessian_matmat(loss_of_output), params, V)
+    return linearized_matmat(
+        f, loss_hessian_matmat(loss_of_output), params, V, out=out, alpha=alpha
+    )
 
 
 def factor_ggn_matmat(
@@ -299,6 +340,9 @@ def factor_ggn_matmat(
     factors_of_output: Callable[[Tensor], Tensor],
     params: list[Tensor],
     V: list[Tensor],
+    *,
+    out: list[Tensor] | None = None,
+    alpha: float = 1.0,
 ) -> list[Tensor]:
     r"""Product with :math:`J^\top (\sum_k s_k s_k^\top) J` where the factors are per datum.
 
@@ -313,6 +357,8 @@ def factor_ggn_matmat(
             output-space factors ``[J, N, ...]``.
         params: Parameter values.
         V: Tensor list ``[K, *param_shape]``.
+        out: Accumulators, see :func:`linearized_matmat`.
+        alpha: Scale of the product.
 
     Returns:
         Tensor list ``[K, *param_shape]``.
@@ -328,50 +374,45 @@ def factor_ggn_matmat(
         coeff = torch.einsum("jnm,knm->kjn", S, U.reshape(U.shape[0], N, -1))
         return torch.einsum("kjn,jnm->knm", coeff, S).reshape(U.shape)
 
-    return linearized_matmat(f, matmat, params, V)
+    return linearized_matmat(f, matmat, params, V, out=out, alpha=alpha)
 
 
 # ==================================================================== Hessian
 def _hessian_reverse_over_reverse(
-    loss: ParamFn, params: list[Tensor], V: list[Tensor]
-) -> list[Tensor]:
+    loss: ParamFn, params: list[Tensor], V: list[Tensor], out: list[Tensor], alpha: float
+) -> None:
     leaves = _detached_leaves(params)
     with torch.enable_grad(), differentiable_attention():
         grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True, allow_unused=True)
-    pairs = [(g, p, i) for i, (g, p) in enumerate(zip(grads, leaves)) if g is not None]
-    pairs = [(g, p, i) for g, p, i in pairs if g.requires_grad]
+    pairs = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not pairs:  # the loss is at most linear in the parameters
+        return
     K = V[0].shape[0]
-    columns = []
     for k in range(K):
-        out = [torch.zeros_like(p) for p in leaves]
-        if pairs:
-            hv = torch.autograd.grad(
-                [g for g, _, _ in pairs],
-                leaves,
-                [V[i][k] for _, _, i in pairs],
-                retain_graph=k < K - 1,
-                allow_unused=True,
-            )
-            out = [o if h is None else h for o, h in zip(out, hv)]
-        columns.append(out)
-    return _stack_columns(columns)
+        hv = torch.autograd.grad(
+            [g for g, _ in pairs],
+            leaves,
+            [V[i][k] for _, i in pairs],
+            retain_graph=k < K - 1,
+            allow_unused=True,
+        )
+        for o, h in zip(out, hv):
+            if h is not None:
+                o[k].add_(h, alpha=alpha)
 
 
 def _hessian_forward_over_reverse(
-    loss: ParamFn, params: list[Tensor], V: list[Tensor]
-) -> list[Tensor]:
+    loss: ParamFn, params: list[Tensor], V: list[Tensor], out: list[Tensor], alpha: float
+) -> None:
     leaves = _detached_leaves(params)
-    columns = []
     for k in range(V[0].shape[0]):
         with torch.enable_grad(), fwAD.dual_level(), differentiable_attention():
             duals = [fwAD.make_dual(p, _plain(v[k])) for p, v in zip(leaves, V)]
             grads = torch.autograd.grad(loss(*duals), duals, allow_unused=True)
-            column = []
-            for p, g in zip(leaves, grads):
+            for o, g in zip(out, grads):
                 t = None if g is None else fwAD.unpack_dual(g).tangent
-                column.append(torch.zeros_like(p) if t is None else t.detach())
-        columns.append(column)
-    return _stack_columns(columns)
+                if t is not None:
+                    o[k].add_(t.detach(), alpha=alpha)
 
 
 _HESSIAN_PASSES = {
@@ -381,26 +422,33 @@ _HESSIAN_PASSES = {
 
 
 def _probe_hessian_mode(
-    loss: ParamFn, params: list[Tensor], V: list[Tensor], plan: ProductPlan
-) -> list[Tensor]:
-    """Time both strategies on this batch, remember the faster one, return its product.
+    loss: ParamFn,
+    params: list[Tensor],
+    V: list[Tensor],
+    plan: ProductPlan,
+    out: list[Tensor],
+    alpha: float,
+) -> None:
+    """Time both strategies on this batch, remember the faster one, add its product to ``out``.
 
     Forward-over-reverse counts only if it runs and agrees with reverse-over-reverse (PyTorch
     lacks or mis-implements some forward-mode derivatives).
     """
     V1 = [v[:1] for v in V]
     seconds: dict[str, float] = {}
-    results = {}
+    results: dict[HessianMode, list[Tensor] | None] = {}
     for _ in range(2):  # the first round warms up both
         for mode, fn in _HESSIAN_PASSES.items():
             if mode in results and results[mode] is None:
                 continue
             start = time.perf_counter()
+            column = _output_buffers(params, V1, None)
             try:
-                results[mode] = fn(loss, params, V1)
+                fn(loss, params, V1, column, 1.0)
             except RuntimeError:
                 results[mode] = None
                 continue
+            results[mode] = column
             seconds[mode.value] = time.perf_counter() - start
     reference = results[HessianMode.REVERSE_OVER_REVERSE]
     candidate = results[HessianMode.FORWARD_OVER_REVERSE]
@@ -414,7 +462,7 @@ def _probe_hessian_mode(
         HessianMode.FORWARD_OVER_REVERSE if fast else HessianMode.REVERSE_OVER_REVERSE
     )
     plan.probe_seconds = seconds
-    return _HESSIAN_PASSES[plan.hessian_mode](loss, params, V)
+    _HESSIAN_PASSES[plan.hessian_mode](loss, params, V, out, alpha)
 
 
 def hessian_matmat(
@@ -424,6 +472,8 @@ def hessian_matmat(
     *,
     mode: str | HessianMode = HessianMode.REVERSE_OVER_REVERSE,
     plan: ProductPlan | None = None,
+    out: list[Tensor] | None = None,
+    alpha: float = 1.0,
 ) -> list[Tensor]:
     r"""Hessian-matrix product :math:`\nabla^2_\theta \mathcal{L} V` (Pearlmutter, 1994).
 
@@ -434,9 +484,11 @@ def hessian_matmat(
         mode: ``"reverse-over-reverse"``, ``"forward-over-reverse"``, or ``"auto"``: use
             ``plan.hessian_mode``, probing both on this batch if it is not set yet.
         plan: Where ``"auto"`` stores its choice (required for ``"auto"``).
+        out: Accumulators, see :func:`linearized_matmat`.
+        alpha: Scale of the product.
 
     Returns:
-        Tensor list ``[K, *param_shape]``.
+        ``out`` (tensor list ``[K, *param_shape]``).
 
     Raises:
         ValueError: For an unknown mode, or ``"auto"`` without a plan.
@@ -446,10 +498,13 @@ def hessian_matmat(
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in HessianMode)
         raise ValueError(f"Unknown Hessian mode {mode!r}; use one of {allowed}.") from None
+    if mode == HessianMode.AUTO and plan is None:
+        raise ValueError("mode='auto' needs a ProductPlan to remember its choice in.")
+    out = _output_buffers(params, V, out)
     if mode == HessianMode.AUTO:
-        if plan is None:
-            raise ValueError("mode='auto' needs a ProductPlan to remember its choice in.")
         if plan.hessian_mode is None:
-            return _probe_hessian_mode(loss, params, V, plan)
+            _probe_hessian_mode(loss, params, V, plan, out, alpha)
+            return out
         mode = plan.hessian_mode
-    return _HESSIAN_PASSES[mode](loss, params, V)
+    _HESSIAN_PASSES[mode](loss, params, V, out, alpha)
+    return out
