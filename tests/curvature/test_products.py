@@ -255,8 +255,8 @@ def test_tangent_with_shared_storage_is_copied_once():
     """A column viewing a larger buffer becomes a tangent via one plain copy (no zero fill)."""
     buffer = torch.randn(10, dtype=DT)
     view = buffer[2:8].view(2, 3)
-    plain = P._plain(view)
+    plain = P.plain_tangent(view)
     assert plain.untyped_storage().nbytes() == plain.numel() * plain.element_size()
     torch.testing.assert_close(plain, view)
     own = torch.randn(2, 3, dtype=DT)
-    assert P._plain(own).data_ptr() == own.data_ptr()  # nothing to copy
+    assert P.plain_tangent(own).data_ptr() == own.data_ptr()  # nothing to copy

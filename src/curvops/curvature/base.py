@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops.curvature.products import plain_tangent
 from curvops.linear_operator import FlatBackedList, LinearOperator
 from curvops.risk import Batch, EmpiricalRisk
 from curvops.risk.determinism import (
@@ -43,7 +44,7 @@ def _columns_first(X: list[Tensor]) -> list[Tensor]:
     """
     K = X[0].shape[-1]
     if K == 1:
-        return [x.reshape(1, *x.shape[:-1]).clone() for x in X]
+        return [plain_tangent(x.reshape(1, *x.shape[:-1])) for x in X]
     if isinstance(X, FlatBackedList):
         rows = X.flat.T.contiguous()
         return _row_views(rows, [x.shape[:-1] for x in X])

@@ -92,6 +92,25 @@ def _vjp(out: Tensor, leaves: list[Tensor], cotangent: Tensor, **kwargs) -> list
     return [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
 
 
+def _vjp_into(out: Tensor, leaves: list[Tensor], cotangent: Tensor, grads: list[Tensor]) -> None:
+    r"""``grads[i] +=`` :math:`(J^\top u)_i` in place, by one backward pass.
+
+    The leaves' ``.grad`` are set to ``grads`` for the pass: PyTorch's gradient accumulation
+    adds into an existing ``.grad`` in place, so no parameter-sized result is allocated and
+    added afterwards. The leaves are private copies (:func:`_detached_leaves`); the caller's
+    ``.grad`` is never touched.
+    """
+    if not out.requires_grad:
+        return
+    for leaf, g in zip(leaves, grads):
+        leaf.grad = g
+    try:
+        torch.autograd.backward(out, cotangent, inputs=leaves)
+    finally:
+        for leaf in leaves:
+            leaf.grad = None
+
+
 def _stack_columns(columns: list[list[Tensor]]) -> list[Tensor]:
     """``K`` tensor lists -> one tensor list with a leading column axis."""
     if len(columns) == 1:
@@ -99,7 +118,7 @@ def _stack_columns(columns: list[list[Tensor]]) -> list[Tensor]:
     return [torch.stack(parts) for parts in zip(*columns)]
 
 
-def _plain(t: Tensor) -> Tensor:
+def plain_tangent(t: Tensor) -> Tensor:
     """``t`` as a tangent that ``make_dual`` takes without copying it again.
 
     ``make_dual`` with a view of a differently shaped base as tangent (a column of ``V``)
@@ -135,7 +154,7 @@ def _forward_with_tangent(
         efficient_tangents(),
         torch.autograd.graph.saved_tensors_hooks(_without_tangent, _identity),
     ):
-        duals = [fwAD.make_dual(p, _plain(t)) for p, t in zip(leaves, tangents)]
+        duals = [fwAD.make_dual(p, plain_tangent(t)) for p, t in zip(leaves, tangents)]
         with _clear_forward_mode_errors():
             out, tangent = fwAD.unpack_dual(f(*duals))
         tangent = torch.zeros_like(out) if tangent is None else tangent.detach()
@@ -185,7 +204,7 @@ def jacobian_matmat(f: ParamFn, params: list[Tensor], V: list[Tensor]) -> Tensor
     params = [p.detach() for p in params]
     if V[0].shape[0] == 1:
         with torch.no_grad(), fwAD.dual_level(), efficient_tangents():
-            duals = [fwAD.make_dual(p, _plain(v[0])) for p, v in zip(params, V)]
+            duals = [fwAD.make_dual(p, plain_tangent(v[0])) for p, v in zip(params, V)]
             out, tangent = fwAD.unpack_dual(f(*duals))
             tangent = torch.zeros_like(out) if tangent is None else tangent
         return tangent.unsqueeze(0)
@@ -265,7 +284,7 @@ def linearized_matmat(
         leaves = _detached_leaves(params)
         result, Jv = _forward_with_tangent(f, leaves, [v[0] for v in V])
         u = output_matmat(result.detach(), Jv.unsqueeze(0))[0]
-        _add_columns(out, 0, [g.unsqueeze(0) for g in _vjp(result, leaves, u)], alpha)
+        _vjp_into(result, leaves, u if alpha == 1.0 else alpha * u, [o[0] for o in out])
         return out
     params = tuple(p.detach() for p in params)
     with differentiable_attention():
@@ -407,7 +426,7 @@ def _hessian_forward_over_reverse(
     leaves = _detached_leaves(params)
     for k in range(V[0].shape[0]):
         with torch.enable_grad(), fwAD.dual_level(), differentiable_attention():
-            duals = [fwAD.make_dual(p, _plain(v[k])) for p, v in zip(leaves, V)]
+            duals = [fwAD.make_dual(p, plain_tangent(v[k])) for p, v in zip(leaves, V)]
             grads = torch.autograd.grad(loss(*duals), duals, allow_unused=True)
             for o, g in zip(out, grads):
                 t = None if g is None else fwAD.unpack_dual(g).tangent
