@@ -20,6 +20,7 @@ from curvops.kronecker import (
     KFACInverseLinearOperator,
     KFACLinearOperator,
 )
+from curvops.kronecker.product import MatrixBlock
 from curvops.testing import assert_operator_matches
 
 N, T = 12, 3
@@ -198,6 +199,25 @@ def test_singular_block_without_damping_is_an_error_naming_the_layer():
     )
     with pytest.raises(ValueError, match="Linear '0' is singular"):
         KFACInverseLinearOperator(K, use_exact_damping=True)
+
+
+@pytest.mark.parametrize("use_cache", [False, True], ids=["cholesky", "eigen"])
+def test_inverse_factors_are_exactly_symmetric(use_cache):
+    """The products use the inverse factors untransposed (NOTE [Cholesky inverse factors])."""
+    K = make_kfac(separate=False)
+    if use_cache:
+        KFACInverseLinearOperator(K, damping=0.1, use_exact_damping=True)
+    K_inv = KFACInverseLinearOperator(K, damping=(0.05, 0.3))
+    matrices = [
+        side
+        for block in K_inv._product.blocks
+        if isinstance(block, MatrixBlock)
+        for side in (block.core.left, block.core.right)
+        if side is not None and side.ndim == 2
+    ]
+    assert len(matrices) == 2 * len(K.factors) - 1  # the embedding's input factor is diagonal
+    for M in matrices:
+        assert torch.equal(M, M.T)
 
 
 def test_eigendecompositions_are_cached():

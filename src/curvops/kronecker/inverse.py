@@ -22,16 +22,21 @@ NOTE [Cholesky inverse factors]: a factor-damped block needs only the inverse fa
 :math:`(A + \delta_A I)^{-1}` and :math:`(B + \delta_B I)^{-1}`, computed from the Cholesky
 factorisation :math:`F + \delta I = L L^\top` as :math:`L^{-\top} L^{-1}` (about :math:`n^3`
 flops, several times cheaper than a symmetric eigendecomposition; Golub, G. H., Van Loan, C. F.
-(2013). Matrix Computations, 4th ed., §4.2). Every pivot satisfies :math:`L_{ii}^2 \geq
-\lambda_\min(F + \delta I)` (it is the reciprocal of a diagonal entry of the inverse of a
-leading principal submatrix, whose smallest eigenvalue is at least :math:`\lambda_\min`), so
-a pivot :math:`L_{ii}^2 \leq n \varepsilon \max_i (F + \delta I)_{ii}` proves the damped factor
-singular up to round-off (the tolerance of NOTE [numerical rank of factors] in
-:mod:`curvops.kronecker.eigen`, with the largest diagonal entry in place of the largest
-eigenvalue, which it does not exceed). Such a factor, or one whose factorisation fails, is
-inverted from its eigendecomposition instead (eigenvalues clipped at 0, an error if
-:math:`\lambda + \delta` is not positive); so is a factor whose eigendecomposition is
-already cached on the KFAC operator. The structured form
+(2013). Matrix Computations, 4th ed., §4.2). The products use the inverse factors
+untransposed, so they must be exactly symmetric: on CPU they are (LAPACK's ``potri`` computes
+one triangle and torch mirrors it), elsewhere they are symmetrised. Every pivot satisfies
+:math:`L_{ii}^2 \geq \lambda_\min(F + \delta I)` (it is the reciprocal of a diagonal entry of
+the inverse of a leading principal submatrix, whose smallest eigenvalue is at least
+:math:`\lambda_\min`), so a pivot :math:`L_{ii}^2 \leq n \varepsilon \max_i (F + \delta I)_{ii}`
+shows that the damped factor is singular up to round-off (the tolerance of NOTE [numerical
+rank of factors] in :mod:`curvops.kronecker.eigen`, with the largest diagonal entry in place
+of the largest eigenvalue, which it does not exceed). The test is one-sided, but a damping
+above the tolerance passes it (every pivot is at least :math:`\delta` for a PSD :math:`F`,
+up to round-off), and a
+singular factor without damping fails it in practice (tested). Such a factor, or one whose
+factorisation fails, is inverted from its eigendecomposition instead (eigenvalues clipped
+at 0, an error if :math:`\lambda + \delta` is not positive); so is a factor whose
+eigendecomposition is already cached on the KFAC operator. The structured form
 (:meth:`_BlockInverse.to_block_diagonal`) needs the eigendecompositions and computes them on
 its first call.
 
@@ -114,7 +119,12 @@ def _cholesky_inverse(matrix: Tensor, damping: float) -> Tensor | None:
     # one synchronisation; a NaN pivot (failed factorisation, non-finite factor) compares False
     if not bool((info == 0) & (L.diagonal().square().min() > tol)):
         return None
-    return _symmetrised(torch.cholesky_inverse(L))
+    inverse = torch.cholesky_inverse(L)
+    if inverse.device.type == "cpu":
+        # LAPACK's potri computes one triangle, which torch mirrors into the other: exactly
+        # symmetric (and column-major, so its transpose is the row-major copy for free)
+        return inverse.T
+    return _symmetrised(inverse)  # e.g. CUDA solves with the identity: not exactly symmetric
 
 
 class _BlockInverse(LinearOperator):
