@@ -62,8 +62,10 @@ def test_inverse_retry_option_reaches_the_decomposition(monkeypatch):
     K.compute_factors()
     _failing_below_float64(monkeypatch)
     with pytest.raises(RuntimeError, match="factor of Linear '0'"):
-        KFACInverseLinearOperator(K, damping=0.1, retry_double_precision=False)
-    K_inv = KFACInverseLinearOperator(K, damping=0.1)
+        KFACInverseLinearOperator(
+            K, damping=0.1, use_exact_damping=True, retry_double_precision=False
+        )
+    K_inv = KFACInverseLinearOperator(K, damping=0.1, use_exact_damping=True)
     assert K_inv.dtype == torch.float32
 
 
