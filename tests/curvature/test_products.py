@@ -260,3 +260,32 @@ def test_tangent_with_shared_storage_is_copied_once():
     torch.testing.assert_close(plain, view)
     own = torch.randn(2, 3, dtype=DT)
     assert P.plain_tangent(own).data_ptr() == own.data_ptr()  # nothing to copy
+
+
+@pytest.mark.parametrize("preset", [None, True, False])
+def test_multi_column_backward_strategies_agree(preset, monkeypatch):
+    """NOTE [batched or looped backward]: the probe decides once; both strategies are exact."""
+    monkeypatch.setattr(P, "COLUMN_CHUNK", 2)  # K = 7: chunks 0 (warm-up), 1, 2 (probe), 3
+    _, f, flat_f, theta, params, _, y, loss_func = _problem()
+
+    def loss_of_output(out):
+        return loss_func(out, y)
+
+    G = _dense_ggn(flat_f, theta, loss_of_output)
+    V = _columns(params, 7)
+    plan = P.ProductPlan(batched_backward=preset)
+    result = P.ggn_matmat(f, loss_of_output, params, V, plan=plan)
+    torch.testing.assert_close(_flat(result), _flat(V) @ G.T, **TOL)
+    if preset is None:
+        assert isinstance(plan.batched_backward, bool)
+        assert set(plan.backward_seconds) == {"batched", "looped"}
+    else:
+        assert plan.batched_backward is preset and plan.backward_seconds is None
+
+
+def test_backward_probe_waits_for_enough_columns(monkeypatch):
+    monkeypatch.setattr(P, "COLUMN_CHUNK", 2)
+    _, f, _, _, params, _, y, loss_func = _problem()
+    plan = P.ProductPlan()
+    P.ggn_matmat(f, lambda o: loss_func(o, y), params, _columns(params, 4), plan=plan)
+    assert plan.batched_backward is None  # two chunks: no room to time both after warm-up

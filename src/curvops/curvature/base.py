@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvops.curvature.products import plain_tangent
+from curvops.curvature.products import ProductPlan, plain_tangent
 from curvops.linear_operator import FlatBackedList, LinearOperator
 from curvops.risk import Batch, EmpiricalRisk
 from curvops.risk.determinism import (
@@ -95,6 +95,8 @@ class CurvatureLinearOperator(LinearOperator):
         process_group: Any = None,
         out_shapes: list[tuple[int, ...]] | None = None,
     ):
+        # strategies learnt at the first products (NOTE [product passes])
+        self._product_plan = ProductPlan()
         self._risk = EmpiricalRisk(
             model_func,
             loss_func,

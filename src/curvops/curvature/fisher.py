@@ -58,7 +58,8 @@ class EFLinearOperator(CurvatureLinearOperator):
         def model(*p: Tensor) -> Tensor:
             return self._risk.forward(p, batch.X)
 
-        factor_ggn_matmat(model, factors, params, V, out=out, alpha=alpha)
+        plan = self._product_plan
+        factor_ggn_matmat(model, factors, params, V, out=out, alpha=alpha, plan=plan)
 
 
 class FisherMCLinearOperator(EFLinearOperator):

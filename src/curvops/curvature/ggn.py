@@ -49,4 +49,5 @@ class GGNLinearOperator(CurvatureLinearOperator):
             V,
             out=out,
             alpha=alpha,
+            plan=self._product_plan,
         )

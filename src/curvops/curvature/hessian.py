@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from curvops.curvature.base import CurvatureLinearOperator
-from curvops.curvature.products import HessianMode, ProductPlan, hessian_matmat
+from curvops.curvature.products import HessianMode, hessian_matmat
 from curvops.risk import Batch
 
 
@@ -46,7 +46,7 @@ class HessianLinearOperator(CurvatureLinearOperator):
         self, params: list[Tensor], batch: Batch, V: list[Tensor], out: list[Tensor], alpha: float
     ) -> None:
         # reverse- or forward-over-reverse, chosen by timing both at the first product
-        plan = self.__dict__.setdefault("_product_plan", ProductPlan())
+        plan = self._product_plan
         hessian_matmat(
             lambda *p: self._risk.batch_loss(p, batch),
             params,

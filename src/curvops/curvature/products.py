@@ -72,10 +72,18 @@ class ProductPlan:
     Attributes:
         hessian_mode: The Hessian strategy picked by the probe (``None``: not probed yet).
         probe_seconds: Time per strategy measured by the probe (for inspection).
+        batched_backward: Whether multi-column GGN-type products apply :math:`J^\top` to a
+            chunk of columns by one vectorised backward pass (``True``) or by one plain
+            backward pass per column through the same graph (``False``); ``None``: not
+            probed yet.
+        backward_seconds: Seconds per column of both backward strategies, measured by the
+            probe (for inspection).
     """
 
     hessian_mode: HessianMode | None = None
     probe_seconds: dict[str, float] | None = None
+    batched_backward: bool | None = None
+    backward_seconds: dict[str, float] | None = None
 
 
 # ==================================================================== building blocks
@@ -249,6 +257,13 @@ def _add_columns(out: list[Tensor], start: int, columns: list[Tensor], alpha: fl
         o[start : start + c.shape[0]].add_(c, alpha=alpha)
 
 
+def _transpose_chunk(vjp_fn, U: Tensor, batched: bool) -> list[Tensor]:
+    """:math:`J^\top` of the columns ``U`` ``[C, *output_shape]``: ``[C, *param_shape]`` each."""
+    if batched:
+        return list(vmap(vjp_fn)(U))
+    return _stack_columns([list(vjp_fn(u)) for u in U])
+
+
 def linearized_matmat(
     f: ParamFn,
     output_matmat: OutputMatmat,
@@ -257,13 +272,21 @@ def linearized_matmat(
     *,
     out: list[Tensor] | None = None,
     alpha: float = 1.0,
+    plan: ProductPlan | None = None,
 ) -> list[Tensor]:
     r"""Product :math:`J^\top M J V` with an output-space matrix :math:`M` applied by a function.
 
     One column: one forward pass with dual tensors (output, :math:`Jv` and the autograd graph
     at once), :math:`u = M(f, Jv)`, one backward pass :math:`J^\top u`. Several columns:
-    ``torch.func.vmap`` over ``jvp`` and over the ``vjp`` of one forward pass, in chunks of
-    :data:`COLUMN_CHUNK` columns (NOTE [product passes]).
+    ``torch.func.vmap`` over ``jvp`` in chunks of :data:`COLUMN_CHUNK` columns, and the
+    ``vjp`` of one forward pass, vectorised over a chunk or applied column by column.
+
+    NOTE [batched or looped backward]: vectorising the backward pass wins on matmul-dominated
+    nets, but on convolutional nets (CPU) PyTorch's batching rules of convolution and pooling
+    backward copy and zero-fill chunk-sized tensors, and plain backward passes through the
+    same graph, one per column, measured up to twice as fast. With a ``plan``, the first
+    product with more than two chunks times both (after a warm-up chunk, one chunk looped
+    and one batched; all are parts of the result) and keeps the faster per column.
 
     Args:
         f: Maps the parameters (as positional arguments) to the output.
@@ -274,6 +297,7 @@ def linearized_matmat(
         out: Accumulators ``[K, *param_shape]`` to add ``alpha`` times the product to (in
             place, no intermediate copy); new zeros if ``None``.
         alpha: Scale of the product.
+        plan: Where the choice of backward strategy is learnt and kept (batched if ``None``).
 
     Returns:
         ``out`` (tensor list ``[K, *param_shape]``).
@@ -287,13 +311,31 @@ def linearized_matmat(
         _vjp_into(result, leaves, u if alpha == 1.0 else alpha * u, [o[0] for o in out])
         return out
     params = tuple(p.detach() for p in params)
+    # NOTE [batched or looped backward]: chunk 0 warms up, chunk 1 is timed looped, chunk 2
+    # batched; both are parts of the result
+    probing = plan is not None and plan.batched_backward is None and K > 2 * COLUMN_CHUNK
+    seconds: dict[str, float] = {}
     with differentiable_attention():
         result, vjp_fn = vjp(f, *params)
         result = result.detach()
-        for start in range(0, K, COLUMN_CHUNK):
+        for index, start in enumerate(range(0, K, COLUMN_CHUNK)):
             chunk = [v[start : start + COLUMN_CHUNK].contiguous() for v in V]
             JV = vmap(lambda *v: jvp(f, params, v)[1])(*chunk)
-            _add_columns(out, start, vmap(vjp_fn)(output_matmat(result, JV)), alpha)
+            U = output_matmat(result, JV)
+            batched = plan is None or plan.batched_backward is not False
+            if probing and index in (1, 2):
+                batched = index == 2
+                tic = time.perf_counter()
+                columns = _transpose_chunk(vjp_fn, U, batched)
+                seconds["batched" if batched else "looped"] = (time.perf_counter() - tic) / U.shape[
+                    0
+                ]
+                if index == 2:
+                    plan.batched_backward = seconds["batched"] <= seconds["looped"]
+                    plan.backward_seconds = seconds
+            else:
+                columns = _transpose_chunk(vjp_fn, U, batched)
+            _add_columns(out, start, columns, alpha)
     return out
 
 
@@ -331,6 +373,7 @@ def ggn_matmat(
     *,
     out: list[Tensor] | None = None,
     alpha: float = 1.0,
+    plan: ProductPlan | None = None,
 ) -> list[Tensor]:
     r"""GGN-matrix product :math:`J^\top (\nabla_f^2 \ell) J V` (Schraudolph, 2002).
 
@@ -345,12 +388,13 @@ def ggn_matmat(
         V: Tensor list ``[K, *param_shape]``.
         out: Accumulators, see :func:`linearized_matmat`.
         alpha: Scale of the product.
+        plan: See :func:`linearized_matmat`.
 
     Returns:
         Tensor list ``[K, *param_shape]``.
     """
     return linearized_matmat(
-        f, loss_hessian_matmat(loss_of_output), params, V, out=out, alpha=alpha
+        f, loss_hessian_matmat(loss_of_output), params, V, out=out, alpha=alpha, plan=plan
     )
 
 
@@ -362,6 +406,7 @@ def factor_ggn_matmat(
     *,
     out: list[Tensor] | None = None,
     alpha: float = 1.0,
+    plan: ProductPlan | None = None,
 ) -> list[Tensor]:
     r"""Product with :math:`J^\top (\sum_k s_k s_k^\top) J` where the factors are per datum.
 
@@ -378,6 +423,7 @@ def factor_ggn_matmat(
         V: Tensor list ``[K, *param_shape]``.
         out: Accumulators, see :func:`linearized_matmat`.
         alpha: Scale of the product.
+        plan: See :func:`linearized_matmat`.
 
     Returns:
         Tensor list ``[K, *param_shape]``.
@@ -393,7 +439,7 @@ def factor_ggn_matmat(
         coeff = torch.einsum("jnm,knm->kjn", S, U.reshape(U.shape[0], N, -1))
         return torch.einsum("kjn,jnm->knm", coeff, S).reshape(U.shape)
 
-    return linearized_matmat(f, matmat, params, V, out=out, alpha=alpha)
+    return linearized_matmat(f, matmat, params, V, out=out, alpha=alpha, plan=plan)
 
 
 # ==================================================================== Hessian
