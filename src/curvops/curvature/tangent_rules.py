@@ -233,31 +233,41 @@ def _batch_norm_forward(args):
 
 def _batch_norm_backward(saved, meta, g, needs):
     (x, mean, var, weight), (has_bias, eps) = saved, meta
-    shape, dims = _bn_shape(x), [0, *range(2, x.ndim)]
-    inv_std = (var + eps).rsqrt()
-    gx = gw = gb = None
-    if needs[0]:
-        gx = g * (inv_std if weight is None else weight * inv_std).reshape(shape)
-    if weight is not None and needs[3]:
-        gw = (g * (x - mean.reshape(shape)) * inv_std.reshape(shape)).sum(dims)
-    if has_bias and needs[4]:
-        gb = g.sum(dims)
-    return gx, None, None, gw, gb, None, None, None
+    mask = [needs[0], weight is not None and needs[3], has_bias and needs[4]]
+    if not any(mask):
+        return (None,) * 8
+    # PyTorch's own fused kernel (evaluation mode: the running statistics)
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        g, x, weight, mean, var, None, None, False, eps, mask
+    )
+    return gx, None, None, gw if mask[1] else None, gb if mask[2] else None, None, None, None
 
 
 def _batch_norm_tangent(args, tangents, out, saved):
+    r"""Tangent of :math:`y = (x - \mu) \sigma^{-1} w + b`, per-channel affine in each input.
+
+    :math:`\dot y = \dot x \, w\sigma^{-1} + x \, \dot w \sigma^{-1}
+    + (\dot b - \mu \dot w \sigma^{-1})`, in at most two fused passes.
+    """
     x, mean, var, weight = args[:4]
     eps = args[7]
     dx, dw, db = tangents[0], tangents[3], tangents[4]
     shape = _bn_shape(x)
     inv_std = (var + eps).rsqrt()
-    gain = inv_std if weight is None else weight * inv_std
-    terms = [None if dx is None else dx * gain.reshape(shape)]
+    total = None
     if dw is not None:
-        terms.append((x - mean.reshape(shape)) * (inv_std * dw).reshape(shape))
-    if db is not None:
-        terms.append(db.reshape(shape))
-    return _sum(terms, out)
+        slope = inv_std * dw
+        shift = -mean * slope if db is None else db - mean * slope
+        total = torch.addcmul(shift.reshape(shape), x, slope.reshape(shape))
+    elif db is not None and dx is not None:
+        gain = inv_std if weight is None else weight * inv_std
+        return torch.addcmul(db.reshape(shape), dx, gain.reshape(shape))
+    elif db is not None:
+        return db.reshape(shape).expand_as(out).clone()
+    if dx is not None:
+        gain = (inv_std if weight is None else weight * inv_std).reshape(shape)
+        total = dx * gain if total is None else total.addcmul_(dx, gain)
+    return torch.zeros_like(out) if total is None else total
 
 
 def _layer_norm_forward(args):
