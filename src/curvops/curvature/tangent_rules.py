@@ -286,22 +286,30 @@ def _layer_norm_backward(saved, normalized_shape, g, needs):
 
 
 def _layer_norm_tangent(args, tangents, out, saved):
+    r"""Tangent of :math:`y = \hat x \odot w + b`, :math:`\hat x = (x - \mu) r`.
+
+    The normalisation's Jacobian :math:`r (I - \frac{1}{d} 1 1^\top - \frac{1}{d} \hat x
+    \hat x^\top)` (per row of :math:`d` features) is symmetric, so its product with
+    :math:`\dot x` is PyTorch's fused layer-norm backward kernel (without affine
+    parameters) applied to :math:`\dot x`; then :math:`\dot y = w \odot J\dot x + \hat x
+    \odot \dot w + \dot b`.
+    """
     x, normalized_shape, weight = args[0], args[1], args[2]
     _, mean, inv_std = saved[:3]
     dx, dw, db = tangents[0], tangents[2], tangents[3]
-    dims = tuple(range(-len(normalized_shape), 0))
-    x_hat = (x - mean) * inv_std
-    terms = []
+    total = None
     if dx is not None:
-        # (dx - mean(dx) - x_hat mean(dx x_hat)) / std, times the weight
-        d_hat = dx - dx.mean(dim=dims, keepdim=True)
-        d_hat.sub_(x_hat * (dx * x_hat).mean(dim=dims, keepdim=True)).mul_(inv_std)
-        terms.append(d_hat if weight is None else d_hat.mul_(weight))
+        total = torch.ops.aten.native_layer_norm_backward(
+            dx, x, normalized_shape, mean, inv_std, None, None, [True, False, False]
+        )[0]
+        if weight is not None:
+            total.mul_(weight)
     if dw is not None:
-        terms.append(x_hat * dw)
+        x_hat = (x - mean).mul_(inv_std)
+        total = x_hat.mul_(dw) if total is None else total.addcmul_(x_hat, dw)
     if db is not None:
-        terms.append(db)
-    return _sum(terms, out)
+        total = db.expand_as(out).clone() if total is None else total.add_(db)
+    return torch.zeros_like(out) if total is None else total
 
 
 # ---------------------------------------------------------------- activations, pooling
