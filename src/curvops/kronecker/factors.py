@@ -230,7 +230,8 @@ class FactorAccumulator:
             names: Parameter names by position in the parameter list.
 
         Returns:
-            The layer's factors.
+            The layer's factors. They may share memory with the accumulated sums, which are
+            not to be used afterwards.
         """
         layer = self.layer
         if self.backward:
@@ -241,10 +242,11 @@ class FactorAccumulator:
         joint = self.has_weight and self.has_bias and not separate_weight_and_bias
         input_factor, bias_input_factor = None, None
         if joint:
-            input_factor = self._joint_input_factor_sum() / self.count
+            # in place: the sums are not used after this (a fresh result costs page faults)
+            input_factor = self._joint_input_factor_sum().div_(self.count)
         else:
             if self.has_weight:
-                input_factor = self._weight_input_factor_sum() / self.count
+                input_factor = self._weight_input_factor_sum().div_(self.count)
             if self.has_bias:
                 bias_input_factor = self.num_rows / self.count
         return LayerFactors(
