@@ -41,3 +41,16 @@ class RunningMoments:
             The standard error (same shape as :attr:`mean`); requires two or more samples.
         """
         return torch.sqrt(self._m2 / (self.count - 1) / self.count)
+
+    def result(self, return_error: bool) -> Tensor | tuple[Tensor, Tensor]:
+        """The mean, and with ``return_error`` also its standard error (what estimators return).
+
+        Args:
+            return_error: Whether to also return :meth:`standard_error`.
+
+        Returns:
+            :attr:`mean`, or ``(mean, standard_error)``.
+        """
+        if return_error:
+            return self.mean, self.standard_error()
+        return self.mean

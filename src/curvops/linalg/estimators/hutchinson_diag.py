@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvops.linalg._inputs import as_linear_operator, parse_enum, require_square
-from curvops.linalg._sampling import Distribution, random_test_matrix
-from curvops.linalg.estimators._checks import check_adaptive, check_num_matvecs, relative
-from curvops.linalg.estimators._moments import RunningMoments
+from curvops.linalg.estimators._adaptive import sample_in_rounds
+from curvops.linalg.estimators._setup import EstimatorRules
 from curvops.linear_operator import LinearOperator
+
+_RULES = EstimatorRules("hutchinson_diag")
 
 
 def hutchinson_diag(
@@ -57,29 +57,7 @@ def hutchinson_diag(
     Raises:
         ValueError: If ``A`` is not square or an option is invalid.
     """
-    A = as_linear_operator(A)
-    D = require_square(A, "hutchinson_diag")
-    distribution = parse_enum(distribution, Distribution, "distribution")
-    needs_two = return_error or target_rel_error is not None
-    num_matvecs = check_num_matvecs(
-        num_matvecs,
-        "hutchinson_diag" + (" with an error estimate" if needs_two else ""),
-        minimum=2 if needs_two else 1,
+    setup = _RULES.setup(
+        A, num_matvecs, distribution, generator, return_error, target_rel_error, max_matvecs
     )
-    target, budget = check_adaptive(target_rel_error, max_matvecs, num_matvecs)
-
-    moments = RunningMoments()
-    used = 0
-    while True:
-        batch = min(num_matvecs, budget - used)
-        V = random_test_matrix(D, batch, distribution, generator, A.dtype, A.device)
-        moments.update(V * (A @ V))
-        used += batch
-        if target is None or used >= budget:
-            break
-        error = moments.standard_error().max()
-        if relative(error, moments.mean.abs().max()) <= target:
-            break
-    if return_error:
-        return moments.mean, moments.standard_error()
-    return moments.mean
+    return sample_in_rounds(setup, lambda V, AV: V * AV).result(return_error)

@@ -57,6 +57,4 @@ def hutchinson_squared_fro(
     V = random_test_matrix(A.shape[0], num_matvecs // 2, distribution, generator, A.dtype, A.device)
     moments = RunningMoments()
     moments.update((V * (A @ (A.adjoint() @ V))).sum(0))
-    if return_error:
-        return moments.mean, moments.standard_error()
-    return moments.mean
+    return moments.result(return_error)

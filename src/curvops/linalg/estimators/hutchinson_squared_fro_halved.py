@@ -56,6 +56,4 @@ def hutchinson_squared_fro_halved(
     V = random_test_matrix(A.shape[1], num_matvecs, distribution, generator, A.dtype, A.device)
     moments = RunningMoments()
     moments.update((A @ V).square().sum(0))
-    if return_error:
-        return moments.mean, moments.standard_error()
-    return moments.mean
+    return moments.result(return_error)

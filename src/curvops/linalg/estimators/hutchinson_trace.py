@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvops.linalg._inputs import as_linear_operator, parse_enum, require_square
-from curvops.linalg._sampling import Distribution, random_test_matrix
-from curvops.linalg.estimators._checks import check_adaptive, check_num_matvecs, relative
-from curvops.linalg.estimators._moments import RunningMoments
+from curvops.linalg.estimators._adaptive import sample_in_rounds
+from curvops.linalg.estimators._setup import EstimatorRules
 from curvops.linear_operator import LinearOperator
+
+_RULES = EstimatorRules("hutchinson_trace")
 
 
 def hutchinson_trace(
@@ -64,28 +64,7 @@ def hutchinson_trace(
         >>> float(est)  # Rademacher vectors are exact for diagonal matrices
         55.0
     """
-    A = as_linear_operator(A)
-    D = require_square(A, "hutchinson_trace")
-    distribution = parse_enum(distribution, Distribution, "distribution")
-    needs_two = return_error or target_rel_error is not None
-    num_matvecs = check_num_matvecs(
-        num_matvecs,
-        "hutchinson_trace" + (" with an error estimate" if needs_two else ""),
-        minimum=2 if needs_two else 1,
+    setup = _RULES.setup(
+        A, num_matvecs, distribution, generator, return_error, target_rel_error, max_matvecs
     )
-    target, budget = check_adaptive(target_rel_error, max_matvecs, num_matvecs)
-
-    moments = RunningMoments()
-    used = 0
-    while True:
-        batch = min(num_matvecs, budget - used)
-        V = random_test_matrix(D, batch, distribution, generator, A.dtype, A.device)
-        moments.update((V * (A @ V)).sum(0))
-        used += batch
-        if target is None or used >= budget:
-            break
-        if relative(moments.standard_error(), moments.mean) <= target:
-            break
-    if return_error:
-        return moments.mean, moments.standard_error()
-    return moments.mean
+    return sample_in_rounds(setup, lambda V, AV: (V * AV).sum(0)).result(return_error)

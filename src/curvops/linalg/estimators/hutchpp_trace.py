@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvops.linalg._inputs import as_linear_operator, parse_enum, require_square
-from curvops.linalg._sampling import Distribution, random_test_matrix
-from curvops.linalg.estimators._checks import check_adaptive, check_num_matvecs, relative
+from curvops.linalg.estimators._checks import relative
 from curvops.linalg.estimators._moments import RunningMoments
+from curvops.linalg.estimators._setup import EstimatorRules
 from curvops.linear_operator import LinearOperator
+
+_RULES = EstimatorRules("hutchpp_trace", sketch_parts=3)
 
 
 def hutchpp_trace(
@@ -56,38 +57,26 @@ def hutchpp_trace(
     Raises:
         ValueError: If ``A`` is not square or an option is invalid.
     """
-    A = as_linear_operator(A)
-    D = require_square(A, "hutchpp_trace")
-    distribution = parse_enum(distribution, Distribution, "distribution")
-    needs_two = return_error or target_rel_error is not None
-    num_matvecs = check_num_matvecs(
-        num_matvecs,
-        "hutchpp_trace" + (" with an error estimate" if needs_two else ""),
-        multiple_of=3,
-        minimum=6 if needs_two else 3,
-        maximum=3 * D,
-        maximum_reason=f"the sketch size num_matvecs / 3 cannot exceed the dimension {D}.",
+    setup = _RULES.setup(
+        A, num_matvecs, distribution, generator, return_error, target_rel_error, max_matvecs
     )
-    target, budget = check_adaptive(target_rel_error, max_matvecs, num_matvecs)
-    m = num_matvecs // 3
+    A, target, budget = setup.A, setup.target, setup.budget
+    m = setup.num_matvecs // 3
 
-    def draw(num: int) -> Tensor:
-        return random_test_matrix(D, num, distribution, generator, A.dtype, A.device)
-
-    S, G = draw(m), draw(m)
+    S, G = setup.draw(m), setup.draw(m)
     Q, _ = torch.linalg.qr(A @ S)
     G_deflated = G - Q @ (Q.T @ G)
     products = A @ torch.cat([Q, G_deflated], dim=1)
     sketch_trace = (Q * products[:, :m]).sum()
     moments = RunningMoments()
     moments.update((G_deflated * products[:, m:]).sum(0))
-    used = num_matvecs
+    used = setup.num_matvecs
     while target is not None and used < budget:
         estimate = sketch_trace + moments.mean
         if relative(moments.standard_error(), estimate) <= target:
             break
         batch = min(m, budget - used)
-        G = draw(batch)
+        G = setup.draw(batch)
         G_deflated = G - Q @ (Q.T @ G)
         moments.update((G_deflated * (A @ G_deflated)).sum(0))
         used += batch

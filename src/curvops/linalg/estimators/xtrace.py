@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvops.linalg._inputs import as_linear_operator, parse_enum, require_square
-from curvops.linalg._sampling import Distribution, random_test_matrix
-from curvops.linalg.estimators._checks import check_adaptive, check_num_matvecs, relative
+from curvops.linalg.estimators._adaptive import grow_exchangeable_sketch
 from curvops.linalg.estimators._exchangeable_sketch import LeaveOneOutSketch
+from curvops.linalg.estimators._setup import EstimatorRules
 from curvops.linear_operator import LinearOperator
+
+_RULES = EstimatorRules("xtrace", sketch_parts=2, always_estimates_error=True)
 
 
 def _xtrace_samples(sketch: LeaveOneOutSketch) -> Tensor:
@@ -73,30 +74,8 @@ def xtrace(
     Raises:
         ValueError: If ``A`` is not square or an option is invalid.
     """
-    A = as_linear_operator(A)
-    D = require_square(A, "xtrace")
-    distribution = parse_enum(distribution, Distribution, "distribution")
-    num_matvecs = check_num_matvecs(
-        num_matvecs,
-        "xtrace",
-        multiple_of=2,
-        minimum=4,
-        maximum=2 * D,
-        maximum_reason=f"the sketch size num_matvecs / 2 cannot exceed the dimension {D}.",
+    setup = _RULES.setup(
+        A, num_matvecs, distribution, generator, return_error, target_rel_error, max_matvecs
     )
-    target, budget = check_adaptive(target_rel_error, max_matvecs, num_matvecs)
-    step = num_matvecs // 2
-
-    sketch = LeaveOneOutSketch(A, transpose_products=False)
-    while True:
-        new = min(step, (budget - sketch.num_matvecs) // 2, D - sketch.size)
-        sketch.grow(random_test_matrix(D, new, distribution, generator, A.dtype, A.device))
-        samples = _xtrace_samples(sketch)
-        estimate = samples.mean()
-        error = samples.std() / sketch.size**0.5
-        can_grow = sketch.num_matvecs + 2 <= budget and sketch.size < D
-        if target is None or not can_grow or relative(error, estimate) <= target:
-            break
-    if return_error:
-        return estimate, error
-    return estimate
+    estimate, error = grow_exchangeable_sketch(setup, _xtrace_samples, transpose_products=False)
+    return (estimate, error) if return_error else estimate
