@@ -64,6 +64,29 @@ def _check_boundaries(boundaries: object) -> tuple[float, float] | None:
     return lower, upper
 
 
+def _check_grid_options(
+    num_points: object, kappa: object, margin: object
+) -> tuple[int, float, float]:
+    """Check the grid and kernel options of the cached densities' ``__call__``.
+
+    Args:
+        num_points: Number of grid points (at least 2).
+        kappa: Kernel width in units of the grid spacing (positive).
+        margin: Relative widening of the interval (non-negative).
+
+    Returns:
+        ``(num_points, kappa, margin)`` as int, float, float.
+
+    Raises:
+        TypeError: If an option has the wrong type.
+        ValueError: If an option is out of range.
+    """
+    num_points = check_positive_int(num_points, "num_points", minimum=2)
+    kappa = check_positive_float(kappa, "kappa")
+    margin = check_positive_float(margin, "margin", allow_zero=True)
+    return num_points, kappa, margin
+
+
 def _widened_grid(lower: float, upper: float, margin: float, num_points: int, like: Tensor):
     """Equidistant grid on ``[lower, upper]`` widened by ``margin`` times its length."""
     width = upper - lower
@@ -127,6 +150,13 @@ class _LanczosQuadrature:
         self._ritz_values = theta  # [R, ncv]
         self._weights = S[:, 0, :] ** 2  # [R, ncv], each row sums to one
 
+    def _bounds_or_ritz_extremes(self, boundaries: object) -> tuple[float, float]:
+        """The checked ``boundaries``, or the smallest and largest Ritz value if ``None``."""
+        bounds = _check_boundaries(boundaries)
+        if bounds is None:
+            bounds = (float(self._ritz_values.min()), float(self._ritz_values.max()))
+        return bounds
+
     @property
     def ritz_values(self) -> Tensor:
         """The quadrature nodes (Ritz values) of every repeat, ``[num_repeats, ncv]``."""
@@ -180,12 +210,8 @@ class LanczosApproximateSpectrumCached(_LanczosQuadrature):
         Raises:
             ValueError: If an option is invalid.
         """
-        num_points = check_positive_int(num_points, "num_points", minimum=2)
-        kappa = check_positive_float(kappa, "kappa")
-        margin = check_positive_float(margin, "margin", allow_zero=True)
-        bounds = _check_boundaries(boundaries)
-        if bounds is None:
-            bounds = (float(self._ritz_values.min()), float(self._ritz_values.max()))
+        num_points, kappa, margin = _check_grid_options(num_points, kappa, margin)
+        bounds = self._bounds_or_ritz_extremes(boundaries)
         grid = _widened_grid(*bounds, margin, num_points, self._ritz_values)
         return grid, _smoothed_density(grid, self._ritz_values, self._weights, kappa)
 
@@ -228,14 +254,9 @@ class LanczosApproximateLogSpectrumCached(_LanczosQuadrature):
         Raises:
             ValueError: If an option is invalid.
         """
-        num_points = check_positive_int(num_points, "num_points", minimum=2)
-        kappa = check_positive_float(kappa, "kappa")
-        margin = check_positive_float(margin, "margin", allow_zero=True)
+        num_points, kappa, margin = _check_grid_options(num_points, kappa, margin)
         epsilon = check_positive_float(epsilon, "epsilon")
-        bounds = _check_boundaries(boundaries)
-        if bounds is None:
-            bounds = (float(self._ritz_values.min()), float(self._ritz_values.max()))
-        lower, upper = bounds
+        lower, upper = self._bounds_or_ritz_extremes(boundaries)
         smallest = 0.0 if lower <= 0.0 <= upper else min(abs(lower), abs(upper))
         largest = max(abs(lower), abs(upper))
         log_bounds = (math.log(smallest + epsilon), math.log(largest + epsilon))
