@@ -57,6 +57,39 @@ def power_law_matrix(
     return (Q * eigenvalues) @ Q.T
 
 
+def _error_table(
+    estimators: dict[str, Callable],
+    A: LinearOperator | Tensor,
+    error: Callable[[Tensor], float],
+    budgets: Sequence[int],
+    runs: int,
+    generator: torch.Generator,
+    progressbar: bool,
+) -> dict[str, tuple[list[int], np.ndarray]]:
+    """Errors of every estimator for every budget and run (estimators, then budgets, then runs).
+
+    Args:
+        estimators: Name -> estimator called as ``estimator(A, budget, generator=generator)``.
+        A: The matrix (operator or dense tensor).
+        error: Maps an estimate to its error.
+        budgets: Numbers of matrix-vector products.
+        runs: Independent runs per budget.
+        generator: Generator of every test vector.
+        progressbar: Show a progress bar over the budgets.
+
+    Returns:
+        Estimator name -> ``(budgets, errors [len(budgets), runs])``.
+    """
+    out = {}
+    for name, estimator in estimators.items():
+        errors = np.zeros((len(budgets), runs))
+        for i, m in enumerate(tqdm(budgets, desc=name, disable=not progressbar, leave=False)):
+            for r in range(runs):
+                errors[i, r] = error(estimator(A, m, generator=generator))
+        out[name] = (list(budgets), errors)
+    return out
+
+
 def trace_errors(
     A: LinearOperator | Tensor,
     exact_trace: float,
@@ -79,15 +112,11 @@ def trace_errors(
     Returns:
         Estimator name -> ``(budgets, errors [len(budgets), runs])``.
     """
-    out = {}
-    for name, estimator in TRACE_ESTIMATORS.items():
-        errors = np.zeros((len(budgets), runs))
-        for i, m in enumerate(tqdm(budgets, desc=name, disable=not progressbar, leave=False)):
-            for r in range(runs):
-                estimate = float(estimator(A, m, generator=generator))
-                errors[i, r] = abs(estimate - exact_trace) / abs(exact_trace)
-        out[name] = (list(budgets), errors)
-    return out
+
+    def error(estimate: Tensor) -> float:
+        return abs(float(estimate) - exact_trace) / abs(exact_trace)
+
+    return _error_table(TRACE_ESTIMATORS, A, error, budgets, runs, generator, progressbar)
 
 
 def diagonal_errors(
@@ -113,12 +142,8 @@ def diagonal_errors(
         Estimator name -> ``(budgets, errors [len(budgets), runs])``.
     """
     scale = float(exact_diagonal.abs().max())
-    out = {}
-    for name, estimator in DIAGONAL_ESTIMATORS.items():
-        errors = np.zeros((len(budgets), runs))
-        for i, m in enumerate(tqdm(budgets, desc=name, disable=not progressbar, leave=False)):
-            for r in range(runs):
-                estimate = estimator(A, m, generator=generator)
-                errors[i, r] = float((estimate - exact_diagonal).abs().max()) / scale
-        out[name] = (list(budgets), errors)
-    return out
+
+    def error(estimate: Tensor) -> float:
+        return float((estimate - exact_diagonal).abs().max()) / scale
+
+    return _error_table(DIAGONAL_ESTIMATORS, A, error, budgets, runs, generator, progressbar)

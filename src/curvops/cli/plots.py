@@ -17,6 +17,7 @@ from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullL
 from torch import Tensor
 
 _DPI = 110
+_PANEL_MARGINS = {"left": 0.08, "right": 0.98, "bottom": 0.1, "top": 0.93, "hspace": 0.45}
 
 
 def _subplots(nrows: int, ncols: int, figsize: tuple[float, float]):
@@ -28,6 +29,36 @@ def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI)
     return path
+
+
+def _panel_grid(
+    num_panels: int,
+    ncols: int,
+    panel_size: tuple[float, float],
+    *,
+    padding: tuple[float, float] = (0.0, 0.0),
+    **spacing: float,
+) -> tuple[Figure, list]:
+    """A figure with ``num_panels`` panels in rows of ``ncols``; spare cells switched off.
+
+    Args:
+        num_panels: Number of panels.
+        ncols: Panels per row (at most ``num_panels`` are used).
+        panel_size: Width and height of one panel in inches.
+        padding: Extra width and height of the figure in inches.
+        **spacing: Margins and gaps, passed to ``Figure.subplots_adjust``.
+
+    Returns:
+        The figure and its first ``num_panels`` axes, row by row.
+    """
+    ncols = min(ncols, num_panels)
+    nrows = -(-num_panels // ncols)
+    figsize = (panel_size[0] * ncols + padding[0], panel_size[1] * nrows + padding[1])
+    fig, axes = _subplots(nrows, ncols, figsize)
+    fig.subplots_adjust(**spacing)
+    for ax in list(axes.flat)[num_panels:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:num_panels]
 
 
 def _boundaries(layer_sizes: Sequence[tuple[str, int]]) -> list[int]:
@@ -59,14 +90,21 @@ def plot_heatmaps(
     Returns:
         ``path``.
     """
-    n = len(matrices)
-    ncols = min(ncols, n)
-    nrows = -(-n // ncols)
-    fig, axes = _subplots(nrows, ncols, (3.6 * ncols + 0.8, 3.7 * nrows + 0.4))
-    fig.subplots_adjust(left=0.02, right=0.86, bottom=0.02, top=0.9, wspace=0.08, hspace=0.15)
+    fig, axes = _panel_grid(
+        len(matrices),
+        ncols,
+        (3.6, 3.7),
+        padding=(0.8, 0.4),
+        left=0.02,
+        right=0.86,
+        bottom=0.02,
+        top=0.9,
+        wspace=0.08,
+        hspace=0.15,
+    )
     bounds = _boundaries(layer_sizes)
     image = None
-    for ax, (title, M) in zip(axes.flat, matrices.items()):
+    for ax, (title, M) in zip(axes, matrices.items()):
         A = np.abs(M.detach().cpu().double().numpy())
         top = A.max() if A.size and A.max() > 0 else 1.0
         image = ax.imshow(
@@ -82,8 +120,6 @@ def plot_heatmaps(
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     if image is not None:
         fig.colorbar(
             image,
@@ -123,12 +159,8 @@ def plot_densities(panels: Mapping[str, DensityPanel], path: Path, *, ncols: int
     Returns:
         ``path``.
     """
-    n = len(panels)
-    ncols = min(ncols, n)
-    nrows = -(-n // ncols)
-    fig, axes = _subplots(nrows, ncols, (5.0 * ncols, 3.4 * nrows))
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93, wspace=0.25, hspace=0.45)
-    for ax, (title, panel) in zip(axes.flat, panels.items()):
+    fig, axes = _panel_grid(len(panels), ncols, (5.0, 3.4), wspace=0.25, **_PANEL_MARGINS)
+    for ax, (title, panel) in zip(axes, panels.items()):
         dens = panel.density.detach().cpu().numpy()
         top = float(dens.max())
         if panel.exact is not None:
@@ -143,8 +175,6 @@ def plot_densities(panels: Mapping[str, DensityPanel], path: Path, *, ncols: int
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     return _save(fig, path)
 
 
@@ -175,12 +205,8 @@ def plot_error_curves(panels: Mapping[str, ErrorPanel], path: Path, *, ncols: in
     Returns:
         ``path``.
     """
-    n = len(panels)
-    ncols = min(ncols, n)
-    nrows = -(-n // ncols)
-    fig, axes = _subplots(nrows, ncols, (4.6 * ncols, 3.4 * nrows))
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.93, wspace=0.3, hspace=0.45)
-    for ax, (title, panel) in zip(axes.flat, panels.items()):
+    fig, axes = _panel_grid(len(panels), ncols, (4.6, 3.4), wspace=0.3, **_PANEL_MARGINS)
+    for ax, (title, panel) in zip(axes, panels.items()):
         budgets: list[int] = []
         for name, (ms, errors) in panel.curves.items():
             q25, med, q75 = np.percentile(errors, [25, 50, 75], axis=1)
@@ -197,8 +223,6 @@ def plot_error_curves(panels: Mapping[str, ErrorPanel], path: Path, *, ncols: in
         ax.set_ylabel(panel.ylabel)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     return _save(fig, path)
 
 
