@@ -53,3 +53,31 @@ def test_single_feature_and_no_rows():
     ones = torch.ones(3, 3, dtype=DTYPE)
     add_gram_upper_(ones, torch.zeros(0, 3, dtype=DTYPE))
     torch.testing.assert_close(ones, torch.ones(3, 3, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("budget", [2**22, 3 * 7 * 7])  # one chunk; chunks of 3 with a remainder
+def test_per_datum_blocks_use_batched_products(budget, monkeypatch):
+    """NOTE [Gram sums of per-datum blocks]: rows ``[K, N, P, d]`` stored ``[K, N, d, P]``."""
+    import curvops.kronecker.gram as gram
+
+    monkeypatch.setattr(gram, "BLOCK_CHUNK_ELEMENTS", budget)
+    calls = []
+    original = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or original(a, b))
+    d, P = 7, 9
+    stored = torch.randn(2, 5, d, P, generator=generator(4), dtype=DTYPE)
+    rows = stored.transpose(-1, -2)  # [K, N, P, d]
+    acc = torch.zeros(d, d, dtype=DTYPE)
+    add_gram_upper_(acc, rows, alpha=0.5)
+    mirror_upper_(acc)
+    torch.testing.assert_close(acc, 0.5 * _dense_gram(rows))
+    assert calls == ([10] if budget == 2**22 else [3, 3, 3, 1])
+
+
+def test_few_positions_per_block_are_copied_once():
+    """With fewer positions than features, one product of the copied rows is cheaper."""
+    d, P = 7, 3
+    rows = torch.randn(2, 5, d, P, generator=generator(5), dtype=DTYPE).transpose(-1, -2)
+    acc = torch.zeros(d, d, dtype=DTYPE)
+    mirror_upper_(add_gram_upper_(acc, rows))
+    torch.testing.assert_close(acc, _dense_gram(rows))

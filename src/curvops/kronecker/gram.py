@@ -23,14 +23,25 @@ taken in the layout they are stored in, so no operand is copied more than once:
   :func:`curvops.kronecker.unfold.unfold_conv_input`; convolution output gradients
   ``[K, N, C, P]``): :math:`Z^\top` is formed as ``[d, R]`` (a view for the patches, one copy
   for the gradients).
+
+NOTE [Gram sums of per-datum blocks]: rows stored as per-datum blocks ``[B, d, P]`` with
+:math:`P \geq d` (convolution output gradients with many output positions) are summed as
+:math:`\sum_b G_b G_b^\top` by batched products, in chunks, instead of copying them into one
+``[d, B P]`` matrix: on a CPU the copy of such a transposed layout costs more than the
+products (measured 1.2-2.3x faster for ``d`` = 16-64, ``P`` = 64-1024, ``B`` = 640).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 PANEL = 128
 """Width of the column panels of NOTE [upper-triangular Gram sums]."""
+
+BLOCK_CHUNK_ELEMENTS = 2**22
+"""Largest number of entries of the ``[b, d, d]`` products formed at once by
+NOTE [Gram sums of per-datum blocks]."""
 
 
 def _panel_width(d: int) -> int:
@@ -64,6 +75,15 @@ def add_gram_upper_(accumulator: Tensor, rows: Tensor, *, alpha: float = 1.0) ->
         for start in range(0, d, width):
             stop = min(start + width, d)
             accumulator[start:stop, start:].addmm_(Z[:, start:stop].T, Z[:, start:], alpha=alpha)
+        return accumulator
+    blocks = rows.transpose(-1, -2)
+    if rows.ndim >= 3 and blocks.is_contiguous() and rows.shape[-2] >= d:
+        # NOTE [Gram sums of per-datum blocks] (the whole matrix; the upper part is complete)
+        G = blocks.reshape(-1, d, rows.shape[-2])
+        step = max(1, BLOCK_CHUNK_ELEMENTS // (d * d))
+        for start in range(0, G.shape[0], step):
+            chunk = G[start : start + step]
+            accumulator.add_(torch.bmm(chunk, chunk.transpose(1, 2)).sum(dim=0), alpha=alpha)
         return accumulator
     Zt = rows.movedim(-1, 0).reshape(d, -1)  # a view for feature-major rows
     for start in range(0, d, width):
