@@ -15,8 +15,8 @@ Task definitions (what the closure does):
 * ``kfac_<type>``: a fresh KFAC operator computing its Kronecker factors (one data pass).
 * ``kfac_mvp`` / ``kfac_inv_mvp``: one product with KFAC (type ``"mc"``) / its inverse
   (damping ``1e-3``), factors and factorisation already computed.
-* ``kfac_inv_build``: the inverse's factorisation (eigendecompositions in curvops; cached
-  Cholesky or eigendecompositions in curvlinops) plus its first product.
+* ``kfac_inv_build``: the inverse's factorisation (Cholesky factorisations of the damped
+  factors in curvops; curvlinops' own, cached) plus its first product.
 * ``ekfac_correction``: EKFAC's eigenvalue correction (eigendecompositions of the factors and
   the correction pass over the data), with the KFAC factors already computed.
 """
