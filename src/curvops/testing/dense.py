@@ -226,6 +226,38 @@ def _batch_factors(loss_func: nn.Module, batches: list[tuple[Any, Tensor, int]])
     return [n / total for _, _, n in batches]
 
 
+def _risk_weighted_sum(
+    batch_matrix: Callable[[_FlatModel, Any, Tensor], Tensor],
+    model_func: nn.Module | Callable,
+    loss_func: nn.Module,
+    params: Params,
+    data: Data,
+    batch_size_fn: Callable[[Any], int] | None,
+) -> Tensor:
+    r"""Sum of per-batch ``[D, D]`` matrices scaled by the factors of NOTE [risk scaling].
+
+    Args:
+        batch_matrix: Maps the flat model, a batch's inputs and labels to the batch's matrix
+            (e.g. the Hessian of the batch loss).
+        model_func: See :func:`dense_hessian`.
+        loss_func: See :func:`dense_hessian`.
+        params: See :func:`dense_hessian`.
+        data: See :func:`dense_hessian`.
+        batch_size_fn: See :func:`dense_hessian`.
+
+    Returns:
+        :math:`\sum_\mathbb{B} (R_\mathbb{D} / R_\mathbb{B}) M_\mathbb{B}`, ``[D, D]``.
+    """
+    model = _FlatModel(model_func, params)
+    batches = _batches(data, batch_size_fn, model.device)
+    factors = _batch_factors(loss_func, batches)
+    D = model.theta.numel()
+    total = torch.zeros(D, D, dtype=model.dtype, device=model.device)
+    for (X, y, _), c in zip(batches, factors):
+        total = total + c * batch_matrix(model, X, y)
+    return total
+
+
 # ==================================================================== references
 def dense_hessian(
     model_func: nn.Module | Callable,
@@ -268,18 +300,14 @@ def dense_hessian(
         >>> H.shape
         torch.Size([8, 8])
     """
-    model = _FlatModel(model_func, params)
-    batches = _batches(data, batch_size_fn, model.device)
-    factors = _batch_factors(loss_func, batches)
-    D = model.theta.numel()
-    H = torch.zeros(D, D, dtype=model.dtype, device=model.device)
-    for (X, y, _), c in zip(batches, factors):
 
-        def batch_loss(theta: Tensor, X=X, y=y) -> Tensor:
+    def batch_hessian(model: _FlatModel, X: Any, y: Tensor) -> Tensor:
+        def batch_loss(theta: Tensor) -> Tensor:
             return loss_func(model(theta, X), y)
 
-        H = H + c * hessian(batch_loss)(model.theta)
-    return H
+        return hessian(batch_loss)(model.theta)
+
+    return _risk_weighted_sum(batch_hessian, model_func, loss_func, params, data, batch_size_fn)
 
 
 def dense_ggn(
@@ -314,18 +342,15 @@ def dense_ggn(
     Returns:
         The ``[D, D]`` GGN on the parameters' device and in their dtype.
     """
-    model = _FlatModel(model_func, params)
-    batches = _batches(data, batch_size_fn, model.device)
-    factors = _batch_factors(loss_func, batches)
-    D = model.theta.numel()
-    G = torch.zeros(D, D, dtype=model.dtype, device=model.device)
-    for (X, y, _), c in zip(batches, factors):
+
+    def batch_ggn(model: _FlatModel, X: Any, y: Tensor) -> Tensor:
         output = model(model.theta, X).detach()
-        J = jacrev(model)(model.theta, X).reshape(output.numel(), D)
-        H_out = hessian(lambda out, y=y: loss_func(out, y))(output)
+        J = jacrev(model)(model.theta, X).reshape(output.numel(), model.theta.numel())
+        H_out = hessian(lambda out: loss_func(out, y))(output)
         H_out = H_out.reshape(output.numel(), output.numel())
-        G = G + c * (J.T @ H_out @ J)
-    return G
+        return J.T @ H_out @ J
+
+    return _risk_weighted_sum(batch_ggn, model_func, loss_func, params, data, batch_size_fn)
 
 
 def _datum_loss_sum(loss_func: nn.Module) -> nn.Module:
