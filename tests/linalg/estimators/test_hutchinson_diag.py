@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers.estimator_problems import adaptive_run
 from helpers.linalg_problems import (
     DTYPE,
     FIG4_DIM,
     FIG4_RUNS,
     assert_unbiased_entrywise,
-    counting,
     estimator_trials,
     fig4_trials,
     generator,
@@ -39,10 +39,8 @@ def test_rademacher_is_exact_on_diagonal_matrices():
 
 
 def test_adaptive_stopping_and_one_block_product_per_round():
-    M = power_law_matrix(60, c=2.0)
-    A = counting(M)
-    est, err = hutchinson_diag(
-        A, 50, generator=generator(2), return_error=True, target_rel_error=0.05, max_matvecs=5000
+    M, A, est, err = adaptive_run(
+        hutchinson_diag, 60, 2.0, 50, seed=2, target_rel_error=0.05, max_matvecs=5000
     )
     assert err.max() / est.abs().max() <= 0.05
     assert A.num_columns == 50 * A.num_calls and A.num_calls > 1

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers.estimator_problems import adaptive_run
 from helpers.linalg_problems import (
     DTYPE,
     counting,
@@ -45,15 +46,8 @@ def test_tensor_list_operator_and_block_product():
 
 
 def test_adaptive_stopping_reaches_target_within_budget():
-    M = power_law_matrix(100, c=0.5)
-    A = counting(M)
-    est, err = hutchinson_trace(
-        A,
-        10,
-        generator=generator(3),
-        return_error=True,
-        target_rel_error=0.01,
-        max_matvecs=2000,
+    M, A, est, err = adaptive_run(
+        hutchinson_trace, 100, 0.5, 10, seed=3, target_rel_error=0.01, max_matvecs=2000
     )
     assert err / est.abs() <= 0.01
     assert A.num_columns % 10 == 0 and 10 < A.num_columns <= 2000

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers.estimator_problems import adaptive_run
 from helpers.linalg_problems import (
     DTYPE,
     FIG4_DIM,
@@ -45,10 +46,8 @@ def test_exact_for_low_rank_and_two_block_products():
 
 
 def test_adaptive_stopping_adds_deflated_samples():
-    M = power_law_matrix(100, c=1.0)
-    A = counting(M)
-    est, err = hutchpp_trace(
-        A, 12, generator=generator(5), return_error=True, target_rel_error=1e-2, max_matvecs=2000
+    M, A, est, err = adaptive_run(
+        hutchpp_trace, 100, 1.0, 12, seed=5, target_rel_error=1e-2, max_matvecs=2000
     )
     assert err / est.abs() <= 1e-2
     assert 12 < A.num_columns < 2000 and A.num_columns % 4 == 0

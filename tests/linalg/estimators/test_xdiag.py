@@ -2,6 +2,11 @@
 
 import pytest
 import torch
+from helpers.estimator_problems import (
+    adaptive_run,
+    explicit_leave_one_out,
+    grown_leave_one_out_sketch,
+)
 from helpers.linalg_problems import (
     DTYPE,
     FIG4_DIM,
@@ -15,28 +20,17 @@ from helpers.linalg_problems import (
 )
 
 from curvops.linalg import xdiag
-from curvops.linalg.estimators._exchangeable_sketch import LeaveOneOutSketch
 from curvops.linalg.estimators.xdiag import _xdiag_samples
-from curvops.structured import TensorLinearOperator
 
 
 @pytest.mark.parametrize("growth", [[5], [1, 4], [2, 2, 1]])
 def test_leave_one_out_estimates_match_explicit_formula(growth):
     """Each d_i against its definition with an explicit QR of A Omega_{-i} (non-symmetric A)."""
-    D, m = 20, sum(growth)
-    M = torch.randn(D, D, generator=generator(0), dtype=DTYPE)
-    Omega = torch.randn(D, m, generator=generator(1), dtype=DTYPE)
-    sketch = LeaveOneOutSketch(TensorLinearOperator(M), transpose_products=True)
-    start = 0
-    for n in growth:
-        sketch.grow(Omega[:, start : start + n])
-        start += n
-    expected = []
-    for i in range(m):
-        Q_i, _ = torch.linalg.qr(M @ Omega[:, [j for j in range(m) if j != i]])
-        P = torch.eye(D, dtype=DTYPE) - Q_i @ Q_i.T
-        w = Omega[:, i]
-        expected.append(torch.diagonal(Q_i @ Q_i.T @ M) + w * (P @ M @ w))
+    M, Omega, sketch = grown_leave_one_out_sketch(20, growth, transpose_products=True)
+    expected = [
+        torch.diagonal(Q_i @ Q_i.T @ M) + w * (P @ M @ w)
+        for Q_i, P, w in explicit_leave_one_out(M, Omega)
+    ]
     torch.testing.assert_close(_xdiag_samples(sketch), torch.stack(expected, dim=1))
 
 
@@ -68,10 +62,8 @@ def test_non_symmetric_operator_unbiased_with_adjoint_products():
 
 
 def test_adaptive_growth_reuses_products():
-    M = power_law_matrix(100, c=2.0)
-    A = counting(M)
-    est, err = xdiag(
-        A, 8, generator=generator(4), return_error=True, target_rel_error=1e-3, max_matvecs=200
+    M, A, est, err = adaptive_run(
+        xdiag, 100, 2.0, 8, seed=4, target_rel_error=1e-3, max_matvecs=200
     )
     assert err.max() / est.abs().max() <= 1e-3
     assert 8 < A.num_columns < 200 and A.num_columns % 8 == 0

@@ -2,6 +2,11 @@
 
 import pytest
 import torch
+from helpers.estimator_problems import (
+    adaptive_run,
+    explicit_leave_one_out,
+    grown_leave_one_out_sketch,
+)
 from helpers.linalg_problems import (
     DTYPE,
     FIG4_DIM,
@@ -22,22 +27,13 @@ from curvops.structured import TensorLinearOperator
 @pytest.mark.parametrize("growth", [[6], [2, 4], [3, 1, 2]])
 def test_leave_one_out_estimates_match_explicit_formula(growth):
     """Each t_i against its definition with an explicit QR of A Omega_{-i} (non-symmetric A)."""
-    D, m = 25, sum(growth)
-    M = torch.randn(D, D, generator=generator(0), dtype=DTYPE)
-    Omega = torch.randn(D, m, generator=generator(1), dtype=DTYPE)
-    sketch = LeaveOneOutSketch(TensorLinearOperator(M), transpose_products=False)
-    start = 0
-    for n in growth:
-        sketch.grow(Omega[:, start : start + n])
-        start += n
-    expected = []
-    for i in range(m):
-        Q_i, _ = torch.linalg.qr(M @ Omega[:, [j for j in range(m) if j != i]])
-        P = torch.eye(D, dtype=DTYPE) - Q_i @ Q_i.T
-        w = Omega[:, i]
-        expected.append(torch.trace(Q_i.T @ M @ Q_i) + w @ P @ M @ P @ w)
+    M, Omega, sketch = grown_leave_one_out_sketch(25, growth, transpose_products=False)
+    expected = [
+        torch.trace(Q_i.T @ M @ Q_i) + w @ P @ M @ P @ w
+        for Q_i, P, w in explicit_leave_one_out(M, Omega)
+    ]
     torch.testing.assert_close(_xtrace_samples(sketch), torch.stack(expected))
-    assert sketch.num_matvecs == 2 * m
+    assert sketch.num_matvecs == 2 * sum(growth)
 
 
 @pytest.mark.parametrize("c", [1.0, 3.0])
@@ -70,10 +66,8 @@ def test_exact_for_low_rank_operator():
 
 
 def test_adaptive_growth_reuses_products():
-    M = power_law_matrix(120, c=1.0)
-    A = counting(M)
-    est, err = xtrace(
-        A, 10, generator=generator(6), return_error=True, target_rel_error=3e-3, max_matvecs=240
+    M, A, est, err = adaptive_run(
+        xtrace, 120, 1.0, 10, seed=6, target_rel_error=3e-3, max_matvecs=240
     )
     assert err / est.abs() <= 3e-3
     assert 10 < A.num_columns < 240 and A.num_columns % 10 == 0
