@@ -21,6 +21,8 @@ def test_quick_start_runs():
     torch.testing.assert_close(Gv, G @ v)
     evals = torch.as_tensor(namespace["evals"])
     torch.testing.assert_close(
-        evals.sort().values, torch.as_tensor(namespace["scipy_evals"]).sort().values,
-        rtol=1e-3, atol=1e-5,
+        evals.sort().values,
+        torch.as_tensor(namespace["scipy_evals"]).sort().values,
+        rtol=1e-3,
+        atol=1e-5,
     )

@@ -264,28 +264,38 @@ def test_tangent_with_shared_storage_is_copied_once():
 
 @pytest.mark.parametrize("preset", [None, True, False])
 def test_multi_column_backward_strategies_agree(preset, monkeypatch):
-    """NOTE [batched or looped backward]: the probe decides once; both strategies are exact."""
-    monkeypatch.setattr(P, "COLUMN_CHUNK", 2)  # K = 7: chunks 0 (warm-up), 1, 2 (probe), 3
+    """NOTE [batched or looped backward]: both strategies are exact; the choice is recorded."""
+    monkeypatch.setattr(P, "COLUMN_CHUNK", 2)  # K = 5: three chunks, the last one ragged
     _, f, flat_f, theta, params, _, y, loss_func = _problem()
 
     def loss_of_output(out):
         return loss_func(out, y)
 
     G = _dense_ggn(flat_f, theta, loss_of_output)
-    V = _columns(params, 7)
+    V = _columns(params, 5)
     plan = P.ProductPlan(batched_backward=preset)
     result = P.ggn_matmat(f, loss_of_output, params, V, plan=plan)
     torch.testing.assert_close(_flat(result), _flat(V) @ G.T, **TOL)
-    if preset is None:
-        assert isinstance(plan.batched_backward, bool)
-        assert set(plan.backward_seconds) == {"batched", "looped"}
-    else:
-        assert plan.batched_backward is preset and plan.backward_seconds is None
+    assert plan.batched_backward is (True if preset is None else preset)  # no convolution
 
 
-def test_backward_probe_waits_for_enough_columns(monkeypatch):
-    monkeypatch.setattr(P, "COLUMN_CHUNK", 2)
-    _, f, _, _, params, _, y, loss_func = _problem()
+def test_convolutions_get_a_looped_backward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6, 2)).to(DT)
+    X, y = torch.randn(4, 2, 4, dtype=DT), torch.randint(0, 2, (4,))
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach().clone() for p in model.parameters()]
+
+    def f(*p):
+        return functional_call(model, dict(zip(names, p)), (X,))
+
+    def loss_of_output(out):
+        return nn.functional.cross_entropy(out, y)
+
+    V = _columns(params, 3)
     plan = P.ProductPlan()
-    P.ggn_matmat(f, lambda o: loss_func(o, y), params, _columns(params, 4), plan=plan)
-    assert plan.batched_backward is None  # two chunks: no room to time both after warm-up
+    looped = P.ggn_matmat(f, loss_of_output, params, V, plan=plan)
+    assert plan.batched_backward is False
+    batched = P.ggn_matmat(f, loss_of_output, params, V, plan=P.ProductPlan(batched_backward=True))
+    for a, b in zip(looped, batched):
+        torch.testing.assert_close(a, b, **TOL)
