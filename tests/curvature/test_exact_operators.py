@@ -32,6 +32,25 @@ def test_hessian(name):
     assert_operator_matches(H, dense, **TOL)
 
 
+@pytest.mark.parametrize("mode", ["forward-over-reverse", "auto"])
+def test_hessian_modes(mode):
+    case = make_case("mlp-ce-mean")
+    H = HessianLinearOperator(case.model_func, case.loss_func, case.params, case.data, mode=mode)
+    assert_operator_matches(
+        H, dense_hessian(case.model_func, case.loss_func, case.params, case.data), **TOL
+    )
+    if mode == "auto":
+        assert H._product_plan.hessian_mode is not None  # probed at the first product
+
+
+def test_hessian_rejects_unknown_mode():
+    case = make_case("mlp-ce-mean")
+    with pytest.raises(ValueError, match="Unknown Hessian mode 'sideways'"):
+        HessianLinearOperator(
+            case.model_func, case.loss_func, case.params, case.data, mode="sideways"
+        )
+
+
 @pytest.mark.parametrize("name", case_ids())
 def test_ggn(name):
     case = make_case(name)

@@ -18,9 +18,9 @@ benchmarks``; CPU, eager mode), in multiples of one gradient:
   pass, 8 columns at a time (faster than one single-column pass per column, and than
   32-column chunks on convolutional nets; ``torch.func.linearize`` measured slower).
 * Hessian: reverse-over-reverse (a gradient with ``create_graph=True``, then one backward
-  per column through it) or forward-over-reverse (dual tensors through the gradient
-  computation), chosen per operator by timing both on the first batch
-  (:class:`ProductPlan`); reverse-over-reverse is the fall-back for operations whose
+  per column through it; the default, faster on every benchmark net) or forward-over-reverse
+  (dual tensors through the gradient computation); ``"auto"`` times both on the first batch
+  (:class:`ProductPlan`), with reverse-over-reverse as the fall-back for operations whose
   forward-mode derivative PyTorch lacks or gets wrong.
 * Attention (``F.scaled_dot_product_attention``) keeps PyTorch's fused kernels for output
   and backward and gets a closed-form tangent (:mod:`curvops.curvature.attention`); the
