@@ -225,7 +225,9 @@ class LinearOperator:
                 (matrix), or another :class:`LinearOperator` (lazy composition).
 
         Returns:
-            The product in the same format as ``X``.
+            The product in the same format as ``X``. A flat matrix may come back column-major
+            (a transposed view, not contiguous; NOTE [flat-backed lists]): use ``.reshape``
+            rather than ``.view`` on it, or ``.contiguous()``.
         """
         if isinstance(X, LinearOperator):
             return _ChainLinearOperator(self, X)
