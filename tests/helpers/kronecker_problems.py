@@ -109,3 +109,15 @@ def embedding_gain_problem(seed: int = 0, num_data: int = 12, positions: int = 3
     ids = torch.randint(0, 8, (num_data, positions), generator=g)
     data = batches(ids, torch.randn(num_data, positions, 3, generator=g, dtype=DTYPE))
     return model, list(model.parameters()), data
+
+
+def eigh_failing_below_float64(monkeypatch) -> None:
+    """Make ``torch.linalg.eigh`` fail unless its input is float64 (a simulated failure)."""
+    original = torch.linalg.eigh
+
+    def eigh(A):
+        if A.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("simulated failure")
+        return original(A)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.kronecker_problems import batches, build, generator
+from helpers.kronecker_problems import batches, build, eigh_failing_below_float64, generator
 from torch import nn
 
 from curvops.kronecker import KFACInverseLinearOperator, KFACLinearOperator
@@ -24,19 +24,8 @@ def test_factor_eigh_reconstructs_and_clips():
     assert (lam >= 0).all()
 
 
-def _failing_below_float64(monkeypatch):
-    original = torch.linalg.eigh
-
-    def eigh(A):
-        if A.dtype != torch.float64:
-            raise torch.linalg.LinAlgError("simulated failure")
-        return original(A)
-
-    monkeypatch.setattr(torch.linalg, "eigh", eigh)
-
-
 def test_failed_decomposition_is_retried_in_float64(monkeypatch):
-    _failing_below_float64(monkeypatch)
+    eigh_failing_below_float64(monkeypatch)
     A = spd(4, torch.float32)
     lam, Q = factor_eigh(A, what="input factor of Linear 'x'")
     assert lam.dtype == Q.dtype == torch.float32
@@ -60,7 +49,7 @@ def test_inverse_retry_option_reaches_the_decomposition(monkeypatch):
         model, nn.MSELoss(), list(model.parameters()), data, fisher_type="type-2"
     )
     K.compute_factors()
-    _failing_below_float64(monkeypatch)
+    eigh_failing_below_float64(monkeypatch)
     with pytest.raises(RuntimeError, match="factor of Linear '0'"):
         KFACInverseLinearOperator(
             K, damping=0.1, use_exact_damping=True, retry_double_precision=False

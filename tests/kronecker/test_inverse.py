@@ -11,7 +11,13 @@ from math import sqrt
 
 import pytest
 import torch
-from helpers.kronecker_problems import DTYPE, batches, build, generator
+from helpers.kronecker_problems import (
+    DTYPE,
+    batches,
+    build,
+    eigh_failing_below_float64,
+    generator,
+)
 from torch import nn
 
 from curvops.kronecker import (
@@ -301,14 +307,7 @@ def test_retry_option_reaches_the_fallback_decomposition(monkeypatch):
     """A float32 singular factor falls back to eigh, which is retried in float64 if asked."""
     K = _rank_deficient_kfac(torch.float32)
     K.compute_factors()
-    original = torch.linalg.eigh
-
-    def eigh(A):
-        if A.dtype != torch.float64:
-            raise torch.linalg.LinAlgError("simulated failure")
-        return original(A)
-
-    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    eigh_failing_below_float64(monkeypatch)
     with pytest.raises(RuntimeError, match=r"gradient factor of Linear '0' \(torch.float32\)"):
         KFACInverseLinearOperator(K, damping=0.0, retry_double_precision=False)
     with pytest.raises(ValueError, match="gradient factor of Linear '0' is singular"):
