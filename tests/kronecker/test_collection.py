@@ -85,8 +85,12 @@ def test_single_factor_uses_a_plain_backward(monkeypatch, fisher_type, mc_sample
     # the same factors from a vectorised backward of the same output factors
     monkeypatch.setattr(torch.autograd, "grad", original)
 
-    def vectorised(output, layer_outputs, S):
-        return list(torch.autograd.grad(output, layer_outputs, S, is_grads_batched=True))
+    def vectorised(output, layer_outputs, S, retain_graph=False):
+        return list(
+            torch.autograd.grad(
+                output, layer_outputs, S, is_grads_batched=True, retain_graph=retain_graph
+            )
+        )
 
     monkeypatch.setattr(collection, "_backpropagate", vectorised)
     K.compute_factors()
@@ -135,3 +139,35 @@ def test_separate_output_positions():
     mse = make_loss_spec(nn.MSELoss()).output_factors(output, output.detach() * 0, "type-2")
     torch.testing.assert_close(separate_output_positions(mse), mse)
     assert separate_output_positions(S[:, :, :, 0, 0]).shape == (3, 2, 3)
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc"])
+def test_output_factors_in_chunks_give_the_same_factors(monkeypatch, fisher_type):
+    """NOTE [chunks of output factors]: any chunking of the factors gives the same KFAC/EKFAC."""
+    from curvops import EKFACLinearOperator
+
+    model = build(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)))
+    data = [(torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 5, (4,))) for _ in range(2)]
+    params = list(model.parameters())
+    options = {"fisher_type": fisher_type, "mc_samples": 5 if fisher_type == "mc" else 1}
+    whole = [
+        cls(model, nn.CrossEntropyLoss(), params, data, **options).to_dense()
+        for cls in (KFACLinearOperator, EKFACLinearOperator)
+    ]
+    per_factor = 4 * (4 + 5)  # entries of both layer outputs per factor
+    monkeypatch.setattr(collection, "FACTOR_CHUNK_ELEMENTS", 2 * per_factor)  # 2 + 2 + 1
+    sizes = []
+    original = collection._backpropagate
+
+    def recording(output, layer_outputs, S, retain_graph=False):
+        sizes.append(S.shape[0])
+        return original(output, layer_outputs, S, retain_graph=retain_graph)
+
+    monkeypatch.setattr(collection, "_backpropagate", recording)
+    chunked = [
+        cls(model, nn.CrossEntropyLoss(), params, data, **options).to_dense()
+        for cls in (KFACLinearOperator, EKFACLinearOperator)
+    ]
+    assert sizes[:3] == [2, 2, 1]
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b)

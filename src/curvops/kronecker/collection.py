@@ -15,6 +15,14 @@ For every batch of the data loop (:meth:`curvops.risk.EmpiricalRisk.batches`) th
 
 The ``forward-only`` type skips steps 2-3. Every fisher type shares this code path.
 
+NOTE [chunks of output factors]: the output gradients of all :math:`K` factors at once take
+:math:`K` times the memory of the layer outputs (a 256-token vocabulary: 256 gradients per
+layer). Factors are therefore backpropagated in chunks whose output gradients stay below
+:data:`FACTOR_CHUNK_ELEMENTS` entries (through the same graph, retained between chunks: the
+same work as one vectorised backward), and the consumer sees one :class:`BatchStatistics` per
+chunk; every consumer sums over the factors, and per-batch statistics of the inputs are added
+only with the first chunk (``new_batch``).
+
 NOTE [MC seeding across ranks] of :mod:`curvops.risk.distributed` applies: each pass
 re-seeds a private generator with the rank's seed, so repeated passes (EKFAC's second pass)
 draw the same would-be labels and the global RNG is never touched. The caller wraps the pass
@@ -36,6 +44,10 @@ from curvops.kronecker.layers import KFACLayer
 from curvops.kronecker.options import FisherType
 from curvops.risk import Batch, EmpiricalRisk
 
+FACTOR_CHUNK_ELEMENTS = 2**25
+"""Largest number of output-gradient entries (all tracked layers) held at once per batch
+(NOTE [chunks of output factors]); at least one factor is backpropagated at a time."""
+
 
 @dataclass
 class BatchStatistics:
@@ -48,12 +60,15 @@ class BatchStatistics:
             ``None`` for ``forward-only``.
         fallback_grads: Per fallback parameter, per-datum gradients ``[K, N, *shape]``
             (empty if none were requested).
+        new_batch: Whether this is the batch's first chunk of output factors (NOTE [chunks of
+            output factors]): per-batch statistics of the inputs are added only then.
     """
 
     batch: Batch
     inputs: list[tuple]
     grad_outputs: list[Tensor | None]
     fallback_grads: list[Tensor]
+    new_batch: bool = True
 
 
 class _Recorder:
@@ -157,26 +172,37 @@ def statistics_pass(
                 output = risk.module(batch.X)
             recorder.check_calls()
             inputs = [recorder.inputs[i] for i in range(len(layers))]
-            grads: list[Tensor | None] = [None] * len(layers)
-            fallback_grads: list[Tensor] = []
-            if backward:
-                S = risk.loss.output_factors(
-                    output, batch.y, fisher_type.value, mc_samples=mc_samples, generator=generator
-                )
-                if separate_positions:
-                    S = separate_output_positions(S)
-                grads = _backpropagate(output, [recorder.outputs[i] for i in range(len(layers))], S)
+            if not backward:
+                recorder.outputs = {}
+                consume(BatchStatistics(batch, inputs, [None] * len(layers), []))
+                continue
+            S = risk.loss.output_factors(
+                output, batch.y, fisher_type.value, mc_samples=mc_samples, generator=generator
+            )
+            if separate_positions:
+                S = separate_output_positions(S)
+            layer_outputs = [recorder.outputs[i] for i in range(len(layers))]
+            per_factor = max(1, sum(o.numel() for o in layer_outputs))
+            step = max(1, FACTOR_CHUNK_ELEMENTS // per_factor)
+            for start in range(0, S.shape[0], step):
+                chunk = S[start : start + step]
+                last = start + step >= S.shape[0]
+                grads = _backpropagate(output, layer_outputs, chunk, retain_graph=not last)
+                fallback_grads: list[Tensor] = []
                 if fallback_indices:
                     detached = [p.detach() for p in risk.params]
                     fallback_grads = per_datum_vjps(
-                        risk.forward, detached, fallback_indices, batch.X, S
+                        risk.forward, detached, fallback_indices, batch.X, chunk
                     )
-            del output
+                consume(BatchStatistics(batch, inputs, grads, fallback_grads, start == 0))
+                del grads, fallback_grads
+            del output, layer_outputs
             recorder.outputs = {}
-            consume(BatchStatistics(batch, inputs, grads, fallback_grads))
 
 
-def _backpropagate(output: Tensor, layer_outputs: list[Tensor], S: Tensor) -> list[Tensor]:
+def _backpropagate(
+    output: Tensor, layer_outputs: list[Tensor], S: Tensor, *, retain_graph: bool = False
+) -> list[Tensor]:
     """Backpropagate the ``K`` factors ``S`` to every layer output in one backward.
 
     ``K > 1`` factors go through one vectorised backward (``is_grads_batched``); a single
@@ -193,6 +219,7 @@ def _backpropagate(output: Tensor, layer_outputs: list[Tensor], S: Tensor) -> li
             grad_outputs=S[0] if single else S,
             is_grads_batched=not single,
             allow_unused=True,
+            retain_graph=retain_graph,
         )
         for i, g in zip(needs, computed):
             grads[i] = None if g is None else (g.unsqueeze(0) if single else g)

@@ -141,14 +141,29 @@ class FactorAccumulator:
         # the counts are summed in Python per batch and written by flush_counts()
         self._num_rows, self._count = 0, 0
 
-    def add(self, inputs: tuple, grad_output: Tensor | None, weight: float) -> None:
+    def add(
+        self, inputs: tuple, grad_output: Tensor | None, weight: float, *, with_inputs: bool = True
+    ) -> None:
         """Add one batch's contribution.
 
         Args:
             inputs: The layer's positional inputs.
             grad_output: Output gradients ``[K, *output.shape]`` (``None`` for forward-only).
             weight: The batch weight :math:`w_\\mathbb{B}`.
+            with_inputs: Add the input statistics (and counts) too; ``False`` for the further
+                chunks of output factors of the same batch (NOTE [chunks of output factors]
+                in :mod:`curvops.kronecker.collection`).
         """
+        if with_inputs:
+            self._add_inputs(inputs)
+        if self.backward:
+            g = self.layer.grad_rows(grad_output)  # [K, N, T, d_out]
+            if self.reduce:  # sums over the positions (a view for one position)
+                g = g[:, :, 0] if g.shape[2] == 1 else g.sum(dim=2)
+            add_gram_upper_(self.B_sum, g, alpha=weight)
+
+    def _add_inputs(self, inputs: tuple) -> None:
+        """Add one batch's input statistics and counts."""
         layer = self.layer
         if layer.diagonal_input:
             x = layer.input_rows(inputs)  # token ids [N, T]
@@ -170,11 +185,6 @@ class FactorAccumulator:
                 self.bias_column_sum.add_(rows.sum(dim=tuple(range(rows.ndim - 1))))
             self._num_rows += N if self.reduce else N * T
         self._count += N if self.reduce else N * (T if self.loss_terms is None else self.loss_terms)
-        if self.backward:
-            g = layer.grad_rows(grad_output)  # [K, N, T, d_out]
-            if self.reduce:  # sums over the positions (a view for one position)
-                g = g[:, :, 0] if g.shape[2] == 1 else g.sum(dim=2)
-            add_gram_upper_(self.B_sum, g, alpha=weight)
 
     def _token_counts(self, ids: Tensor) -> Tensor:
         module = self.layer.module

@@ -267,7 +267,7 @@ class KFACLinearOperator(LinearOperator):
         def consume(stats) -> None:
             w = stats.batch.weight
             for acc, inputs, grad in zip(accumulators, stats.inputs, stats.grad_outputs):
-                acc.add(inputs, grad, w)
+                acc.add(inputs, grad, w, with_inputs=stats.new_batch)
             for diag, g in zip(diagonals, stats.fallback_grads):
                 diag.add_(g.square().sum(dim=(0, 1)), alpha=w)
 
