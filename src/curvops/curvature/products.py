@@ -280,11 +280,15 @@ class _CallSpy(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _transpose_chunk(vjp_fn, U: Tensor, batched: bool) -> list[Tensor]:
-    """:math:`J^\top` of the columns ``U`` ``[C, *output_shape]``: ``[C, *param_shape]`` each."""
+def _add_transposed_chunk(
+    out: list[Tensor], start: int, vjp_fn, U: Tensor, batched: bool, alpha: float
+) -> None:
+    """``out[i][start : start + C] += alpha`` :math:`J^\top U` for columns ``U`` ``[C, ...]``."""
     if batched:
-        return list(vmap(vjp_fn)(U))
-    return _stack_columns([list(vjp_fn(u)) for u in U])
+        _add_columns(out, start, list(vmap(vjp_fn)(U)), alpha)
+        return
+    for j, u in enumerate(U):
+        _add_columns(out, start + j, [g.unsqueeze(0) for g in vjp_fn(u)], alpha)
 
 
 def linearized_matmat(
@@ -350,8 +354,7 @@ def linearized_matmat(
         for start in range(0, K, COLUMN_CHUNK):
             chunk = [v[start : start + COLUMN_CHUNK].contiguous() for v in V]
             JV = vmap(lambda *v: jvp(f, params, v)[1])(*chunk)
-            columns = _transpose_chunk(vjp_fn, output_matmat(result, JV), batched)
-            _add_columns(out, start, columns, alpha)
+            _add_transposed_chunk(out, start, vjp_fn, output_matmat(result, JV), batched, alpha)
     return out
 
 
