@@ -198,6 +198,44 @@ class CurvatureLinearOperator(LinearOperator):
                     ) from e
                 raise
 
+    # ---------------------------------------------------------------- exact diagonals
+    def _diagonal_pass(self, batch_diagonal: Callable[..., None]) -> Tensor:
+        """The flat ``[D]`` sum of weighted per-batch diagonals (NOTE [exact diagonals]).
+
+        Same data loop, batch weights, ``_before_pass`` hook (MC seeding) and sum across
+        processes as the products (:meth:`_matmat`).
+
+        Args:
+            batch_diagonal: ``(params, batch, out, alpha)`` adding ``alpha`` times one
+                batch's diagonal to the tensor list ``out`` (views of the result).
+
+        Returns:
+            The diagonal, flat ``[D]``.
+        """
+        name = type(self).__name__
+        buffer = torch.zeros(self.shape[1], dtype=self.dtype, device=self.device)
+        out = [v[0] for v in _row_views(buffer.unsqueeze(0), self.in_shapes)]
+        with self._risk.partial_sums([buffer], what=f"{name}.diagonal()"):
+            params = [p.detach() for p in self._risk.params]
+            self._before_pass()
+            for batch in self._risk.batches(desc=f"{name} diagonal"):
+                try:
+                    batch_diagonal(params, batch, out, batch.weight)
+                except RuntimeError as e:
+                    if "random" in str(e):
+                        raise NonDeterministicError(
+                            f"{name}: the model draws random numbers in its forward pass (e.g. "
+                            "dropout in train mode), so it does not define a fixed matrix. "
+                            "Call model.eval() or remove the randomness."
+                        ) from e
+                    raise
+        if self._check_finite and not _all_finite([buffer]):
+            raise FloatingPointError(
+                f"{name}.diagonal() produced NaN or Inf. Check the model and data for "
+                "non-finite values or use float64."
+            )
+        return buffer
+
     # ---------------------------------------------------------------- safeguards
     def _check_deterministic(self) -> None:
         """Evaluate loss, gradient and a product twice; raise if they differ.

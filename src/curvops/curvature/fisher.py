@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from curvops.curvature.base import CurvatureLinearOperator
+from curvops.curvature.diagonals import DIAGONAL_MEMORY_BUDGET, factor_diagonal
 from curvops.curvature.products import factor_ggn_matmat
 from curvops.risk import Batch
 
@@ -60,6 +61,68 @@ class EFLinearOperator(CurvatureLinearOperator):
 
         plan = self._product_plan
         factor_ggn_matmat(model, factors, params, V, out=out, alpha=alpha, plan=plan)
+
+    def _batch_diagonal(
+        self,
+        params: list[Tensor],
+        batch: Batch,
+        out: list[Tensor],
+        alpha: float,
+        memory_budget: int,
+    ) -> None:
+        with torch.no_grad():
+            output = self._risk.forward(params, batch.X)
+        # the same factors (and, for the MC Fisher, the same draws) as a product's pass
+        factors = self._risk.loss.output_factors(
+            output, batch.y, self._kind, mc_samples=self._mc_samples, generator=self._generator
+        )
+        factor_diagonal(
+            self._risk.forward,
+            params,
+            batch.X,
+            batch.batch_size,
+            output,
+            factors,
+            out=out,
+            alpha=alpha,
+            memory_budget=memory_budget,
+            progressbar=self._risk.progressbar,
+        )
+
+    def diagonal(self, *, memory_budget: int = DIAGONAL_MEMORY_BUDGET) -> Tensor:
+        r"""The exact diagonal of the matrix, flat ``[D]`` (NOTE [flattening convention]).
+
+        .. math::
+            \operatorname{diag} = \sum_\mathbb{B} w_\mathbb{B} \sum_{n \in \mathbb{B}}
+            \sum_k \bigl((J_\theta f_n)^\top s_k[n]\bigr)^{\odot 2}
+
+        the sum of squared per-datum (would-be) gradients, with the output factors
+        :math:`s_k` of :meth:`curvops.losses.LossSpec.output_factors` that the products use;
+        for the MC Fisher drawn from the same re-seeded generator (NOTE [MC seeding]), so it
+        is the diagonal of the same matrix. Cost: about one gradient per factor column and
+        output row of a datum (NOTE [exact diagonals] of
+        :mod:`curvops.curvature.diagonals`). Same batching, scaling and sum across processes
+        as the products.
+
+        Args:
+            memory_budget: Bytes of per-datum gradients formed at once.
+
+        Returns:
+            The diagonal, ``[D]``.
+
+        Raises:
+            ValueError: If the model output's rows do not belong to single data (e.g.
+                BatchNorm in training mode).
+        """
+        return self._diagonal_pass(
+            lambda params, batch, out, alpha: self._batch_diagonal(
+                params, batch, out, alpha, memory_budget
+            )
+        )
+
+    def trace(self) -> Tensor:
+        """The exact trace, the sum of :meth:`diagonal`."""
+        return self.diagonal().sum()
 
 
 class FisherMCLinearOperator(EFLinearOperator):

@@ -22,6 +22,13 @@ class HessianLinearOperator(CurvatureLinearOperator):
     Reverse-over-reverse was faster on every benchmark net (MLP, CNN, ResNet, GPT; CPU).
     Accepts any twice-differentiable loss module with ``reduction`` ``"mean"`` or ``"sum"``.
 
+    The Hessian has no exact :meth:`diagonal` or :meth:`trace` (per-datum factors of the
+    Hessian do not exist in general; the exact diagonal takes :math:`D` products): estimate
+    them matrix-free with :func:`~curvops.hutchinson_diag` / :func:`~curvops.xdiag` and
+    :func:`~curvops.hutchinson_trace` / :func:`~curvops.hutchpp_trace` /
+    :func:`~curvops.xtrace`, or take the exact diagonal of the positive semi-definite
+    Gauss-Newton approximation, :meth:`curvops.GGNLinearOperator.diagonal`.
+
     Args:
         model_func: An ``nn.Module`` or a callable ``(params, X) -> output``.
         loss_func: Loss module.
@@ -77,4 +84,30 @@ class HessianLinearOperator(CurvatureLinearOperator):
             plan=plan,
             out=out,
             alpha=alpha,
+        )
+
+    def diagonal(self) -> Tensor:
+        """Not available for the Hessian: raises an error naming the alternatives.
+
+        Raises:
+            NotImplementedError: Always (see the class docstring).
+        """
+        raise NotImplementedError(
+            "HessianLinearOperator has no exact diagonal (it would take D Hessian-vector "
+            "products). Estimate it with curvops.hutchinson_diag(H, num_matvecs) or "
+            "curvops.xdiag(H, num_matvecs), or use GGNLinearOperator(...).diagonal(), the exact "
+            "diagonal of the positive semi-definite Gauss-Newton approximation."
+        )
+
+    def trace(self) -> Tensor:
+        """Not available for the Hessian: raises an error naming the alternatives.
+
+        Raises:
+            NotImplementedError: Always (see the class docstring).
+        """
+        raise NotImplementedError(
+            "HessianLinearOperator has no exact trace (it would take D Hessian-vector "
+            "products). Estimate it with curvops.hutchinson_trace, curvops.hutchpp_trace or "
+            "curvops.xtrace (H, num_matvecs), or use GGNLinearOperator(...).trace(), the exact "
+            "trace of the positive semi-definite Gauss-Newton approximation."
         )
