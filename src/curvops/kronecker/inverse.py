@@ -215,6 +215,15 @@ class _BlockInverse(LinearOperator):
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
         return self._product._matmat(X)
 
+    def diagonal(self) -> Tensor:
+        r"""Exact diagonal of the inverse, flat ``[D]``, from its factored blocks.
+
+        :math:`\operatorname{diag}(L) \otimes \operatorname{diag}(R)` for a block
+        :math:`L \otimes R` of inverse factors, :math:`(Q_L \odot Q_L) \Lambda^{-1}
+        (Q_R \odot Q_R)^\top` for a block in an eigenbasis.
+        """
+        return self._product.diagonal()
+
 
 class KFACInverseLinearOperator(_BlockInverse):
     r"""Damped inverse of a :class:`~curvops.kronecker.kfac.KFACLinearOperator`.

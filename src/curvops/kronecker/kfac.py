@@ -400,11 +400,15 @@ class KFACLinearOperator(LinearOperator):
             blocks.append(DiagonalBlock((i,), diag))
         return FactoredBlocks(blocks, shapes, dtype=self.dtype, device=self.device, psd=True)
 
-    def _matmat(self, X: list[Tensor]) -> list[Tensor]:
+    def _factored_blocks(self) -> FactoredBlocks:
+        """The product's blocks, built on first use (computing the factors if needed)."""
         if self._product is None:
             self._ensure_factors()
             self._product = self._build_product()
-        return self._product._matmat(X)
+        return self._product
+
+    def _matmat(self, X: list[Tensor]) -> list[Tensor]:
+        return self._factored_blocks()._matmat(X)
 
     # ---------------------------------------------------------------- closed forms
     def _block_eigenvalues(self) -> list[Tensor]:
@@ -443,6 +447,19 @@ class KFACLinearOperator(LinearOperator):
         for _, d in self._fallback_items():
             total = total + d.sum()
         return total
+
+    def diagonal(self) -> Tensor:
+        r"""Exact diagonal, flat ``[D]``, from the factors' diagonals.
+
+        :math:`\operatorname{diag}(B) \otimes \operatorname{diag}(A)` per block (EKFAC:
+        :math:`(Q_B \odot Q_B) \Lambda^\star (Q_A \odot Q_A)^\top`), the fallback blocks'
+        diagonals as they are.
+
+        Returns:
+            The diagonal of the KFAC matrix (not of the curvature it approximates; for that,
+            see :meth:`curvops.GGNLinearOperator.diagonal`).
+        """
+        return self._factored_blocks().diagonal()
 
     def frobenius_norm(self) -> Tensor:
         r"""Exact Frobenius norm, from :math:`\|B \otimes A\|_F = \|B\|_F \|A\|_F` per block."""

@@ -22,6 +22,7 @@ stacking of a joint weight and bias. Tensor-list entries are read as views of th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 
 import torch
 from torch import Tensor
@@ -56,6 +57,13 @@ def _apply_sides(left: Tensor | None, right_t: Tensor | None, x: Tensor) -> Tens
     return x
 
 
+def _side_diagonal(side: Tensor | None, size: int, like: Tensor) -> Tensor:
+    """The diagonal of one side of a Kronecker product (a 1-D side is a diagonal)."""
+    if side is None:
+        return torch.ones(size, dtype=like.dtype, device=like.device)
+    return side if side.ndim == 1 else side.diagonal()
+
+
 @dataclass(frozen=True)
 class KroneckerCore:
     r""":math:`X \mapsto L X R^\top` on ``[m, n, K]`` (a Kronecker product :math:`L \otimes R`).
@@ -75,6 +83,15 @@ class KroneckerCore:
         """Apply to ``x`` ``[m, n, K]``."""
         right_t = self.right if self.symmetric or self.right is None else self.right.T
         return _apply_sides(self.left, right_t, x)
+
+    def diagonal(self, m: int, n: int, like: Tensor) -> Tensor:
+        r"""The diagonal ``[m, n]`` (``like``: a tensor of the dtype and device).
+
+        :math:`\operatorname{diag}(L \otimes R) = \operatorname{diag}(L) \otimes
+        \operatorname{diag}(R)`.
+        """
+        left = _side_diagonal(self.left, m, like)
+        return left.unsqueeze(1) * _side_diagonal(self.right, n, like)
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,19 @@ class EigenCore:
         right_t = None if self.right is None else self.right.T
         rotated = _apply_sides(left_t, self.right, x) * self.eigenvalues.unsqueeze(-1)
         return _apply_sides(self.left, right_t, rotated)
+
+    def diagonal(self, m: int, n: int, like: Tensor) -> Tensor:
+        r"""The diagonal ``[m, n]``: :math:`(Q_L \odot Q_L) \Lambda (Q_R \odot Q_R)^\top`.
+
+        Entry :math:`(i, j)` of the diagonal is :math:`\sum_{a,b} (Q_L)_{ia}^2 \Lambda_{ab}
+        (Q_R)_{jb}^2`.
+        """
+        d = self.eigenvalues
+        if self.left is not None:
+            d = self.left.square() @ d
+        if self.right is not None:
+            d = d @ self.right.square().T
+        return d.expand(m, n) if d.shape != (m, n) else d
 
 
 @dataclass(frozen=True)
@@ -128,6 +158,16 @@ class MatrixBlock:
         y = self.core(torch.cat([x, xs[1].unsqueeze(1)], dim=1))
         return [y[:, :n].reshape(*shape, K), y[:, n]]
 
+    def diagonal_entries(self, like: Tensor) -> list[Tensor]:
+        """The diagonal of the block, one tensor per entry (shaped like the entry)."""
+        shape = self.shapes[0]
+        m = shape[0] if shape else 1
+        n = (prod(shape) // m) if m else 0
+        d = self.core.diagonal(m, n + len(self.shapes) - 1, like)
+        if len(self.shapes) == 1:
+            return [d.reshape(shape)]
+        return [d[:, :n].reshape(shape), d[:, n].reshape(self.shapes[1])]
+
 
 @dataclass(frozen=True)
 class DiagonalBlock:
@@ -144,6 +184,10 @@ class DiagonalBlock:
     def matmat(self, xs: list[Tensor]) -> list[Tensor]:
         """Multiply onto the entry (with a trailing column axis)."""
         return [self.diagonal.unsqueeze(-1) * xs[0]]
+
+    def diagonal_entries(self, like: Tensor) -> list[Tensor]:
+        """The diagonal of the block, as one entry (``like`` is unused)."""
+        return [self.diagonal]
 
 
 class FactoredBlocks(LinearOperator):
@@ -179,6 +223,15 @@ class FactoredBlocks(LinearOperator):
     def blocks(self) -> list[MatrixBlock | DiagonalBlock]:
         """The blocks."""
         return list(self._blocks)
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal, flat ``[D]``, from every block's closed form."""
+        like = torch.empty(0, dtype=self.dtype, device=self.device)
+        entries: list = [None] * len(self.in_shapes)
+        for block in self._blocks:
+            for p, d in zip(block.positions, block.diagonal_entries(like)):
+                entries[p] = d.reshape(-1)
+        return torch.cat(entries)
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
         out: list = [None] * len(X)
