@@ -128,6 +128,63 @@ def test_chunks_of_data_and_columns_give_the_same_diagonal(cls):
         torch.testing.assert_close(op.diagonal(memory_budget=1), op.diagonal(), **TOL)
 
 
+# ==================================================================== the linear closed form
+class LinearTwice(nn.Module):
+    """One ``nn.Linear`` applied twice (called twice: no closed form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+class HiddenReuse(nn.Module):
+    """A layer called once whose weight is used again in plain code, which hooks cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(x))
+        return self.out(h + 0.5 * torch.tanh(h @ self.lin.weight.T))
+
+
+class TiedHead(nn.Module):
+    """An embedding tied to the output layer (GPT-2 layout): a parameter of two modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.mix = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+@pytest.mark.parametrize("model_cls", [LinearTwice, HiddenReuse, TiedHead])
+def test_layers_used_more_than_once_get_the_exact_diagonal(model_cls):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        model = model_cls().to(DTYPE)
+        tokens = model_cls is TiedHead
+        if tokens:
+            data = [(torch.randint(0, 5, (n,)), torch.randint(0, 5, (n,))) for n in (3, 4)]
+        else:
+            data = [(torch.randn(n, 3, dtype=DTYPE), torch.randn(n, 2).double()) for n in (3, 4)]
+    loss = nn.CrossEntropyLoss() if tokens else nn.MSELoss()
+    params = list(model.parameters())
+    for cls in (GGNLinearOperator, EFLinearOperator):
+        op = cls(model, loss, params, data)
+        torch.testing.assert_close(op.diagonal(), op.to_dense().diagonal(), **TOL)
+
+
 # ==================================================================== structure and state
 def test_block_diagonal_of_curvature_blocks():
     """Blocks that are curvature operators on parameter subsets, on interleaved entries."""

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops.curvature.diagonal_linear import linear_layers
+from curvops.curvature.diagonals import batch_diagonal
 from curvops.curvature.products import ProductPlan, plain_tangent
 from curvops.linear_operator import FlatBackedList, LinearOperator
 from curvops.risk import Batch, EmpiricalRisk
@@ -199,15 +201,21 @@ class CurvatureLinearOperator(LinearOperator):
                 raise
 
     # ---------------------------------------------------------------- exact diagonals
-    def _diagonal_pass(self, batch_diagonal: Callable[..., None]) -> Tensor:
+    def _diagonal_pass(
+        self,
+        factors_of_batch: Callable[[Batch], Callable[[Tensor], tuple[Tensor, Tensor | None]]],
+        memory_budget: int,
+    ) -> Tensor:
         """The flat ``[D]`` sum of weighted per-batch diagonals (NOTE [exact diagonals]).
 
         Same data loop, batch weights, ``_before_pass`` hook (MC seeding) and sum across
         processes as the products (:meth:`_matmat`).
 
         Args:
-            batch_diagonal: ``(params, batch, out, alpha)`` adding ``alpha`` times one
-                batch's diagonal to the tensor list ``out`` (views of the result).
+            factors_of_batch: Maps a batch to the function from its model output to the
+                output-space factor columns and coefficients (see
+                :func:`curvops.curvature.diagonals.batch_diagonal`).
+            memory_budget: Bytes of per-datum gradients formed at once.
 
         Returns:
             The diagonal, flat ``[D]``.
@@ -216,11 +224,26 @@ class CurvatureLinearOperator(LinearOperator):
         buffer = torch.zeros(self.shape[1], dtype=self.dtype, device=self.device)
         out = [v[0] for v in _row_views(buffer.unsqueeze(0), self.in_shapes)]
         with self._risk.partial_sums([buffer], what=f"{name}.diagonal()"):
-            params = [p.detach() for p in self._risk.params]
+            risk = self._risk
+            params = [p.detach() for p in risk.params]
+            linear = None
+            if risk.module is not None:  # NOTE [linear closed form]
+                linear = linear_layers(risk.module, risk.param_names, risk.params)
             self._before_pass()
-            for batch in self._risk.batches(desc=f"{name} diagonal"):
+            for batch in risk.batches(desc=f"{name} diagonal"):
                 try:
-                    batch_diagonal(params, batch, out, batch.weight)
+                    batch_diagonal(
+                        risk.forward,
+                        params,
+                        batch.X,
+                        batch.batch_size,
+                        factors_of_batch(batch),
+                        linear=linear,
+                        out=out,
+                        alpha=batch.weight,
+                        memory_budget=memory_budget,
+                        progressbar=risk.progressbar,
+                    )
                 except RuntimeError as e:
                     if "random" in str(e):
                         raise NonDeterministicError(

@@ -37,7 +37,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from math import prod, sqrt
 from typing import Any
 
@@ -47,6 +48,7 @@ from torch.func import vjp, vmap
 from tqdm.auto import tqdm
 
 from curvops.curvature.attention import differentiable_attention
+from curvops.curvature.diagonal_linear import LinearUse, linear_diagonal, recording
 from curvops.curvature.products import loss_hessian_matmat
 
 DIAGONAL_MEMORY_BUDGET = 2**28
@@ -148,6 +150,52 @@ def _slice_data(X: Any, dims: Any, rows: slice) -> Any:
     return X[rows] if dims == 0 else X
 
 
+# ==================================================================== columns
+class _Columns:
+    """The backpropagated columns of a batch: factor ``k`` placed on row ``t`` of a datum.
+
+    Args:
+        factors: ``[K, R, ...]`` with ``R = N T``.
+        coefficients: ``[K, R]`` or ``None``.
+        N: Number of data.
+    """
+
+    def __init__(self, factors: Tensor, coefficients: Tensor | None, N: int):
+        K, R = factors.shape[0], factors.shape[1]
+        self.N, self.T, self.K = N, R // N, K
+        self.rest = tuple(factors.shape[2:])
+        self.S = factors.reshape(K, N, self.T, *self.rest).movedim(1, 0)  # [N, K, T, ...]
+        self.c = None
+        if coefficients is not None:
+            self.c = coefficients.reshape(K, N, self.T).movedim(1, 0)  # [N, K, T]
+        self.mask = torch.eye(self.T, dtype=factors.dtype, device=factors.device)
+
+    @property
+    def count(self) -> int:
+        """Columns per datum, :math:`K T`."""
+        return self.K * self.T
+
+    def chunks(self, size: int) -> list[tuple[Tensor, Tensor]]:
+        """Index chunks ``(k, t)`` of at most ``size`` columns."""
+        j = torch.arange(self.count, device=self.S.device)
+        k, t = j // self.T, j % self.T
+        return [(k[s : s + size], t[s : s + size]) for s in range(0, self.count, size)]
+
+    def place(self, u: Tensor, t: Tensor) -> Tensor:
+        """Factor values ``u`` ``[C, ...]`` of rows ``t`` -> ``[C, T, ...]`` on those rows."""
+        if self.T == 1:
+            return u.unsqueeze(1)
+        return self.mask[t].reshape(len(t), self.T, *([1] * len(self.rest))) * u.unsqueeze(1)
+
+    def batch_chunks(self, size: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Whole-batch cotangents ``[C, R, ...]`` and coefficients ``[C, N]`` per chunk."""
+        for k, t in self.chunks(size):
+            u = self.S[:, k, t].movedim(1, 0)  # [C, N, ...]
+            u = self.place(u.reshape(len(k) * self.N, *self.rest), t.repeat_interleave(self.N))
+            c = None if self.c is None else self.c[:, k, t].T
+            yield u.reshape(len(k), self.N * self.T, *self.rest), c
+
+
 # ==================================================================== the diagonal
 def _chunk_sizes(N: int, J: int, D: int, itemsize: int, budget: int) -> tuple[int, int]:
     """Data and columns per vectorised pass, so that their gradients fit ``budget``."""
@@ -157,22 +205,14 @@ def _chunk_sizes(N: int, J: int, D: int, itemsize: int, budget: int) -> tuple[in
     return data, columns
 
 
-def _column_chunks(K: int, T: int, size: int, device: torch.device) -> list[tuple[Tensor, ...]]:
-    """Chunks of column indices ``(k, t)``: factor ``k`` placed on row ``t`` of a datum."""
-    j = torch.arange(K * T, device=device)
-    k, t = j // T, j % T
-    return [(k[s : s + size], t[s : s + size]) for s in range(0, K * T, size)]
-
-
-def factor_diagonal(
+def batch_diagonal(
     forward: Forward,
     params: list[Tensor],
     X: Any,
     batch_size: int,
-    output: Tensor,
-    factors: Tensor,
-    coefficients: Tensor | None = None,
+    factors_of_output: Callable[[Tensor], tuple[Tensor, Tensor | None]],
     *,
+    linear: list[LinearUse] | None = None,
     out: list[Tensor] | None = None,
     alpha: float = 1.0,
     memory_budget: int = DIAGONAL_MEMORY_BUDGET,
@@ -180,16 +220,20 @@ def factor_diagonal(
 ) -> list[Tensor]:
     r"""Add ``alpha`` :math:`\sum_r \sum_k c_{k,r} (J_r^\top u_k[r])^{\odot 2}` to ``out``.
 
-    See NOTE [exact diagonals].
+    See NOTE [exact diagonals]. Parameters of the layers in ``linear`` that qualify for
+    NOTE [linear closed form] of :mod:`curvops.curvature.diagonal_linear` get it; all others
+    get per-datum gradients.
 
     Args:
         forward: ``(params, X) -> output`` of the batch.
         params: Parameter values.
         X: The input batch (a tensor, or a mapping/sequence of tensors).
         batch_size: Number of data :math:`N` in ``X`` (the leading axis of its tensors).
-        output: The model output on the batch ``[R, ...]``, ``R`` a multiple of ``N``.
-        factors: Factor columns ``[K, R, ...]``.
-        coefficients: ``[K, R]``, or ``None`` for all ones.
+        factors_of_output: Maps the (detached) batch output ``[R, ...]`` (``R`` a multiple
+            of ``N``) to the factor columns ``[K, R, ...]`` and their coefficients ``[K, R]``
+            (or ``None`` for ones). Called once.
+        linear: ``nn.Linear`` layers of the model eligible for the closed form
+            (:func:`curvops.curvature.diagonal_linear.linear_layers`).
         out: Accumulators shaped like ``params`` (new zeros if ``None``), updated in place.
         alpha: Scale of the batch's diagonal.
         memory_budget: Bytes of per-datum gradients formed at once.
@@ -204,7 +248,21 @@ def factor_diagonal(
     """
     if out is None:
         out = [torch.zeros_like(p) for p in params]
-    N, K = batch_size, factors.shape[0]
+    N = batch_size
+    X, dims = _data_axes(X, N)
+    if not _has_data_axis(dims):
+        raise ValueError(
+            f"No tensor in the input has a leading axis of the batch size {N}, so diagonal() "
+            "cannot split the batch into data."
+        )
+    leaves = [p.detach().requires_grad_(bool(linear)) for p in params]
+    with contextlib.ExitStack() as stack:
+        if linear:  # the graph to the layers' outputs, for the closed form
+            stack.enter_context(recording(linear))
+            stack.enter_context(torch.enable_grad())
+        else:
+            stack.enter_context(torch.no_grad())
+        output = forward(leaves, X)
     R = output.shape[0] if output.ndim else 0
     if R == 0 or R % N != 0:
         raise ValueError(
@@ -212,32 +270,64 @@ def factor_diagonal(
             "diagonal() needs a leading axis of the output with a multiple of the batch size "
             "(each datum owning the same number of consecutive rows)."
         )
-    if K == 0:
-        return out
-    T, rest = R // N, tuple(output.shape[1:])
-    S = factors.reshape(K, N, T, *rest).movedim(1, 0)  # [N, K, T, ...]
-    c = None if coefficients is None else coefficients.reshape(K, N, T).movedim(1, 0)
-    rows_out = output.detach().reshape(N, T, *rest)
+    factors, coefficients = factors_of_output(output.detach())
+    columns = _Columns(factors, coefficients, N)
+    done: set[int] = set()
+    if linear and columns.count:
+        size = min(columns.count, DIAGONAL_COLUMN_CHUNK)
+        with torch.no_grad():
+            chunks = columns.batch_chunks(size)
+            done = linear_diagonal(linear, output, leaves, chunks, N, out, alpha)
+    for use in linear or []:
+        use.x = use.z = None  # free the graph
+    rest = [i for i in range(len(params)) if i not in done]
+    _per_datum_pass(
+        forward, leaves, rest, X, dims, output.detach(), columns, out, alpha, memory_budget,
+        progressbar,
+    )
+    return out
+
+
+def _per_datum_pass(
+    forward: Forward,
+    params: list[Tensor],
+    indices: list[int],
+    X: Any,
+    dims: Any,
+    output: Tensor,
+    columns: _Columns,
+    out: list[Tensor],
+    alpha: float,
+    memory_budget: int,
+    progressbar: bool,
+) -> None:
+    """Squared per-datum gradients of ``params[indices]`` by ``vmap`` over the data.
+
+    Also checks that the per-datum outputs are the batch output's rows (for every
+    parameter, even with no ``indices``: the closed form relies on it too).
+    """
+    N, T = columns.N, columns.T
     params = [p.detach() for p in params]
-    D = sum(p.numel() for p in params)
-    n_chunk, k_chunk = _chunk_sizes(N, K * T, D, output.element_size(), memory_budget)
-    chunks = _column_chunks(K, T, k_chunk, output.device)
-    X, dims = _data_axes(X, N)
-    if not _has_data_axis(dims):
-        raise ValueError(
-            f"No tensor in the input has a leading axis of the batch size {N}, so diagonal() "
-            "cannot split the batch into data."
-        )
-    row_mask = torch.eye(T, dtype=output.dtype, device=output.device)
+    chosen = [params[i] for i in indices] if columns.count else []
+    D = sum(p.numel() for p in chosen)
+    n_chunk, k_chunk = _chunk_sizes(N, columns.count, D, output.element_size(), memory_budget)
+    if not chosen:
+        n_chunk = N
+    chunks = columns.chunks(k_chunk) if chosen else []
+
+    def datum_output(sub: tuple[Tensor, ...], x: Any) -> Tensor:
+        full = list(params)
+        for i, v in zip(indices, sub):
+            full[i] = v
+        return forward(full, _as_batch_of_one(x, dims))
 
     def per_datum(x: Any, s: Tensor, cs: Tensor | None) -> tuple[list[Tensor], Tensor]:
-        y, vjp_fn = vjp(lambda *p: forward(p, _as_batch_of_one(x, dims)), *params)
-        sums: list = [None] * len(params)
+        if not chosen:
+            return [], datum_output((), x)
+        y, vjp_fn = vjp(lambda *p: datum_output(p, x), *chosen)
+        sums: list = [None] * len(chosen)
         for k, t in tqdm(chunks, disable=not progressbar, leave=False, desc="diagonal columns"):
-            u = s[k, t]  # [C, ...]: factor k of row t
-            if T > 1:  # place it on row t of the datum's rows
-                mask = row_mask[t].reshape(len(k), T, *([1] * len(rest)))
-                u = mask * u.unsqueeze(1)
+            u = columns.place(s[k, t], t)  # factor k on row t of the datum: [C, T, ...]
             grads = vmap(vjp_fn)(u.reshape(len(k), *y.shape))
             weight = None if cs is None else cs[k, t]
             for i, g in enumerate(grads):
@@ -248,17 +338,18 @@ def factor_diagonal(
                 sums[i] = sq if sums[i] is None else sums[i] + sq
         return sums, y
 
-    c_dim = None if c is None else 0
-    batched = vmap(per_datum, in_dims=(dims, 0, c_dim), randomness="error")
+    c = columns.c
+    batched = vmap(per_datum, in_dims=(dims, 0, None if c is None else 0), randomness="error")
+    rows_out = output.reshape(N, T, *columns.rest)
     # no autograd graph through parameters held fixed (torch.func's vjp still differentiates)
     with torch.no_grad(), differentiable_attention():
         for start in range(0, N, n_chunk):
             rows = slice(start, min(start + n_chunk, N))
-            sums, y = batched(_slice_data(X, dims, rows), S[rows], None if c is None else c[rows])
+            x = _slice_data(X, dims, rows)
+            sums, y = batched(x, columns.S[rows], None if c is None else c[rows])
             _check_rows(y, rows_out[rows], T)
-            for o, sq in zip(out, sums):
-                o.add_(sq.sum(0), alpha=alpha)
-    return out
+            for i, sq in zip(indices, sums):
+                out[i].add_(sq.sum(0), alpha=alpha)
 
 
 def _has_data_axis(dims: Any) -> bool:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from curvops.curvature.base import CurvatureLinearOperator
-from curvops.curvature.diagonals import DIAGONAL_MEMORY_BUDGET, factor_diagonal
+from curvops.curvature.diagonals import DIAGONAL_MEMORY_BUDGET
 from curvops.curvature.products import factor_ggn_matmat
 from curvops.risk import Batch
 
@@ -62,33 +62,6 @@ class EFLinearOperator(CurvatureLinearOperator):
         plan = self._product_plan
         factor_ggn_matmat(model, factors, params, V, out=out, alpha=alpha, plan=plan)
 
-    def _batch_diagonal(
-        self,
-        params: list[Tensor],
-        batch: Batch,
-        out: list[Tensor],
-        alpha: float,
-        memory_budget: int,
-    ) -> None:
-        with torch.no_grad():
-            output = self._risk.forward(params, batch.X)
-        # the same factors (and, for the MC Fisher, the same draws) as a product's pass
-        factors = self._risk.loss.output_factors(
-            output, batch.y, self._kind, mc_samples=self._mc_samples, generator=self._generator
-        )
-        factor_diagonal(
-            self._risk.forward,
-            params,
-            batch.X,
-            batch.batch_size,
-            output,
-            factors,
-            out=out,
-            alpha=alpha,
-            memory_budget=memory_budget,
-            progressbar=self._risk.progressbar,
-        )
-
     def diagonal(self, *, memory_budget: int = DIAGONAL_MEMORY_BUDGET) -> Tensor:
         r"""The exact diagonal of the matrix, flat ``[D]`` (NOTE [flattening convention]).
 
@@ -114,11 +87,22 @@ class EFLinearOperator(CurvatureLinearOperator):
             ValueError: If the model output's rows do not belong to single data (e.g.
                 BatchNorm in training mode).
         """
-        return self._diagonal_pass(
-            lambda params, batch, out, alpha: self._batch_diagonal(
-                params, batch, out, alpha, memory_budget
-            )
-        )
+
+        def factors_of_batch(batch: Batch):
+            # the same factors (for the MC Fisher: the same draws) as a product's pass
+            def factors(output: Tensor) -> tuple[Tensor, None]:
+                S = self._risk.loss.output_factors(
+                    output,
+                    batch.y,
+                    self._kind,
+                    mc_samples=self._mc_samples,
+                    generator=self._generator,
+                )
+                return S, None
+
+            return factors
+
+        return self._diagonal_pass(factors_of_batch, memory_budget)
 
     def trace(self) -> Tensor:
         """The exact trace, the sum of :meth:`diagonal`."""

@@ -2,15 +2,10 @@ r"""The generalized Gauss-Newton matrix as a linear operator."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from curvops.curvature.base import CurvatureLinearOperator
-from curvops.curvature.diagonals import (
-    DIAGONAL_MEMORY_BUDGET,
-    factor_diagonal,
-    loss_hessian_factors,
-)
+from curvops.curvature.diagonals import DIAGONAL_MEMORY_BUDGET, loss_hessian_factors
 from curvops.curvature.products import ggn_matmat
 from curvops.risk import Batch
 
@@ -63,31 +58,6 @@ class GGNLinearOperator(CurvatureLinearOperator):
             plan=self._product_plan,
         )
 
-    def _batch_diagonal(
-        self,
-        params: list[Tensor],
-        batch: Batch,
-        out: list[Tensor],
-        alpha: float,
-        memory_budget: int,
-    ) -> None:
-        with torch.no_grad():
-            output = self._risk.forward(params, batch.X)
-        U, c = loss_hessian_factors(lambda o: self._risk.loss(o, batch.y), output)
-        factor_diagonal(
-            self._risk.forward,
-            params,
-            batch.X,
-            batch.batch_size,
-            output,
-            U,
-            c,
-            out=out,
-            alpha=alpha,
-            memory_budget=memory_budget,
-            progressbar=self._risk.progressbar,
-        )
-
     def diagonal(self, *, memory_budget: int = DIAGONAL_MEMORY_BUDGET) -> Tensor:
         r"""The exact diagonal of the GGN, flat ``[D]`` (NOTE [flattening convention]).
 
@@ -112,11 +82,13 @@ class GGNLinearOperator(CurvatureLinearOperator):
             ValueError: If the model output's rows do not belong to single data (e.g.
                 BatchNorm in training mode) or the loss couples data.
         """
-        return self._diagonal_pass(
-            lambda params, batch, out, alpha: self._batch_diagonal(
-                params, batch, out, alpha, memory_budget
+
+        def factors_of_batch(batch: Batch):
+            return lambda output: loss_hessian_factors(
+                lambda o: self._risk.loss(o, batch.y), output
             )
-        )
+
+        return self._diagonal_pass(factors_of_batch, memory_budget)
 
     def trace(self) -> Tensor:
         """The exact trace, the sum of :meth:`diagonal`."""
