@@ -87,6 +87,12 @@ def _mlp(quick: bool):
     return model, data, f"MLP 784-{width}-{width}-10, ReLU", 10
 
 
+def _mlp_small(quick: bool):
+    model = mlp([64, 32, 10])  # D = 2,410: small enough for to_dense()
+    data = [(torch.randn(128, 64), torch.randint(0, 10, (128,)))]
+    return model, data, "MLP 64-32-10, ReLU, 128 data (the diagonal vs. to_dense())", 10
+
+
 def _cnn(quick: bool):
     width, n = (4, 8) if quick else (16, 64)
     model = SmallCNN(3, width, 32, 64 if quick else 128, 10)
@@ -123,6 +129,7 @@ def _gpt124m(quick: bool):
 
 _BUILDERS: dict[str, Callable[[bool], tuple]] = {
     "mlp": _mlp,
+    "mlp-small": _mlp_small,
     "cnn": _cnn,
     "resnet": _resnet,
     "gpt": _gpt,

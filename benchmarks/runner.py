@@ -163,6 +163,9 @@ def run_suite(
         }
         grad_seconds = []
         for task in chosen:
+            if task.max_params is not None and problem.num_params > task.max_params:
+                _log(f"[{name}] {task.name}: skipped (D = {problem.num_params:,} parameters)")
+                continue
             if needs_kfac(task.name) and not with_kfac:
                 for impl in impls:
                     results.measurements.append(

@@ -19,6 +19,10 @@ Task definitions (what the closure does):
   factors in curvops; curvlinops' own, cached) plus its first product.
 * ``ekfac_correction``: EKFAC's eigenvalue correction (eigendecompositions of the factors and
   the correction pass over the data), with the KFAC factors already computed.
+* ``ggn_diag``, ``ef_diag``, ``mc_diag``: the exact diagonal ``A.diagonal()`` of the GGN,
+  empirical and Monte-Carlo Fisher (curvlinops 3.0.1 has no exact diagonal).
+* ``ggn_dense``: ``G.to_dense()`` (``D`` products), only on problems with at most
+  :data:`DENSE_MAX_PARAMS` parameters: the reference for the diagonal's cost.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from benchmarks.problems import Problem
 
 DAMPING = 1e-3
 NUM_COLUMNS = 32
+DENSE_MAX_PARAMS = 20_000
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Task:
         time_target: Maximum run time in gradients (``None``: no target).
         memory_target: Maximum peak memory in gradients (``None``: no target).
         curvlinops_target: Maximum run time relative to curvlinops 3.0.1.
+        max_params: Run only on problems with at most this many parameters (``None``: all).
     """
 
     name: str
@@ -52,6 +58,7 @@ class Task:
     time_target: float | None = None
     memory_target: float | None = None
     curvlinops_target: float | None = 0.7
+    max_params: int | None = None
 
 
 TASKS: list[Task] = [
@@ -68,6 +75,10 @@ TASKS: list[Task] = [
     Task("kfac_inv_mvp", "KFAC^-1 @ v", 0.1),
     Task("ekfac_correction", "EKFAC eigenvalue correction", None),
     Task("kfac_inv_build", "KFAC inverse factorisation", None),
+    Task("ggn_diag", "GGN diagonal (exact)", curvlinops_target=None),
+    Task("ef_diag", "EF diagonal (exact)", curvlinops_target=None),
+    Task("mc_diag", "MC-Fisher diagonal (exact)", curvlinops_target=None),
+    Task("ggn_dense", "GGN to_dense()", curvlinops_target=None, max_params=DENSE_MAX_PARAMS),
 ]
 TASKS_BY_NAME = {t.name: t for t in TASKS}
 
@@ -157,6 +168,18 @@ def _curvops_setup(task: str, problem: Problem) -> Callable[[], Any]:
         return _curvops_exact(problem, exact[task])
     if task == "ggn_mm32":
         return _curvops_exact(problem, "GGNLinearOperator", NUM_COLUMNS)
+    diagonals = {
+        "ggn_diag": "GGNLinearOperator",
+        "ef_diag": "EFLinearOperator",
+        "mc_diag": "FisherMCLinearOperator",
+    }
+    if task in diagonals or task == "ggn_dense":
+        import curvops
+
+        cls = getattr(curvops, diagonals.get(task, "GGNLinearOperator"))
+        args = (problem.model, problem.loss_func, problem.params, problem.data)
+        op = cls(*args, check_deterministic=False)
+        return op.to_dense if task == "ggn_dense" else op.diagonal
     from curvops.kronecker import (
         EKFACLinearOperator,
         KFACInverseLinearOperator,
@@ -212,8 +235,8 @@ def _curvlinops_setup(task: str, problem: Problem) -> Callable[[], Any] | None:
         "mc_mvp": cl.FisherMCLinearOperator,
         "hessian_mvp": cl.HessianLinearOperator,
     }
-    if task == "gradient":
-        return None
+    if task in ("gradient", "ggn_diag", "ef_diag", "mc_diag", "ggn_dense"):
+        return None  # no exact diagonal in curvlinops 3.0.1; to_dense is not compared
     if task in exact or task == "ggn_mm32":
         op = exact.get(task, cl.GGNLinearOperator)(*args, check_deterministic=False)
         columns = NUM_COLUMNS if task == "ggn_mm32" else None
