@@ -61,8 +61,13 @@ def _product_check(case_name: str, op_name: str) -> Callable[[Ctx], None]:
             case.model_func, case.loss_func, case.params, ctx.shard(case.data), **case_kwargs(case)
         )
         assert A.num_data == case.num_data, (A.num_data, case.num_data)
-        assert_operator_matches(A, union_dense(op_name, case), **TOL)
+        dense = union_dense(op_name, case)
+        assert_operator_matches(A, dense, **TOL)
         ctx.same_on_all_ranks(A.to_dense(), "to_dense")
+        if op_name != "hessian":  # exact diagonals: summed across ranks like the products
+            diagonal = A.diagonal()
+            torch.testing.assert_close(diagonal, dense.diagonal(), **TOL)
+            ctx.same_on_all_ranks(diagonal, "diagonal")
 
     return run
 
@@ -111,6 +116,7 @@ def mc_fisher_uneven_shards(ctx: Ctx) -> None:
         expected = expected + (n_r / case.num_data) * F_r.to_dense()  # mean: N_r / N
     assert_operator_matches(A, expected, **TOL)
     ctx.same_on_all_ranks(A.to_dense(), "MC Fisher")
+    torch.testing.assert_close(A.diagonal(), expected.diagonal(), **TOL)  # the same draws
     again = FisherMCLinearOperator(
         case.model_func, case.loss_func, case.params, ctx.shard(case.data), seed=seed, **kw
     )
