@@ -126,10 +126,32 @@ def _qualifies(use: LinearUse, N: int) -> bool:
     )
 
 
-def _close(actual: Tensor, expected: Tensor) -> bool:
-    tol = sqrt(torch.finfo(expected.dtype).eps)
+TF32_TOLERANCE = 1e-2
+"""Relative tolerance of comparisons of float32 CUDA results while TF32 is allowed."""
+
+
+def roundoff_tolerance(t: Tensor) -> float:
+    """Relative tolerance for two evaluations of the same quantity in different groupings.
+
+    ``sqrt(eps)`` of the dtype; on CUDA in float32 with TF32 matrix products or convolutions
+    allowed (about three significant digits), :data:`TF32_TOLERANCE`.
+    """
+    tol = sqrt(torch.finfo(t.dtype).eps)
+    tf32 = torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32
+    if t.is_cuda and t.dtype == torch.float32 and tf32:
+        tol = max(tol, TF32_TOLERANCE)
+    return tol
+
+
+def allclose(actual: Tensor, expected: Tensor, floor: float = 1e-30) -> bool:
+    """Whether ``actual`` equals ``expected`` up to round-off.
+
+    Both tolerances are relative: to the entries, and to ``expected``'s largest entry (at
+    least ``floor``).
+    """
+    tol = roundoff_tolerance(expected)
     scale = float(expected.abs().max()) if expected.numel() else 0.0
-    return torch.allclose(actual, expected, rtol=tol, atol=tol * max(scale, 1e-30))
+    return torch.allclose(actual, expected, rtol=tol, atol=tol * max(scale, floor))
 
 
 def _verified(
@@ -146,7 +168,7 @@ def _verified(
         for i, expected in zip(use.positions, g_params):
             expected = torch.zeros_like(leaves[i]) if expected is None else expected
             actual = g.T @ use.x if i == use.weight else g.sum(0)
-            ok = ok and _close(actual, expected)
+            ok = ok and allclose(actual, expected)
         if ok:
             verified.append(use)
     return verified

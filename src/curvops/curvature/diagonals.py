@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from math import prod, sqrt
+from math import prod
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ from torch.func import vjp, vmap
 from tqdm.auto import tqdm
 
 from curvops.curvature.attention import differentiable_attention
-from curvops.curvature.diagonal_linear import LinearUse, linear_diagonal, recording
+from curvops.curvature.diagonal_linear import LinearUse, allclose, linear_diagonal, recording
 from curvops.curvature.products import loss_hessian_matmat
 
 DIAGONAL_MEMORY_BUDGET = 2**28
@@ -100,8 +100,7 @@ def loss_hessian_factors(
     v = torch.randn(R, M, generator=gen, dtype=output.dtype).to(output.device)
     Hv = matmat(output, v.reshape(1, *output.shape)).reshape(R, M)
     blockwise = torch.einsum("rij,rj->ri", H, v)
-    tol = sqrt(torch.finfo(output.dtype).eps)
-    if not torch.allclose(Hv, blockwise, rtol=tol, atol=tol * float(Hv.abs().max())):
+    if not allclose(blockwise, Hv):
         raise ValueError(
             "The loss couples different rows of the model output (its Hessian w.r.t. the "
             "output is not block-diagonal over the data), so the GGN is not a sum of per-datum "
@@ -280,10 +279,10 @@ def batch_diagonal(
             done = linear_diagonal(linear, output, leaves, chunks, N, out, alpha)
     for use in linear or []:
         use.x = use.z = None  # free the graph
+    output = output.detach()
     rest = [i for i in range(len(params)) if i not in done]
     _per_datum_pass(
-        forward, leaves, rest, X, dims, output.detach(), columns, out, alpha, memory_budget,
-        progressbar,
+        forward, leaves, rest, X, dims, output, columns, out, alpha, memory_budget, progressbar
     )
     return out
 
@@ -369,10 +368,7 @@ def _check_rows(y: Tensor, expected: Tensor, T: int) -> None:
             f"output gives each datum {T} row(s) of shape {tuple(expected.shape[2:])}; "
             "diagonal() needs the output rows of a batch to be those of its data, in order."
         )
-    y = y.reshape(expected.shape)
-    tol = sqrt(torch.finfo(y.dtype).eps)
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    if not torch.allclose(y, expected, rtol=tol, atol=tol * max(scale, 1.0)):
+    if not allclose(y.reshape(expected.shape), expected, floor=1.0):
         raise ValueError(
             f"diagonal() evaluates the model on one datum at a time, but for {n} data the "
             "outputs differ from the rows of the batch output: the output of a datum depends "

@@ -48,13 +48,17 @@ class EFLinearOperator(CurvatureLinearOperator):
         make_loss_spec(loss_func).require_fisher(type(self).__name__)
         super().__init__(model_func, loss_func, params, data, **kwargs)
 
+    def _output_factors(self, output: Tensor, batch: Batch) -> Tensor:
+        """The batch's output factors, shared by the products and :meth:`diagonal`."""
+        return self._risk.loss.output_factors(
+            output, batch.y, self._kind, mc_samples=self._mc_samples, generator=self._generator
+        )
+
     def _batch_matmat(
         self, params: list[Tensor], batch: Batch, V: list[Tensor], out: list[Tensor], alpha: float
     ) -> None:
         def factors(out: Tensor) -> Tensor:
-            return self._risk.loss.output_factors(
-                out, batch.y, self._kind, mc_samples=self._mc_samples, generator=self._generator
-            )
+            return self._output_factors(out, batch)
 
         def model(*p: Tensor) -> Tensor:
             return self._risk.forward(p, batch.X)
@@ -90,17 +94,7 @@ class EFLinearOperator(CurvatureLinearOperator):
 
         def factors_of_batch(batch: Batch):
             # the same factors (for the MC Fisher: the same draws) as a product's pass
-            def factors(output: Tensor) -> tuple[Tensor, None]:
-                S = self._risk.loss.output_factors(
-                    output,
-                    batch.y,
-                    self._kind,
-                    mc_samples=self._mc_samples,
-                    generator=self._generator,
-                )
-                return S, None
-
-            return factors
+            return lambda output: (self._output_factors(output, batch), None)
 
         return self._diagonal_pass(factors_of_batch, memory_budget)
 
