@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import UserDict
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,6 +128,41 @@ def test_chunks_of_data_and_columns_give_the_same_diagonal(cls):
     ops = [_build(cls, make_case("seq-ce-mean")), cls(*_token_problem())]
     for op in ops:
         torch.testing.assert_close(op.diagonal(memory_budget=1), op.diagonal(), **TOL)
+
+
+class Encoding(UserDict):
+    """A mapping input with attribute access and ``.to``, like HuggingFace's BatchEncoding."""
+
+    def __getattr__(self, name: str) -> Tensor:
+        if name == "data":
+            raise AttributeError(name)
+        return self.data[name]
+
+    def to(self, device) -> Encoding:
+        return Encoding({k: v.to(device) for k, v in self.data.items()})
+
+
+class EncodingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 2)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, X: Encoding) -> Tensor:
+        return self.out(torch.tanh(self.conv(X.x)).flatten(1) * X.scale)
+
+
+def test_mapping_inputs_keep_their_type():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = EncodingModel().to(DTYPE)
+        data = [
+            (Encoding(x=torch.randn(n, 2, 3, dtype=DTYPE), scale=torch.tensor(0.5).double()), y)
+            for n, y in ((2, torch.randint(0, 3, (2,))), (3, torch.randint(0, 3, (3,))))
+        ]
+    args = (model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    G = GGNLinearOperator(*args, batch_size_fn=lambda X: X.x.shape[0])
+    torch.testing.assert_close(G.diagonal(), G.to_dense().diagonal(), **TOL)
 
 
 # ==================================================================== the linear closed form

@@ -22,7 +22,10 @@ columns are the factor columns of each of its rows, placed on that row alone, so
 cost is :math:`K T` backpropagated columns per datum, about :math:`K T` gradients
 (:math:`K` the number of factor columns per row). The datum's output is checked against
 the batch output, so a model whose output rows depend on other data (e.g. BatchNorm in
-training mode) raises instead of giving a wrong diagonal.
+training mode) raises instead of giving a wrong diagonal. Parameters of ``nn.Linear``
+layers that see one input row per datum skip the per-datum gradients: NOTE [linear closed
+form] of :mod:`curvops.curvature.diagonal_linear` sums their squares with one matrix product
+per chunk of columns, from one backward pass of the whole batch.
 
 Memory: the per-datum gradients of a chunk of data and columns are formed at once, at
 most ``memory_budget`` bytes of them (default :data:`DIAGONAL_MEMORY_BUDGET`), and at most
@@ -52,7 +55,7 @@ from curvops.curvature.diagonal_linear import LinearUse, allclose, linear_diagon
 from curvops.curvature.products import loss_hessian_matmat
 
 DIAGONAL_MEMORY_BUDGET = 2**28
-"""Bytes of per-datum gradients formed at once by :func:`factor_diagonal` (256 MiB)."""
+"""Bytes of per-datum gradients formed at once by :func:`batch_diagonal` (256 MiB)."""
 
 DIAGONAL_COLUMN_CHUNK = 32
 """Most factor columns per datum backpropagated by one vectorised pass."""
@@ -132,12 +135,20 @@ def _data_axes(X: Any, N: int) -> tuple[Any, Any]:
     return X, None
 
 
-def _as_batch_of_one(x: Any, dims: Any) -> Any:
-    """Give the per-datum slices (``dims == 0``) of ``x`` a leading axis of length 1."""
+def _as_batch_of_one(x: Any, dims: Any, template: Any) -> Any:
+    """Give the per-datum slices (``dims == 0``) of ``x`` a leading axis of length 1.
+
+    Mappings get the type of ``template`` (the batch input) back where its constructor takes
+    a dict (e.g. a HuggingFace ``BatchEncoding``).
+    """
     if isinstance(dims, dict):
-        return {k: _as_batch_of_one(x[k], d) for k, d in dims.items()}
+        d = {k: _as_batch_of_one(x[k], dk, template[k]) for k, dk in dims.items()}
+        if type(template) is not dict:
+            with contextlib.suppress(Exception):
+                return type(template)(d)
+        return d
     if isinstance(dims, (list, tuple)):
-        return type(dims)(_as_batch_of_one(v, d) for v, d in zip(x, dims))
+        return type(dims)(_as_batch_of_one(v, d, t) for v, d, t in zip(x, dims, template))
     return x.unsqueeze(0) if dims == 0 else x
 
 
@@ -248,6 +259,7 @@ def batch_diagonal(
     if out is None:
         out = [torch.zeros_like(p) for p in params]
     N = batch_size
+    template = X
     X, dims = _data_axes(X, N)
     if not _has_data_axis(dims):
         raise ValueError(
@@ -261,7 +273,7 @@ def batch_diagonal(
             stack.enter_context(torch.enable_grad())
         else:
             stack.enter_context(torch.no_grad())
-        output = forward(leaves, X)
+        output = forward(leaves, template)
     R = output.shape[0] if output.ndim else 0
     if R == 0 or R % N != 0:
         raise ValueError(
@@ -282,7 +294,16 @@ def batch_diagonal(
     output = output.detach()
     rest = [i for i in range(len(params)) if i not in done]
     _per_datum_pass(
-        forward, leaves, rest, X, dims, output, columns, out, alpha, memory_budget, progressbar
+        forward,
+        leaves,
+        rest,
+        (X, dims, template),
+        output,
+        columns,
+        out,
+        alpha,
+        memory_budget,
+        progressbar,
     )
     return out
 
@@ -291,8 +312,7 @@ def _per_datum_pass(
     forward: Forward,
     params: list[Tensor],
     indices: list[int],
-    X: Any,
-    dims: Any,
+    inputs: tuple[Any, Any, Any],
     output: Tensor,
     columns: _Columns,
     out: list[Tensor],
@@ -303,9 +323,11 @@ def _per_datum_pass(
     """Squared per-datum gradients of ``params[indices]`` by ``vmap`` over the data.
 
     Also checks that the per-datum outputs are the batch output's rows (for every
-    parameter, even with no ``indices``: the closed form relies on it too).
+    parameter, even with no ``indices``: the closed form relies on it too). ``inputs`` are
+    the input batch split for ``vmap``, its ``in_dims`` and the batch input itself.
     """
     N, T = columns.N, columns.T
+    X, dims, template = inputs
     params = [p.detach() for p in params]
     chosen = [params[i] for i in indices] if columns.count else []
     D = sum(p.numel() for p in chosen)
@@ -318,7 +340,7 @@ def _per_datum_pass(
         full = list(params)
         for i, v in zip(indices, sub):
             full[i] = v
-        return forward(full, _as_batch_of_one(x, dims))
+        return forward(full, _as_batch_of_one(x, dims, template))
 
     def per_datum(x: Any, s: Tensor, cs: Tensor | None) -> tuple[list[Tensor], Tensor]:
         if not chosen:
