@@ -222,6 +222,28 @@ def test_layers_used_more_than_once_get_the_exact_diagonal(model_cls):
         torch.testing.assert_close(op.diagonal(), op.to_dense().diagonal(), **TOL)
 
 
+class RowsFromOneInput(nn.Module):
+    """One input row per datum, ``T = 2`` output rows per datum: closed form with T > 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2 * 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).reshape(-1, 3)
+
+
+def test_several_rows_per_datum_with_the_linear_closed_form():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        model = RowsFromOneInput().to(DTYPE)
+        data = [(torch.randn(n, 3, dtype=DTYPE), torch.randint(0, 3, (2 * n,))) for n in (2, 3)]
+    args = (model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    for cls in (GGNLinearOperator, EFLinearOperator, FisherMCLinearOperator):
+        op = cls(*args)
+        torch.testing.assert_close(op.diagonal(), op.to_dense().diagonal(), **TOL)
+
+
 # ==================================================================== structure and state
 def test_block_diagonal_of_curvature_blocks():
     """Blocks that are curvature operators on parameter subsets, on interleaved entries."""

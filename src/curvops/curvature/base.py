@@ -245,7 +245,7 @@ class CurvatureLinearOperator(LinearOperator):
                         progressbar=risk.progressbar,
                     )
                 except RuntimeError as e:
-                    if "random" in str(e):
+                    if "randomness" in str(e):
                         raise NonDeterministicError(
                             f"{name}: the model draws random numbers in its forward pass (e.g. "
                             "dropout in train mode), so it does not define a fixed matrix. "
