@@ -137,7 +137,7 @@ def run_suite(
     with_kfac = kfac_available()
     compare = compare and curvlinops_available()
     impls = [i for i in IMPLEMENTATIONS if i == "curvops" or compare]
-    chosen = [t for t in TASKS if tasks is None or t.name in tasks]
+    chosen = [t for t in TASKS if (t.in_default_run if tasks is None else t.name in tasks)]
     results = Results(
         machine=machine_info(dev),
         config={

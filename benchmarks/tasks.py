@@ -51,6 +51,7 @@ class Task:
         memory_target: Maximum peak memory in gradients (``None``: no target).
         curvlinops_target: Maximum run time relative to curvlinops 3.0.1.
         max_params: Run only on problems with at most this many parameters (``None``: all).
+        in_default_run: Whether a run without ``--tasks`` includes it.
     """
 
     name: str
@@ -59,6 +60,7 @@ class Task:
     memory_target: float | None = None
     curvlinops_target: float | None = 0.7
     max_params: int | None = None
+    in_default_run: bool = True
 
 
 TASKS: list[Task] = [
@@ -75,10 +77,17 @@ TASKS: list[Task] = [
     Task("kfac_inv_mvp", "KFAC^-1 @ v", 0.1),
     Task("ekfac_correction", "EKFAC eigenvalue correction", None),
     Task("kfac_inv_build", "KFAC inverse factorisation", None),
-    Task("ggn_diag", "GGN diagonal (exact)", curvlinops_target=None),
-    Task("ef_diag", "EF diagonal (exact)", curvlinops_target=None),
-    Task("mc_diag", "MC-Fisher diagonal (exact)", curvlinops_target=None),
-    Task("ggn_dense", "GGN to_dense()", curvlinops_target=None, max_params=DENSE_MAX_PARAMS),
+    # the exact diagonals: run on request (the GPT's GGN diagonal takes thousands of gradients)
+    Task("ggn_diag", "GGN diagonal (exact)", curvlinops_target=None, in_default_run=False),
+    Task("ef_diag", "EF diagonal (exact)", curvlinops_target=None, in_default_run=False),
+    Task("mc_diag", "MC-Fisher diagonal (exact)", curvlinops_target=None, in_default_run=False),
+    Task(
+        "ggn_dense",
+        "GGN to_dense()",
+        curvlinops_target=None,
+        max_params=DENSE_MAX_PARAMS,
+        in_default_run=False,
+    ),
 ]
 TASKS_BY_NAME = {t.name: t for t in TASKS}
 
