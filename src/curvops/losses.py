@@ -201,6 +201,10 @@ class LossSpec:
         C = output.shape[1]
         probs = output.softmax(dim=1)
         flat = probs.movedim(1, -1).reshape(-1, C)  # [M, C], one row per position
+        # rows with NaN (from non-finite outputs) are sampled from a uniform instead (which
+        # multinomial accepts); their factors stay NaN through `probs` and the operator
+        # reports them (NOTE [non-finite values] in curvops.risk.finite)
+        flat = torch.where(flat.isfinite().all(dim=1, keepdim=True), flat, torch.ones_like(flat))
         labels = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)
         onehot = one_hot(labels.T, C).to(output.dtype)  # [S, M, C]
         onehot = onehot.reshape(mc_samples, *probs.movedim(1, -1).shape).movedim(-1, 2)

@@ -3,6 +3,8 @@
 import pytest
 import torch
 from cases import make_case
+from helpers.operator_zoo import build_operator, classification_batches, random_vector
+from helpers.operator_zoo import mlp as tiny_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -163,3 +165,21 @@ def test_caller_state_untouched(cls):
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "ef", "mc-fisher", "jacobian"])
+def test_exact_operators_follow_in_place_parameter_changes(kind):
+    """Exact operators read the live parameters: after an optimiser step, the new matrix."""
+    model, data = tiny_mlp(), classification_batches()
+    params, loss = list(model.parameters()), nn.CrossEntropyLoss()
+    A = build_operator(kind, model, loss, params, data)
+    v = random_vector(A)
+    before = A @ v
+    X, y = data[0]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    loss(model(X), y).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    fresh = build_operator(kind, model, loss, params, data)
+    torch.testing.assert_close(A @ v, fresh @ v, rtol=1e-12, atol=1e-14)
+    assert (A @ v - before).abs().max() > 1e-3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvops._integer_options import check_positive_int, check_seed
 from curvops.curvature.base import CurvatureLinearOperator
 from curvops.curvature.products import factor_ggn_matmat
 from curvops.risk import Batch
@@ -85,7 +86,8 @@ class FisherMCLinearOperator(EFLinearOperator):
             ``process_group``.
 
     Raises:
-        ValueError: If ``mc_samples`` is not a positive integer.
+        TypeError: If ``mc_samples`` or ``seed`` is not an integer.
+        ValueError: If ``mc_samples`` is not positive.
     """
 
     _kind = "mc"
@@ -101,9 +103,8 @@ class FisherMCLinearOperator(EFLinearOperator):
         seed: int = 2147483647,
         **kwargs,
     ):
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        self._seed = int(seed)
+        mc_samples = check_positive_int(mc_samples, "mc_samples")
+        self._seed = check_seed(seed)
         self._mc_samples_arg = mc_samples
         super().__init__(model_func, loss_func, params, data, **kwargs)
 

@@ -25,8 +25,22 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from curvops._integer_options import check_positive_int
 from curvops.losses import LossSpec, make_loss_spec
+from curvops.risk.concurrency import DATA_PASS_LOCK
+from curvops.risk.data_checks import (
+    check_batch_dtypes,
+    check_data_container,
+    check_loss_tensors,
+    unpack_batch,
+)
 from curvops.risk.distributed import ProcessGroupHandle, check_rank_summaries
+from curvops.risk.finite import require_finite
+from curvops.risk.module_state import (
+    BufferGuard,
+    explained_buffer_updates,
+    refuse_batchnorm_in_training,
+)
 
 _SUMMARY_LABELS = {
     "shapes": "parameter shapes",
@@ -75,21 +89,26 @@ class EmpiricalRisk:
             (any subset of the model's parameters, any order) or a dict name -> tensor.
         data: A re-iterable of ``(X, y)`` batches (a list, a ``DataLoader``).
         progressbar: Show a tqdm progress bar over batches.
-        num_data: Number of data in ``data`` (counted with one pass over ``data`` if
-            ``None``); when distributed, the size of this process's shard (the total is
-            summed across processes).
+        num_data: Number of data in ``data``, a positive integer (counted with one pass over
+            ``data`` if ``None``); when distributed, the size of this process's shard (the
+            total is summed across processes).
         batch_size_fn: Maps ``X`` to its batch size; required if ``X`` is a mapping.
         process_group: ``torch.distributed`` process group whose ranks each hold a shard of
             the data (default ``None``: the world group if ``torch.distributed`` is
             initialised; ``True``: the world group, required); pass ``False`` to opt out and
             treat the local data as everything. See NOTE [data parallelism] in
             :mod:`curvops.risk.distributed`.
+        owner: Name of the operator using the loop, for error messages.
 
     Raises:
-        ValueError: For parameters that are not usable, empty data or a bad data format;
-            when distributed, also for an empty shard on any rank or parameter shapes,
-            dtypes or losses that differ between ranks (raised on every rank).
-        TypeError: For a one-shot iterator as data.
+        ValueError: For parameters that are not usable, empty data, a bad data format
+            (e.g. ``data=(X, y)`` instead of ``[(X, y)]``), a non-positive ``num_data``, or
+            BatchNorm in training mode (NOTE [module buffers]); when distributed, also for
+            an empty shard on any rank or parameter shapes, dtypes or losses that differ
+            between ranks (raised on every rank).
+        TypeError: For a one-shot iterator as data, a non-integer ``num_data``, or data or
+            loss tensors whose dtype differs from the parameters' (NOTE [data dtypes and
+            devices]).
     """
 
     def __init__(
@@ -103,7 +122,9 @@ class EmpiricalRisk:
         num_data: int | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         process_group: Any = None,
+        owner: str = "EmpiricalRisk",
     ):
+        self.owner = owner
         self.model_func = model_func
         self.module = model_func if isinstance(model_func, nn.Module) else None
         if self.module is None and not callable(model_func):
@@ -111,6 +132,9 @@ class EmpiricalRisk:
                 f"model_func must be an nn.Module or a callable (params, X) -> output, got "
                 f"{type(model_func)}."
             )
+        refuse_batchnorm_in_training(self.module, owner)  # NOTE [module buffers]
+        if num_data is not None:
+            num_data = check_positive_int(num_data, "num_data")
         self.loss_func = loss_func
         self.loss: LossSpec | None = None if loss_func is None else make_loss_spec(loss_func)
         self.batch_size_fn = batch_size_fn
@@ -132,6 +156,7 @@ class EmpiricalRisk:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.in_shapes = [tuple(p.shape) for p in self.params]
+        check_loss_tensors(self.loss_func, self.dtype, self.device)
         self.data = self._check_data(data)
         self.local_num_data = self._count_data() if num_data is None else int(num_data)
         return {
@@ -189,6 +214,7 @@ class EmpiricalRisk:
         return tensors, names, as_dict
 
     def _check_data(self, data: Iterable) -> Iterable:
+        check_data_container(data)
         try:
             with self.rng_isolation():  # iter() of a shuffling DataLoader draws a seed
                 it = iter(data)
@@ -204,7 +230,7 @@ class EmpiricalRisk:
     def batch_size(self, X: Any) -> int:
         """Number of data in the input batch ``X``."""
         if self.batch_size_fn is not None:
-            return int(self.batch_size_fn(X))
+            return check_positive_int(self.batch_size_fn(X), "batch_size_fn(X)", minimum=0)
         if isinstance(X, Mapping):
             raise ValueError(
                 "X is a mapping (e.g. a HuggingFace BatchEncoding): pass batch_size_fn, e.g. "
@@ -215,13 +241,10 @@ class EmpiricalRisk:
         return X.shape[0]
 
     def _unpack(self, batch: Any) -> tuple[Any, Any]:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(
-                f"Each batch must be a pair (X, y); got {type(batch).__name__}"
-                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                + "."
-            )
-        return batch[0], batch[1]
+        X, y = unpack_batch(batch)
+        # NOTE [data dtypes and devices]
+        check_batch_dtypes(X, y, self.dtype, with_targets=self.loss is not None)
+        return X, y
 
     def _count_data(self) -> int:
         with self.rng_isolation():
@@ -236,6 +259,13 @@ class EmpiricalRisk:
     def batches(self, desc: str = "") -> Iterator[Batch]:
         """Iterate over the data (the one data loop of ``curvops``).
 
+        NOTE [empty batches]: a batch without data (``batch_size(X) == 0``, e.g. the last
+        batch of a filtered loader) is skipped: it has no loss terms, so it contributes
+        nothing to any matrix, while evaluating it would give a ``nan`` mean loss.
+
+        The pass holds the process-wide lock of NOTE [threads] and restores the model's
+        buffers after every batch (NOTE [module buffers]).
+
         Args:
             desc: Description shown in the progress bar.
 
@@ -247,15 +277,18 @@ class EmpiricalRisk:
         """
         total = len(self.data) if hasattr(self.data, "__len__") else None
         seen = 0
-        with self.rng_isolation():
+        with DATA_PASS_LOCK, self.rng_isolation(), BufferGuard(self.module) as buffers:
             for raw in tqdm(
                 self.data, desc=desc, total=total, disable=not self.progressbar, leave=False
             ):
                 X, y = self._unpack(raw)
                 n = self.batch_size(X)
+                if n == 0:  # NOTE [empty batches]
+                    continue
                 seen += n
                 weight = n / self.num_data if self._reduction == "mean" else 1.0
                 yield Batch(_to_device(X, self.device), _to_device(y, self.device), n, weight)
+                buffers.restore()
         if seen != self.local_num_data:
             raise ValueError(
                 f"A pass over the data yielded {seen} data, but num_data says "
@@ -332,21 +365,29 @@ class EmpiricalRisk:
         Returns:
             The risk (a scalar tensor) and its gradient as a tensor list shaped like the
             parameters. Does not touch ``.grad``.
+
+        Raises:
+            FloatingPointError: If the risk or the gradient contains NaN or Inf (NOTE
+                [non-finite values]).
         """
         if self.loss is None:
             raise ValueError("This operator has no loss function.")
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grads = [torch.zeros_like(p) for p in self.params]
-        with self.partial_sums([total, *grads], what="The loss and gradient"):
-            for batch in self.batches(desc="gradient"):
+        batches = contextlib.closing(self.batches(desc="gradient"))  # ends on errors too
+        with self.partial_sums([total, *grads], what="The loss and gradient"), batches as loop:
+            for batch in loop:
                 g, loss = self._grad_and_value(batch)
                 total += batch.weight * loss.detach()
                 for acc, gi in zip(grads, g):
                     acc.add_(gi, alpha=batch.weight)
+        require_finite([total], owner=self.owner, what="the loss")  # NOTE [non-finite values]
+        require_finite(grads, owner=self.owner, what="the gradient")
         return total, grads
 
     def _grad_and_value(self, batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
         params = [p.detach() for p in self.params]
-        return torch.func.grad_and_value(
-            lambda *p: self.batch_loss(p, batch), argnums=tuple(range(len(params)))
-        )(*params)
+        with explained_buffer_updates(self.owner):
+            return torch.func.grad_and_value(
+                lambda *p: self.batch_loss(p, batch), argnums=tuple(range(len(params)))
+            )(*params)
