@@ -61,3 +61,17 @@ def test_kfac_inverse_from_threads():
     expected = [inverse @ v for v in inputs]
     for got, want in zip(_in_threads(lambda v: inverse @ v, inputs), expected):
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_recomputing_stale_factors_from_threads(kind):
+    model, data = mlp(), classification_batches()
+    params, loss = list(model.parameters()), nn.CrossEntropyLoss()
+    K = build_operator(kind, model, loss, params, data, on_stale="recompute")
+    K @ torch.ones(K.shape[1], dtype=K.dtype)
+    with torch.no_grad():
+        params[0].mul_(1.5)
+    fresh = build_operator(kind, model, loss, params, data)
+    inputs = _inputs(K)
+    for got, v in zip(_in_threads(lambda v: K @ v, inputs), inputs):
+        torch.testing.assert_close(got, fresh @ v, rtol=1e-12, atol=1e-14)

@@ -18,6 +18,7 @@ from curvops.kronecker.kfac import KFACLinearOperator
 from curvops.kronecker.options import FisherType, parse_enum
 from curvops.kronecker.product import DiagonalBlock, EigenCore, FactoredBlocks, MatrixBlock
 from curvops.linear_operator import LinearOperator
+from curvops.risk.concurrency import DATA_PASS_LOCK
 from curvops.risk.finite import require_finite
 from curvops.structured import DiagonalLinearOperator, KroneckerEigenLinearOperator
 
@@ -73,7 +74,9 @@ class EKFACLinearOperator(KFACLinearOperator):
         """Compute factors and corrections if missing, or apply ``on_stale`` if stale."""
         self._ensure_kronecker_factors()
         if self._corrections is None:
-            self._compute_corrections()
+            with DATA_PASS_LOCK:  # NOTE [threads]: one thread computes, the others reuse
+                if self._corrections is None:
+                    self._compute_corrections()
 
     def compute_factors(self) -> None:
         """Compute the KFAC factors (one pass) and the eigenvalue corrections (a second pass)."""

@@ -80,6 +80,7 @@ from curvops.kronecker.product import (
 )
 from curvops.kronecker.staleness import OnStale, stale_error
 from curvops.linear_operator import LinearOperator
+from curvops.risk.concurrency import DATA_PASS_LOCK
 from curvops.risk.finite import require_finite, require_finite_input
 from curvops.structured import (
     BlockDiagonalLinearOperator,
@@ -175,9 +176,11 @@ class _BlockInverse(LinearOperator):
         if not changed:
             return
         if self._op.on_stale == OnStale.RECOMPUTE:
-            self._op._ensure_factors()  # recomputes the operator's factors if they are stale
-            self._reset()
-            self._build()
+            with DATA_PASS_LOCK:  # NOTE [threads]: one thread refactorises, the others reuse
+                if self._op._stale_parameters(self._versions):
+                    self._op._ensure_factors()  # recomputes the operator's factors if stale
+                    self._reset()
+                    self._build()
             return
         raise stale_error(
             type(self).__name__,

@@ -50,6 +50,7 @@ from curvops.kronecker.state import (
 )
 from curvops.linear_operator import LinearOperator
 from curvops.risk import EmpiricalRisk
+from curvops.risk.concurrency import DATA_PASS_LOCK
 from curvops.risk.determinism import check_deterministic, loss_and_gradient_probe
 from curvops.risk.finite import require_finite, require_finite_input
 from curvops.structured import (
@@ -277,10 +278,13 @@ class KFACLinearOperator(LinearOperator):
 
     def _ensure_kronecker_factors(self) -> None:
         """:meth:`_ensure_factors` for the Kronecker factors only (EKFAC adds corrections)."""
-        if self._factors is None:
-            self.compute_factors()
-        else:
-            self._refresh_if_stale()
+        if self._factors is not None and not self._stale_parameters(self._factor_versions):
+            return
+        with DATA_PASS_LOCK:  # NOTE [threads]: one thread computes, the others then reuse
+            if self._factors is None:
+                self.compute_factors()
+            else:
+                self._refresh_if_stale()
 
     def _stale_parameters(self, versions: ParameterVersions | None) -> list[str]:
         """Names of the parameters changed since ``versions`` (NOTE [stale factors])."""
@@ -474,9 +478,10 @@ class KFACLinearOperator(LinearOperator):
         owner = type(self).__name__
         require_finite_input(X, owner=owner)
         self._ensure_factors()  # NOTE [stale factors]
-        if self._product is None:
-            self._product = self._build_product()
-        result = self._product._matmat(X)
+        product = self._product  # a local reference: another thread may reset the attribute
+        if product is None:
+            product = self._product = self._build_product()
+        result = product._matmat(X)
         require_finite(result, owner=owner, what="the product")  # NOTE [non-finite values]
         return result
 
