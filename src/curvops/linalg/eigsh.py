@@ -140,7 +140,9 @@ def eigsh(
 
     **Cost.** Each cycle expands the basis to ``ncv`` vectors; the products of ``b``
     consecutive basis vectors share one block product (``b`` columns), which for curvature
-    operators costs much less than ``b`` single products. The Ritz pairs
+    operators costs less per column than single products (they are batched), in particular
+    on GPUs. On spectra with well-separated eigenvalues, block Lanczos needs more columns
+    than single-vector Lanczos (``block_size=1``), but fewer block products. The Ritz pairs
     :math:`(\\theta_i, y_i)` of :math:`H = V^\\top A V` have the residual norms
     :math:`\\|A y_i - \\theta_i y_i\\| = \\|C s_i\\|` without further products, with
     :math:`s_i` the eigenvector of :math:`H` and :math:`C` the coupling of the basis to the
@@ -150,7 +152,14 @@ def eigsh(
     The check runs after every block product (the relation holds throughout), so a run stops
     as soon as the wanted pairs have converged (NOTE [early exit] in the code). Otherwise the
     cycle restarts from about :math:`k + (\\text{ncv} - k) / 2` most wanted Ritz vectors plus
-    the next block, which keeps the Lanczos relation exact.
+    the next block, which keeps the Lanczos relation exact. If the wanted pairs have not
+    converged after ``max_iter`` cycles, a ``RuntimeError`` says how many have.
+
+    **Null spaces.** The Krylov space of an operator of rank :math:`r` becomes invariant
+    after at most :math:`r + b` vectors, so with ``ncv >= r + b`` the null space (``which="SA"``
+    on a GGN or Fisher) is found within one cycle. With a smaller basis, restarts converge
+    slowly when tiny nonzero eigenvalues sit next to the zeros, as they do for GGNs (a
+    backward error of ``tol`` must resolve them); increase ``ncv`` or loosen ``tol``.
 
     A warm start ``v0`` (e.g. the eigenvectors of a previous call on a slightly different
     operator) cuts the number of products: a ``[D, m]`` subspace becomes the start block
