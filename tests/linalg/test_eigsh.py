@@ -231,15 +231,15 @@ def test_repeated_eigenvalues_against_eigvalsh(kind, mu):
             assert A.num_columns <= k * A.num_calls  # block products of b = k columns
 
 
+@pytest.mark.parametrize("mu", [5, 11])
 @pytest.mark.parametrize("kind", list(_CLUSTER_CASES))
-def test_repeated_eigenvalues_with_restarts(kind):
+def test_repeated_eigenvalues_with_restarts(kind, mu):
     """A small basis (many thick restarts) keeps every copy of the cluster."""
     which, offsets = _CLUSTER_CASES[kind]
-    mu = 5
     for offset in offsets:
         k = mu + offset
         for seed in range(3):
-            M = matrix_with_spectrum(_clustered_spectrum(kind, mu, 80, seed), seed)
+            M = matrix_with_spectrum(_clustered_spectrum(kind, mu, 120, seed), seed)
             evals, evecs = eigsh(M, k, which=which, ncv=2 * k + 5, generator=generator(seed))
             torch.testing.assert_close(evals, _reference(M, k, which), rtol=0, atol=1e-10)
             _assert_spans_wanted_eigenspaces(M, evals, evecs, which, atol=1e-8)
