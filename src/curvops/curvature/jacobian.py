@@ -79,10 +79,23 @@ class JacobianLinearOperator(CurvatureLinearOperator):
     def _f(self, batch):
         return lambda *p: self._risk.forward(p, batch.X)
 
+    def _check_output_shape(self, shape: tuple[int, ...], index: int) -> None:
+        expected = tuple(self.out_shapes[0][1:])
+        if tuple(shape) != expected:
+            raise ValueError(
+                f"{type(self).__name__} stacks the outputs of all batches, which must share "
+                f"the shape [N_B, *{list(expected)}] of the first batch; batch {index} gives "
+                f"[N_B, *{list(shape)}] (e.g. sequences of another length). Pad the data to "
+                "one shape, or build one operator per shape."
+            )
+
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
         V = [x.movedim(-1, 0) for x in X]
         params = [p.detach() for p in self._risk.params]
-        blocks = [jacobian_matmat(self._f(b), params, V) for b in self._risk.batches("J @ V")]
+        blocks = []
+        for i, batch in enumerate(self._risk.batches("J @ V")):
+            blocks.append(jacobian_matmat(self._f(batch), params, V))
+            self._check_output_shape(blocks[-1].shape[2:], i)
         return [torch.cat(blocks, dim=1).movedim(0, -1)]
 
     def _adjoint_matmat(self, X: list[Tensor]) -> list[Tensor]:

@@ -248,6 +248,16 @@ class KFACLinearOperator(LinearOperator):
         if self._factors is None:
             self.compute_factors()
 
+    @property
+    def _squares_per_position(self) -> bool:
+        """Whether squared per-datum gradients come from output factors split per position.
+
+        Used by the fallback diagonal and EKFAC's correction (NOTE [KFAC scaling]).
+        """
+        if self._fisher_type == FisherType.TYPE2:
+            return True
+        return self._fisher_type == FisherType.EMPIRICAL and self._kfac_approx == KFACType.EXPAND
+
     def compute_factors(self) -> None:
         """Compute the factors with one pass over the data (replacing existing ones)."""
         layers, risk = self._layers, self._risk
@@ -267,7 +277,7 @@ class KFACLinearOperator(LinearOperator):
         def consume(stats) -> None:
             w = stats.batch.weight
             for acc, inputs, grad in zip(accumulators, stats.inputs, stats.grad_outputs):
-                acc.add(inputs, grad, w, with_inputs=stats.new_batch)
+                acc.add(inputs, grad, w, with_inputs=stats.new_batch, term_mask=stats.term_mask)
             for diag, g in zip(diagonals, stats.fallback_grads):
                 diag.add_(g.square().sum(dim=(0, 1)), alpha=w)
 
@@ -280,6 +290,8 @@ class KFACLinearOperator(LinearOperator):
                 mc_samples=self._mc_samples,
                 seed=self._seed,
                 fallback_indices=self._fallback_indices,
+                split_positions=self._fisher_type == FisherType.TYPE2,
+                fallback_split_positions=self._squares_per_position,
                 desc=f"{type(self).__name__} factors",
             )
             for acc in accumulators:
