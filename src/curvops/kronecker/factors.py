@@ -57,10 +57,12 @@ positions map to the loss positions (the layer has as many rows per batch as the
 targets, e.g. a position-wise network on ``[N, T, d]`` with cross-entropy on ``[N, C, T]``),
 :math:`m_{n,t}` is 1 where the target at that position counts and 0 where it is ignored;
 otherwise every row of a datum has the datum's share of counting loss terms (1 without
-padding, 0 for a fully ignored datum). ``reduce`` weights each datum by that share. With
-this convention the exact settings above stay exact with padding whenever the loss Hessian
-is the same at every counting position (e.g. a single linear layer whose logits do not
-depend on its input), and padding never changes :math:`A` otherwise.
+padding, 0 for a fully ignored datum). ``reduce`` averages each datum's rows with these
+weights and counts every datum that has a counting loss term once. So padding a batch at
+the end gives the same KFAC (and EKFAC) as cutting the padded positions off, for a network
+acting position-wise; and the exact settings above stay exact with padding when the loss
+Hessian is the same at every counting position (e.g. a single linear layer whose logits do
+not depend on its input; cross-entropy has no padding-free exact setting otherwise).
 """
 
 from __future__ import annotations
@@ -159,6 +161,25 @@ def input_row_weights(
     return None
 
 
+def _position_means(x: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """KFAC-reduce's rows: each datum's (weighted) mean over its positions, and datum weights.
+
+    Args:
+        x: Input rows ``[N, T, d]``.
+        weights: Row weights ``[N, T]`` (:func:`input_row_weights`) or ``None``.
+
+    Returns:
+        Rows ``[N, d]`` (a view for ``T = 1`` without weights) and weights ``[N]``: 1 for a
+        datum with a counting position, 0 for a fully ignored one (``None`` without weights).
+    """
+    if weights is None:
+        return (x[:, 0] if x.shape[1] == 1 else x.mean(dim=1)), None
+    totals = weights.sum(dim=1)
+    counted = totals > 0
+    means = (x * weights.unsqueeze(-1)).sum(dim=1) / torch.where(counted, totals, 1).unsqueeze(-1)
+    return means, counted.to(x.dtype)
+
+
 class FactorAccumulator:
     """Sums of one layer's KFAC statistics over the batches of a pass.
 
@@ -230,7 +251,7 @@ class FactorAccumulator:
             add_gram_upper_(self.B_sum, g, alpha=weight)
 
     def _add_inputs(self, inputs: tuple, term_mask: Tensor | None = None) -> None:
-        """Add one batch's input statistics and counts."""
+        """Add one batch's input statistics and counts (weighted rows, NOTE [KFAC scaling])."""
         layer = self.layer
         if layer.diagonal_input:
             x = layer.input_rows(inputs)  # token ids [N, T]
@@ -239,8 +260,6 @@ class FactorAccumulator:
             x, self.feature_order = layer.factor_input_rows(inputs)
         N, T = x.shape[0], x.shape[1]
         weights = input_row_weights(term_mask, N, T, x.dtype if x.is_floating_point() else None)
-        if self.reduce and weights is not None:
-            weights = weights.mean(dim=1)  # [N]: a datum's share of counting loss terms
         if layer.diagonal_input:
             self.A_sum.add_(self._token_counts(x, weights))
         else:
@@ -248,21 +267,20 @@ class FactorAccumulator:
             # blocks of A are the column sums and the number of rows (no concatenated copy)
             rows = x  # [N, T, d_in], or [N, d_in] averaged over the positions (a view if T = 1)
             if self.reduce:
-                rows = x[:, 0] if T == 1 else x.mean(dim=1)
-            if weights is not None:
-                rows = rows * weights.sqrt().unsqueeze(-1)
+                rows, weights = _position_means(x, weights)
+            scaled = rows if weights is None else rows * weights.sqrt().unsqueeze(-1)
             if self.has_weight:
-                add_gram_upper_(self.A_sum, rows)
+                add_gram_upper_(self.A_sum, scaled)
             if self.bias_column_sum is not None:
-                summed = rows if weights is None else rows * weights.sqrt().unsqueeze(-1)
-                self.bias_column_sum.add_(summed.sum(dim=tuple(range(rows.ndim - 1))))
-        # numbers of (weighted) rows and of averaged rows
+                weighted = rows if weights is None else rows * weights.unsqueeze(-1)
+                self.bias_column_sum.add_(weighted.sum(dim=tuple(range(rows.ndim - 1))))
+        # (weighted) numbers of rows and of data
         if weights is None:
             rows_count = N if self.reduce else N * T
             data_count = N
         else:
             rows_count = float(weights.sum())
-            data_count = float(weights.sum()) if self.reduce else float(weights.mean(1).sum())
+            data_count = rows_count if self.reduce else float(weights.mean(dim=1).sum())
         if not layer.diagonal_input:
             self._num_rows += rows_count
         if self.reduce or self.loss_terms is None:
