@@ -72,13 +72,19 @@ class KFACLinearOperator(LinearOperator):
 
     Args:
         model_func: The model, an ``nn.Module`` (forward hooks read the layer inputs).
-        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` (reduction
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` (also with ``ignore_index`` padding and
+            ``label_smoothing``, not with class weights) or ``BCEWithLogitsLoss`` (reduction
             ``"mean"`` or ``"sum"``).
         params: The parameters (a list of the model's tensors, any order, or a dict).
         data: A re-iterable of ``(X, y)`` batches.
         fisher_type: :class:`~curvops.kronecker.options.FisherType`: ``"type-2"`` (the
-            GGN), ``"mc"``, ``"empirical"`` or ``"forward-only"`` (NOTE [forward-only
-            scaling]).
+            GGN), ``"mc"``, ``"empirical"`` (the empirical Fisher per loss term for
+            ``"expand"``, per datum for ``"reduce"``) or ``"forward-only"`` (NOTE
+            [forward-only scaling]). ``"type-2"`` backpropagates one column per class *and
+            output position* (``C · T`` columns for cross-entropy on ``[N, C, T]``, in
+            memory-bounded chunks; NOTE [KFAC scaling]), which makes it the exact limit of
+            ``"mc"`` but costs ``C · T`` backward columns per batch: for large vocabularies
+            or long sequences use ``"mc"``.
         mc_samples: Number of would-be labels per datum (``"mc"`` only).
         kfac_approx: :class:`~curvops.kronecker.options.KFACType`, ``"expand"`` or
             ``"reduce"``, for layers with shared positions.
