@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import hessian
 
+from curvops.kronecker.collection import separate_output_positions
 from curvops.losses import make_loss_spec
 
 DTYPE = torch.float64
@@ -79,18 +80,27 @@ def _datum_hessians(loss, out, y):
 def test_split_type2_columns_factorise_the_loss_hessian(name):
     loss, out, y = PROBLEMS[name]()
     spec = make_loss_spec(loss)
-    S = spec.output_factors(out, y, "type-2")
+    S = spec.shared_output_factors(out, y, "type-2")
     split = _columns(spec, S, True)
-    torch.testing.assert_close(_per_datum_outer(split), _datum_hessians(loss, out, y))
+    H = _datum_hessians(loss, out, y)
+    torch.testing.assert_close(_per_datum_outer(split), H)
     for step in (1, 5, 1000):  # any chunking gives the same columns
         torch.testing.assert_close(_columns(spec, S, True, step), split)
+    # output_factors returns them all at once; splitting them again changes nothing
+    exact = spec.output_factors(out, y, "type-2")
+    torch.testing.assert_close(_per_datum_outer(exact), H)
+    if isinstance(loss, nn.CrossEntropyLoss):
+        torch.testing.assert_close(_per_datum_outer(separate_output_positions(exact)), H)
 
 
 def test_shared_type2_columns_couple_positions():
     """Without splitting, cross-position blocks appear that the loss Hessian lacks."""
     loss, out, y = _ce_problem()
     spec = make_loss_spec(loss)
-    S = spec.output_factors(out, y, "type-2")
+    S = spec.shared_output_factors(out, y, "type-2")
+    torch.testing.assert_close(
+        _per_datum_outer(separate_output_positions(S)), _datum_hessians(loss, out, y)
+    )
     assert S.shape[0] == 4 and spec.factor_columns(S, split_positions=True).num_columns > 4
     diff = _per_datum_outer(S) - _datum_hessians(loss, out, y)
     assert diff.abs().max() > 1e-2
@@ -101,7 +111,8 @@ def test_empirical_columns_are_term_or_datum_gradients(name):
     loss, out, y = PROBLEMS[name]()
     spec = make_loss_spec(loss)
     R = spec.reduction_factor(y, out.shape[0])
-    S = spec.output_factors(out, y, "empirical")
+    S = spec.shared_output_factors(out, y, "empirical")
+    torch.testing.assert_close(spec.output_factors(out, y, "empirical"), S)
     # per loss term: gradients of the reduction='none' losses, one position at a time
     none = copy.copy(loss)
     none.reduction = "none"
@@ -168,3 +179,8 @@ def test_target_checks():
         make_loss_spec(nn.MSELoss()).output_factors(out, out[:, :2], "type-2")
     with pytest.raises(ValueError, match="'nope' is not a valid FactorKind"):
         spec.output_factors(out, torch.zeros(2, 4, dtype=torch.long), "nope")
+    custom = make_loss_spec(nn.L1Loss())
+    with pytest.raises(NotImplementedError, match="got L1Loss"):
+        custom.output_factors(out, out, "type-2")
+    with pytest.raises(NotImplementedError, match="got L1Loss"):
+        custom.shared_output_factors(out, out, "mc")

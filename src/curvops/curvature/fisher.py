@@ -2,7 +2,7 @@ r"""The empirical Fisher and the Monte-Carlo Fisher as linear operators.
 
 Both are products with the GGN of a pseudo-loss whose output-space Hessian is a sum of
 per-datum outer products (paper §2.1, "FVPs via GGNVPs"); the factors come from
-:meth:`curvops.losses.LikelihoodLossSpec.output_factors`.
+:meth:`curvops.losses.LikelihoodLossSpec.shared_output_factors`.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class EFLinearOperator(CurvatureLinearOperator):
         loss = self._risk.loss
 
         def factors(out: Tensor) -> Tensor:
-            return loss.output_factors(
+            return loss.shared_output_factors(
                 out, batch.y, self._kind, mc_samples=self._mc_samples, generator=self._generator
             )
 

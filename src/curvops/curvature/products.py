@@ -430,8 +430,8 @@ def factor_ggn_matmat(
 ) -> list[Tensor]:
     r"""Product with :math:`J^\top (\sum_{k, g} s_{k,g} s_{k,g}^\top) J` for per-datum factors.
 
-    With ``factors`` from :meth:`curvops.losses.LikelihoodLossSpec.output_factors` this is the
-    empirical Fisher (true gradients) or the Monte-Carlo Fisher (sampled gradients): the
+    With ``factors`` from :meth:`curvops.losses.LikelihoodLossSpec.shared_output_factors` this
+    is the empirical Fisher (true gradients) or the Monte-Carlo Fisher (sampled gradients): the
     GGN of the pseudo-loss :math:`\tilde\ell_n = \frac{1}{2}\sum_{k,g} (s_{k,g}[n]^\top
     f_{n,g})^2` (paper §2.1, "FVPs via GGNVPs"), where :math:`g` runs over the groups of
     output entries whose inner products are taken separately: the whole datum (``terms`` is

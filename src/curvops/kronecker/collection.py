@@ -5,8 +5,8 @@ For every batch of the data loop (:meth:`curvops.risk.EmpiricalRisk.batches`) th
 1. evaluates the model (the module itself, with its parameters) while forward hooks record
    each tracked layer's input and output (and count the calls, to reject layers used twice);
 2. asks the loss for the per-datum output factors :math:`S = [s_1, \dots, s_K]`
-   (:meth:`curvops.losses.LikelihoodLossSpec.output_factors`; ``mc_samples`` columns for MC,
-   1 for the empirical Fisher; for type-2 the ``F`` columns of the loss Hessian's square
+   (:meth:`curvops.losses.LikelihoodLossSpec.shared_output_factors`; ``mc_samples`` columns
+   for MC, 1 for the empirical Fisher; for type-2 the ``F`` columns of the loss Hessian's square
    root, split into ``F · P`` columns, one per output position, so that their outer
    products are the block-diagonal loss Hessian: NOTE [output factors] of
    :mod:`curvops.losses.likelihood`; ``C · T`` columns for cross-entropy on ``[N, C, T]``);
@@ -193,7 +193,7 @@ def statistics_pass(
                 recorder.outputs = {}
                 consume(BatchStatistics(batch, inputs, none, [], term_mask=mask))
                 continue
-            S = loss.output_factors(
+            S = loss.shared_output_factors(
                 output, batch.y, fisher_type.value, mc_samples=mc_samples, generator=generator
             )
             layer_outputs = [recorder.outputs[i] for i in range(len(layers))]
@@ -251,3 +251,31 @@ def _backpropagate(
         torch.zeros(S.shape[0], *o.shape, dtype=o.dtype, device=o.device) if g is None else g
         for o, g in zip(layer_outputs, grads)
     ]
+
+
+def separate_output_positions(S: Tensor) -> Tensor:
+    r"""Split class-axis output factors ``[K, N, C, *positions]`` into one factor per position.
+
+    Kept for code written against earlier versions, whose type-2 cross-entropy factors were
+    shared by all positions: :meth:`curvops.losses.LikelihoodLossSpec.output_factors` now
+    returns split columns already (NOTE [output factors]), which this function returns
+    unchanged up to their order; the data loop forms split columns in chunks with
+    :meth:`curvops.losses.LikelihoodLossSpec.factor_columns` instead. Masking each column to
+    one position :math:`p` (axes ``2:`` flattened) removes the cross-position terms
+    :math:`J_t^\top S_t S_{t'}^\top J_{t'}` of shared columns; columns that are zero at every
+    datum are dropped.
+
+    Args:
+        S: Output factors ``[K, N, *output.shape[1:]]`` with the class axis at 2.
+
+    Returns:
+        Factors ``[K', N, *output.shape[1:]]`` each supported on one position.
+    """
+    if S.ndim <= 3:
+        return S
+    K, N, C = S.shape[:3]
+    P = S[0, 0, 0].numel()
+    eye = torch.eye(P, dtype=S.dtype, device=S.device)
+    split = S.reshape(K, 1, N, C, P) * eye.reshape(1, P, 1, 1, P)
+    split = split.reshape(K * P, N, *S.shape[2:])
+    return split[split.reshape(K * P, -1).ne(0).any(dim=1)]

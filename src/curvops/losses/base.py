@@ -183,6 +183,17 @@ class LossSpec:
         """
         return None
 
+    def output_factors(self, output: Tensor, y: Tensor, kind: str, **kwargs) -> Tensor:
+        """Output factors of Fisher-type matrices: unavailable without a likelihood.
+
+        Raises:
+            NotImplementedError: Always (see :meth:`require_fisher`).
+        """
+        self.require_fisher(f"output_factors(kind={kind!r})")
+        raise NotImplementedError  # pragma: no cover - require_fisher raised
+
+    shared_output_factors = output_factors
+
 
 class ElementwiseLossSpec(LossSpec):
     """An element-wise loss (``MSELoss``, ``L1Loss``, ``BCELoss``, ...): one term per entry."""

@@ -5,9 +5,9 @@ losses are :math:`\ell = -\log q(y \mid f)` up to constants, with a likelihood :
 per position. Their loss Hessian does not depend on the label, so the type-II Fisher (paper,
 Appendix B) equals the type-I Fisher and the GGN; it is block-diagonal over positions.
 
-NOTE [output factors]: :meth:`LikelihoodLossSpec.output_factors` returns *shared* columns
-:math:`s_k` (``[K, *output.shape]``) that hold, at every position :math:`p` of every datum
-:math:`n`, a factor :math:`s_k[n, p] \in \mathbb{R}^F` with
+NOTE [output factors]: :meth:`LikelihoodLossSpec.shared_output_factors` returns *shared*
+columns :math:`s_k` (``[K, *output.shape]``) that hold, at every position :math:`p` of every
+datum :math:`n`, a factor :math:`s_k[n, p] \in \mathbb{R}^F` with
 
 .. math::
     \sum_k s_k[n, p]\, s_k[n, p]^\top = c_{n,p} R_\mathbb{B} \cdot
@@ -30,7 +30,9 @@ gradient of the datum's summed loss). Everything that must equal the matrix *per
 (the type-2 GGN, the empirical Fisher per loss term) splits each shared column into one column
 per position, :meth:`LikelihoodLossSpec.factor_columns` with ``split_positions=True``: then
 :math:`F \cdot P` columns for type-2 (``C · T`` for cross-entropy on ``[N, C, T]``), produced
-in memory-bounded chunks, never all at once.
+in memory-bounded chunks, never all at once. :meth:`LikelihoodLossSpec.output_factors`
+returns all columns of the per-datum matrices at once: split for type-2 (so that their outer
+products are each datum's loss Hessian), shared (per datum) for mc and empirical.
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ class LikelihoodLossSpec(LossSpec):
                 f"{tuple(y.shape)} differ."
             )
 
-    def output_factors(
+    def shared_output_factors(
         self,
         output: Tensor,
         y: Tensor,
@@ -194,7 +196,8 @@ class LikelihoodLossSpec(LossSpec):
             generator: Random generator for the samples (``"mc"`` only).
 
         Returns:
-            The factors, ``[K, *output.shape]``, including :math:`\sqrt{R_\mathbb{B}}`.
+            The shared columns, ``[K, *output.shape]``, including
+            :math:`\sqrt{R_\mathbb{B}}`; zero at ignored positions.
 
         Raises:
             ValueError: For an unknown ``kind``.
@@ -213,11 +216,52 @@ class LikelihoodLossSpec(LossSpec):
         weights = self.output_term_weights(output, y)
         return S if weights is None else S * weights
 
+    def output_factors(
+        self,
+        output: Tensor,
+        y: Tensor,
+        kind: str | FactorKind,
+        *,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Per-datum factors :math:`s_k` of an output-space curvature matrix, all at once.
+
+        Returns ``S`` of shape ``[K, *output.shape]`` such that, for every datum ``n``,
+
+        .. math::
+            \sum_k s_k[n] s_k[n]^\top = R_\mathbb{B} \cdot
+            \begin{cases}
+            \nabla_f^2 \ell_n & \text{type-2 (the block-diagonal loss Hessian)} \\
+            \frac{1}{S}\sum_{s} \hat g_{n,s} \hat g_{n,s}^\top & \text{mc} \\
+            \nabla_f \ell_n \nabla_f \ell_n^\top & \text{empirical}
+            \end{cases}
+
+        with ignored targets left out (paper eqs. (4)-(6)). For type-2 these are the
+        :math:`F \cdot P` split columns (``C · T`` for cross-entropy on ``[N, C, T]``); use
+        :meth:`shared_output_factors` and :meth:`factor_columns` to form them in chunks.
+
+        Args:
+            output: Model output of the batch, ``[N, ...]``.
+            y: Targets of the batch.
+            kind: ``"type-2"``, ``"mc"`` or ``"empirical"``.
+            mc_samples: Number of Monte-Carlo samples (``"mc"`` only).
+            generator: Random generator for the samples (``"mc"`` only).
+
+        Returns:
+            The factors, ``[K, *output.shape]``.
+        """
+        S = self.shared_output_factors(
+            output, y, kind, mc_samples=mc_samples, generator=generator
+        )
+        columns = self.factor_columns(S, split_positions=FactorKind(kind) == FactorKind.TYPE2)
+        return columns(0, columns.num_columns)
+
     def factor_columns(self, factors: Tensor, *, split_positions: bool) -> FactorColumns:
         """The columns to backpropagate, optionally one per position (NOTE [output factors]).
 
         Args:
-            factors: Shared columns from :meth:`output_factors`.
+            factors: Shared columns from :meth:`shared_output_factors`.
             split_positions: Split every column into one column per position.
 
         Returns:
