@@ -86,13 +86,26 @@ class JacobianLinearOperator(CurvatureLinearOperator):
     def _f(self, batch):
         return lambda *p: self._risk.forward(p, batch.X)
 
+    def _check_output_shape(self, shape: tuple[int, ...], index: int) -> None:
+        expected = tuple(self.out_shapes[0][1:])
+        if tuple(shape) != expected:
+            raise ValueError(
+                f"{type(self).__name__} stacks the outputs of all batches, which must share "
+                f"the shape [N_B, *{list(expected)}] of the first batch; batch {index} gives "
+                f"[N_B, *{list(shape)}] (e.g. sequences of another length). Pad the data to "
+                "one shape, or build one operator per shape."
+            )
+
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
         owner = type(self).__name__
         require_finite_input(X, owner=owner)
         V = [x.movedim(-1, 0) for x in X]
         params = [p.detach() for p in self._risk.params]
+        blocks = []
         with explained_buffer_updates(owner), closing(self._risk.batches("J @ V")) as batches:
-            blocks = [jacobian_matmat(self._f(b), params, V) for b in batches]
+            for i, batch in enumerate(batches):
+                blocks.append(jacobian_matmat(self._f(batch), params, V))
+                self._check_output_shape(blocks[-1].shape[2:], i)
         result = torch.cat(blocks, dim=1).movedim(0, -1)
         require_finite([result], owner=owner, what="the product")  # NOTE [non-finite values]
         return [result]

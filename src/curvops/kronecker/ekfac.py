@@ -99,7 +99,8 @@ class EKFACLinearOperator(KFACLinearOperator):
 
         def consume(stats) -> None:
             for acc, inputs, grad in zip(accumulators, stats.inputs, stats.grad_outputs):
-                acc.add(inputs, grad, stats.batch.weight)
+                if grad is not None:
+                    acc.add(inputs, grad, stats.batch.weight)
 
         sums = [t for acc in accumulators for t in acc.tensors()]
         with self._risk.partial_sums(sums, what="EKFAC eigenvalue correction"):
@@ -110,7 +111,7 @@ class EKFACLinearOperator(KFACLinearOperator):
                 fisher_type=self._fisher_type,
                 mc_samples=self._mc_samples,
                 seed=self._seed,
-                separate_positions=self._fisher_type == FisherType.TYPE2,
+                split_positions=self._squares_per_position,
                 desc="EKFAC eigenvalue correction",
             )
         corrections = {}

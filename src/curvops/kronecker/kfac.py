@@ -91,13 +91,19 @@ class KFACLinearOperator(LinearOperator):
 
     Args:
         model_func: The model, an ``nn.Module`` (forward hooks read the layer inputs).
-        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` (reduction
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` (also with ``ignore_index`` padding and
+            ``label_smoothing``, not with class weights) or ``BCEWithLogitsLoss`` (reduction
             ``"mean"`` or ``"sum"``).
         params: The parameters (a list of the model's tensors, any order, or a dict).
         data: A re-iterable of ``(X, y)`` batches.
         fisher_type: :class:`~curvops.kronecker.options.FisherType`: ``"type-2"`` (the
-            GGN), ``"mc"``, ``"empirical"`` or ``"forward-only"`` (NOTE [forward-only
-            scaling]).
+            GGN), ``"mc"``, ``"empirical"`` (the empirical Fisher per loss term for
+            ``"expand"``, per datum for ``"reduce"``) or ``"forward-only"`` (NOTE
+            [forward-only scaling]). ``"type-2"`` backpropagates one column per class *and
+            output position* (``C · T`` columns for cross-entropy on ``[N, C, T]``, in
+            memory-bounded chunks; NOTE [KFAC scaling]), which makes it the exact limit of
+            ``"mc"`` but costs ``C · T`` backward columns per batch: for large vocabularies
+            or long sequences use ``"mc"``.
         mc_samples: Number of would-be labels per datum (``"mc"`` only).
         kfac_approx: :class:`~curvops.kronecker.options.KFACType`, ``"expand"`` or
             ``"reduce"``, for layers with shared positions.
@@ -311,6 +317,16 @@ class KFACLinearOperator(LinearOperator):
             "inverses anew), or build a new operator.",
         )
 
+    @property
+    def _squares_per_position(self) -> bool:
+        """Whether squared per-datum gradients come from output factors split per position.
+
+        Used by the fallback diagonal and EKFAC's correction (NOTE [KFAC scaling]).
+        """
+        if self._fisher_type == FisherType.TYPE2:
+            return True
+        return self._fisher_type == FisherType.EMPIRICAL and self._kfac_approx == KFACType.EXPAND
+
     def compute_factors(self) -> None:
         """Compute the factors with one pass over the data (replacing existing ones)."""
         layers, risk = self._layers, self._risk
@@ -330,7 +346,7 @@ class KFACLinearOperator(LinearOperator):
         def consume(stats) -> None:
             w = stats.batch.weight
             for acc, inputs, grad in zip(accumulators, stats.inputs, stats.grad_outputs):
-                acc.add(inputs, grad, w, with_inputs=stats.new_batch)
+                acc.add(inputs, grad, w, with_inputs=stats.new_batch, term_mask=stats.term_mask)
             for diag, g in zip(diagonals, stats.fallback_grads):
                 diag.add_(g.square().sum(dim=(0, 1)), alpha=w)
 
@@ -343,6 +359,8 @@ class KFACLinearOperator(LinearOperator):
                 mc_samples=self._mc_samples,
                 seed=self._seed,
                 fallback_indices=self._fallback_indices,
+                split_positions=self._fisher_type == FisherType.TYPE2,
+                fallback_split_positions=self._squares_per_position,
                 desc=f"{type(self).__name__} factors",
             )
             for acc in accumulators:

@@ -7,10 +7,19 @@ NOTE [batch weights]: the empirical risk is
 :math:`\mathcal{L}_\mathbb{D} = \sum_\mathbb{B} (R_\mathbb{D}/R_\mathbb{B}) \mathcal{L}_\mathbb{B}`
 (paper eq. (7)). Any quantity linear in the batch loss (gradient, Hessian, GGN, Fisher, KFAC
 statistics) is computed per batch *from the batch loss* and multiplied by the batch weight
-:math:`w_\mathbb{B} = R_\mathbb{D}/R_\mathbb{B}`, which is :math:`N_\mathbb{B}/N` for
-``reduction="mean"`` and ``1`` for ``reduction="sum"`` (assuming every datum contributes the
-same number of loss terms, e.g. a fixed sequence length). Hence batching never changes the
-matrix: three uneven batches give the same operator as one batch holding all data.
+:math:`w_\mathbb{B} = R_\mathbb{D}/R_\mathbb{B}`, which is :math:`Z_\mathbb{B}/Z_\mathbb{D}` for
+``reduction="mean"`` and ``1`` for ``reduction="sum"``. :math:`Z_\mathbb{B}` is PyTorch's own
+normaliser of the batch's mean (NOTE [loss scaling] in :mod:`curvops.losses.base`: the number
+of loss terms, of non-ignored targets, or the sum of their class weights) and
+:math:`Z_\mathbb{D} = \sum_\mathbb{B} Z_\mathbb{B}` the data set's, counted once per operator
+at construction by a pass over the *targets* (no forward pass; summed across processes, NOTE
+[data parallelism]). Hence batching never changes the matrix: uneven batches, padding
+(``ignore_index``), class weights and sequences whose length differs between batches give the
+same operator as one batch holding all data. A batch whose loss terms are all ignored
+(:math:`Z_\mathbb{B} = 0`, a ``nan`` batch loss in PyTorch) contributes nothing and is
+skipped. For a loss whose normaliser ``curvops`` does not know (a custom loss module), it
+counts data, which is exact if every datum has the same number of loss terms; an error is
+raised if the targets' entries per datum differ between batches.
 """
 
 from __future__ import annotations
@@ -91,7 +100,9 @@ class EmpiricalRisk:
         progressbar: Show a tqdm progress bar over batches.
         num_data: Number of data in ``data``, a positive integer (counted with one pass over
             ``data`` if ``None``); when distributed, the size of this process's shard (the
-            total is summed across processes).
+            total is summed across processes). With ``reduction="mean"`` the construction
+            passes over the data once anyway, to count the loss normaliser from the targets
+            (NOTE [batch weights]).
         batch_size_fn: Maps ``X`` to its batch size; required if ``X`` is a mapping.
         process_group: ``torch.distributed`` process group whose ranks each hold a shard of
             the data (default ``None``: the world group if ``torch.distributed`` is
@@ -100,12 +111,19 @@ class EmpiricalRisk:
             :mod:`curvops.risk.distributed`.
         owner: Name of the operator using the loop, for error messages.
 
+    Attributes:
+        num_data: Number of data (all processes).
+        normaliser: :math:`Z_\\mathbb{D}`, the ``"mean"`` normaliser of the whole data set
+            (all processes; ``0`` for ``"sum"``), NOTE [batch weights].
+
     Raises:
         ValueError: For parameters that are not usable, empty data, a bad data format
             (e.g. ``data=(X, y)`` instead of ``[(X, y)]``), a non-positive ``num_data``, or
             BatchNorm in training mode (NOTE [module buffers]); when distributed, also for
             an empty shard on any rank or parameter shapes, dtypes or losses that differ
-            between ranks (raised on every rank).
+            between ranks (raised on every rank); for ``"mean"``, if every target is
+            ignored, or if a custom loss gets targets with different entries per datum (see
+            NOTE [batch weights]).
         TypeError: For a one-shot iterator as data, a non-integer ``num_data``, or data or
             loss tensors whose dtype differs from the parameters' (NOTE [data dtypes and
             devices]).
@@ -149,6 +167,9 @@ class EmpiricalRisk:
         elif self.local_num_data <= 0:
             raise ValueError("The data is empty: it yields no data points.")
         self.num_data = sum(int(s["num_data"]) for s in summaries)
+        self.normaliser = sum(float(s["normaliser"]) for s in summaries)
+        if self._reduction == "mean":
+            self._check_normaliser(summaries)
 
     def _bind(self, params, data: Iterable, num_data: int | None) -> dict[str, Any]:
         """Bind parameters and data, count this shard; return a summary for the other ranks."""
@@ -158,14 +179,40 @@ class EmpiricalRisk:
         self.in_shapes = [tuple(p.shape) for p in self.params]
         check_loss_tensors(self.loss_func, self.dtype, self.device)
         self.data = self._check_data(data)
-        self.local_num_data = self._count_data() if num_data is None else int(num_data)
+        counted, self.local_normaliser, terms = self._scan_data(count=num_data is None)
+        self.local_num_data = counted if num_data is None else int(num_data)
         return {
             "num_data": self.local_num_data,
+            "normaliser": self.local_normaliser,
+            "terms_per_datum": terms,
             "shapes": self.in_shapes,
             "dtype": str(self.dtype),
             "loss": None if self.loss_func is None else type(self.loss_func).__name__,
             "reduction": self._reduction,
         }
+
+    def _check_normaliser(self, summaries: list[dict[str, Any]]) -> None:
+        """Refuse data whose ``"mean"`` normaliser is zero or unknowable (on every rank alike).
+
+        Raises:
+            ValueError: If every loss term is ignored, or if a loss whose normaliser
+                ``curvops`` does not know gets targets with different entries per datum.
+        """
+        if self.normaliser <= 0 and self.num_data > 0:
+            raise ValueError(
+                f"{self.loss.name}(reduction='mean') has nothing to average over: every loss "
+                "term of the data is ignored (e.g. all targets equal ignore_index)."
+            )
+        terms = sorted({t for s in summaries for t in s["terms_per_datum"]})
+        if len(terms) > 1:
+            raise ValueError(
+                f"{self.loss.name}(reduction='mean'): curvops does not know this loss's "
+                "normaliser and weights batches by their number of data, which is exact only if "
+                "every datum has the same number of loss terms; but the targets have "
+                f"{terms} entries per datum in different batches. Use reduction='sum' and scale "
+                "the operator by 1 / (your number of loss terms), e.g. "
+                "`(1 / Z) * HessianLinearOperator(...)`."
+            )
 
     # ---------------------------------------------------------------- binding
     def _bind_params(self, params) -> tuple[list[Tensor], list[str], bool]:
@@ -246,9 +293,37 @@ class EmpiricalRisk:
         check_batch_dtypes(X, y, self.dtype, with_targets=self.loss is not None)
         return X, y
 
-    def _count_data(self) -> int:
+    def _scan_data(self, *, count: bool) -> tuple[int, float, list[int]]:
+        """One pass over the targets: data count, normaliser and entries per datum.
+
+        No forward pass; skipped if neither the count nor the normaliser is needed
+        (NOTE [batch weights]).
+
+        Args:
+            count: Whether the number of data is needed.
+
+        Returns:
+            The number of data (0 if not counted), this shard's normaliser
+            :math:`\\sum_\\mathbb{B} Z_\\mathbb{B}` (0 for ``"sum"``) and the distinct
+            target entries per datum of a loss with unknown normaliser.
+        """
+        mean = self._reduction == "mean"
+        if not (count or mean):
+            return 0, 0.0, []
+        num, normaliser, terms = 0, 0.0, set()
         with self.rng_isolation():
-            return sum(self.batch_size(self._unpack(b)[0]) for b in self.data)
+            for raw in self.data:
+                X, y = self._unpack(raw)
+                n = self.batch_size(X)
+                if n == 0:  # NOTE [empty batches]
+                    continue
+                num += n
+                if mean:
+                    normaliser += self.loss.normaliser(y, n)
+                    t = self.loss.terms_per_datum(y, n)
+                    if t is not None:
+                        terms.add(t)
+        return num, normaliser, sorted(terms)
 
     # ---------------------------------------------------------------- the data loop
     def rng_isolation(self) -> contextlib.AbstractContextManager:
@@ -276,7 +351,8 @@ class EmpiricalRisk:
             ValueError: If a pass yields a different number of data than counted.
         """
         total = len(self.data) if hasattr(self.data, "__len__") else None
-        seen = 0
+        mean = self._reduction == "mean"
+        seen, seen_normaliser = 0, 0.0
         with DATA_PASS_LOCK, self.rng_isolation(), BufferGuard(self.module) as buffers:
             for raw in tqdm(
                 self.data, desc=desc, total=total, disable=not self.progressbar, leave=False
@@ -286,7 +362,13 @@ class EmpiricalRisk:
                 if n == 0:  # NOTE [empty batches]
                     continue
                 seen += n
-                weight = n / self.num_data if self._reduction == "mean" else 1.0
+                weight = 1.0
+                if mean:  # NOTE [batch weights]
+                    z = self.loss.normaliser(y, n)
+                    seen_normaliser += z
+                    if z == 0:  # every loss term ignored: contributes nothing
+                        continue
+                    weight = z / self.normaliser
                 yield Batch(_to_device(X, self.device), _to_device(y, self.device), n, weight)
                 buffers.restore()
         if seen != self.local_num_data:
@@ -294,6 +376,13 @@ class EmpiricalRisk:
                 f"A pass over the data yielded {seen} data, but num_data says "
                 f"{self.local_num_data}. Pass num_data matching the data (or leave it None), "
                 "and avoid loaders with drop_last=True and random sampling."
+            )
+        if mean and abs(seen_normaliser - self.local_normaliser) > 1e-9 * self.local_normaliser:
+            raise ValueError(
+                f"A pass over the data gave the loss normaliser {seen_normaliser:g} (e.g. the "
+                f"number of non-ignored targets), but the first pass counted "
+                f"{self.local_normaliser:g}: the data changed between passes. Pass the same data "
+                "every time (no random sampling or augmentation of the targets)."
             )
 
     @property
