@@ -48,12 +48,13 @@ def test_ggn_diagonal(name):
     _assert_exact(_build(GGNLinearOperator, case), dense.diagonal())
 
 
+@pytest.mark.parametrize("gradient_of", ["loss-term", "datum"])
 @pytest.mark.parametrize("name", FISHER_CASES)
-def test_empirical_fisher_diagonal(name):
+def test_empirical_fisher_diagonal(name, gradient_of):
     case = make_case(name)
-    kw = {"batch_size_fn": case.batch_size_fn}
+    kw = {"batch_size_fn": case.batch_size_fn, "gradient_of": gradient_of}
     dense = dense_ef(case.model_func, case.loss_func, case.params, case.data, **kw)
-    _assert_exact(_build(EFLinearOperator, case), dense.diagonal())
+    _assert_exact(_build(EFLinearOperator, case, gradient_of=gradient_of), dense.diagonal())
 
 
 @pytest.mark.parametrize("name", FISHER_CASES)
