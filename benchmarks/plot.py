@@ -21,7 +21,8 @@ def plot(results: Results, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     problems = list(results.problems)
-    tasks = [t for t in TASKS if t.name != "gradient"]
+    measured = {m.task for m in results.measurements}
+    tasks = [t for t in TASKS if t.name != "gradient" and t.name in measured]
     fig, axes = plt.subplots(
         len(problems), 2, figsize=(14, 3.2 * len(problems)), squeeze=False, sharey=False
     )
