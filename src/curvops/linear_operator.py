@@ -424,6 +424,41 @@ class _SumLinearOperator(LinearOperator):
     def _adjoint_matmat(self, X):
         return self._combine([op.adjoint()._matmat(X) for op in self._ops])
 
+    def _terms(self, name: str) -> list[Tensor]:
+        """Call ``name`` (``diagonal`` or ``trace``) on every term, flattening tensor lists."""
+        if self.shape[0] != self.shape[1]:
+            raise ValueError(f"{name}() needs a square operator, got shape {self.shape}.")
+        results = []
+        for op in self._ops:
+            method = getattr(op, name, None)
+            if method is None:
+                short = "diag" if name == "diagonal" else "trace"
+                raise TypeError(
+                    f"{type(op).__name__} has no {name}(), so the sum containing it has none "
+                    f"either. Estimate it with curvops.hutchinson_{short} or curvops.x{short}."
+                )
+            r = method()
+            results.append(torch.cat([t.reshape(-1) for t in r]) if isinstance(r, list) else r)
+        return results
+
+    def diagonal(self) -> Tensor:
+        r"""Diagonal ``[D]`` (flat), :math:`\sum_i c_i \operatorname{diag}(A_i)`.
+
+        Raises:
+            TypeError: If a term has no ``diagonal()``.
+            ValueError: If the operator is not square.
+        """
+        return sum(c * d for c, d in zip(self._coeffs, self._terms("diagonal")))
+
+    def trace(self) -> Tensor:
+        r"""Trace :math:`\sum_i c_i \operatorname{tr}(A_i)`.
+
+        Raises:
+            TypeError: If a term has no ``trace()``.
+            ValueError: If the operator is not square.
+        """
+        return sum(c * t for c, t in zip(self._coeffs, self._terms("trace")))
+
 
 class _ChainLinearOperator(LinearOperator):
     """Lazy product :math:`A B` (``B`` is applied first)."""

@@ -16,6 +16,8 @@ from curvops import (
     FisherMCLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
+    IdentityLinearOperator,
+    LinearOperator,
     NonDeterministicError,
 )
 from curvops.testing.dense import dense_ef, dense_ggn
@@ -259,6 +261,35 @@ def test_block_diagonal_of_curvature_blocks():
     H = HessianLinearOperator(*args, [p[1], p[3]], case.data)
     with pytest.raises(NotImplementedError, match="hutchinson_diag"):
         BlockDiagonalLinearOperator([first, H], [[0, 2], [1, 3]]).diagonal()
+
+
+class Doubling(LinearOperator):
+    """``2 I`` through products only (no closed forms)."""
+
+    is_self_adjoint = True
+
+    def _matmat(self, X: list[Tensor]) -> list[Tensor]:
+        return [2 * x for x in X]
+
+
+def test_sums_and_multiples_of_curvature_operators():
+    """Lazy sums (damping, scaling) add their terms' diagonals and traces."""
+    case = make_case("mlp-ce-mean")
+    G = _build(GGNLinearOperator, case)
+    eye = IdentityLinearOperator(G.in_shapes, dtype=G.dtype, device=G.device)
+    A = 2.0 * G - _build(EFLinearOperator, case) + 1e-3 * eye
+    torch.testing.assert_close(A.diagonal(), A.to_dense().diagonal(), **TOL)
+    torch.testing.assert_close(A.trace(), A.to_dense().trace(), **TOL)
+    p = case.params
+    rest = IdentityLinearOperator([tuple(q.shape) for q in p[2:]], dtype=G.dtype, device="cpu")
+    first = GGNLinearOperator(case.model_func, case.loss_func, p[:2], case.data)
+    B = 3.0 * BlockDiagonalLinearOperator([first, rest])
+    torch.testing.assert_close(B.diagonal(), B.to_dense().diagonal(), **TOL)
+    other = Doubling(G.in_shapes, G.out_shapes, dtype=G.dtype, device=G.device)
+    with pytest.raises(TypeError, match=r"Doubling has no diagonal\(\).*hutchinson_diag"):
+        (G + other).diagonal()
+    with pytest.raises(TypeError, match=r"Doubling has no trace\(\).*hutchinson_trace"):
+        (G + other).trace()
 
 
 def test_callers_state_is_untouched():
