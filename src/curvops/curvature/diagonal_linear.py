@@ -15,10 +15,10 @@ behind BackPACK's diagonal extensions; Dangel, F., Kunstner, F., Hennig, P. (202
 Packing more into backprop). One backward pass of the *batch* gives all :math:`g_{j,n}` at
 once, because the column :math:`j` of datum :math:`n` enters only datum :math:`n`'s output
 rows. A layer qualifies if it is called once, with a 2-d input whose leading axis is the
-batch, and its parameters belong to no other module; on the first column its closed-form
-gradient summed over the data is compared with the layer's true batch gradient, and a layer
-whose weight or bias is also used elsewhere in the forward pass (which hooks cannot see)
-falls back to the per-datum pass of :mod:`curvops.curvature.diagonals`.
+batch, and its parameters belong to no other module; for a random output cotangent its
+closed-form gradient summed over the data is compared with the layer's true batch gradient,
+and a layer whose weight or bias is also used elsewhere in the forward pass (which hooks
+cannot see) falls back to the per-datum pass of :mod:`curvops.curvature.diagonals`.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def allclose(actual: Tensor, expected: Tensor, floor: float = 1e-30) -> bool:
 def _verified(
     uses: list[LinearUse], output: Tensor, leaves: list[Tensor], u: Tensor
 ) -> list[LinearUse]:
-    """The layers whose closed-form batch gradient for the column ``u`` is the true one."""
+    """The layers whose closed-form batch gradient for the cotangent ``u`` is the true one."""
     inputs = [use.z for use in uses] + [leaves[i] for use in uses for i in use.positions]
     grads = torch.autograd.grad(output, inputs, u, retain_graph=True, allow_unused=True)
     g_z, g_params = grads[: len(uses)], iter(grads[len(uses) :])
@@ -201,11 +201,11 @@ def linear_diagonal(
         The positions of the parameters whose diagonal was added.
     """
     uses = [use for use in uses if _qualifies(use, N)]
-    first = True
+    if uses:  # a random direction: a reused weight shows for any cotangent but a zero one
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        probe = torch.randn(output.shape, generator=gen, dtype=output.dtype)
+        uses = _verified(uses, output, leaves, probe.to(output.device))
     for U, c in column_chunks:
-        if first and uses:
-            uses = _verified(uses, output, leaves, U[0])
-        first = False
         if not uses:
             break
         zs = [use.z for use in uses]
