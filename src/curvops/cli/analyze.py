@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from curvops.cli.curvatures import TITLES, Curvature, build_curvature, parse_curvature
+from curvops.cli.device import resolve_device
 from curvops.cli.errors import CLIError
-from curvops.cli.main import resolve_device
 from curvops.cli.models import layer_sizes
 from curvops.cli.timing import timed
 from curvops.cli.user_setup import prepare

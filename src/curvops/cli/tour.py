@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from curvops.cli.curvatures import TITLES, Curvature, build_curvature
 from curvops.cli.data import load_digits_tensors, make_batches
-from curvops.cli.main import resolve_device
+from curvops.cli.device import resolve_device
 from curvops.cli.models import layer_sizes, make_digits_cnn
 from curvops.cli.timing import timed
 from curvops.cli.training import train
