@@ -1,4 +1,5 @@
-# Set-up and entry points. Each target creates the virtual environment on first use.
+# Set-up and entry points. Each target creates the virtual environment on first use and
+# installs only what it needs (stamp files in the venv; any order works from a fresh clone).
 #   make tour   - the main job: a curvature analysis of a CNN on scikit-learn's digits
 #   make test   - lint + the full test suite (what CI runs)
 #   make bench  - the CPU benchmark suite (writes benchmarks/RESULTS.md)
@@ -8,26 +9,38 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0: on the project's machines this resolves to a local CPU wheel in seconds.
 TORCH ?= torch==2.13.0
+# extras of the development set-up (make test, docs, bench)
+DEV_EXTRAS ?= tour,test,docs
 
-$(VENV)/.installed: pyproject.toml
+# the bare venv with torch
+$(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,tour,docs]"
+	touch $@
+
+# what `curvops tour` needs: the package and its `tour` extra
+$(VENV)/.tour: $(VENV)/.base pyproject.toml
+	$(PY) -m pip install -q -e ".[tour]"
+	touch $@
+
+# everything for tests, docs and benchmarks
+$(VENV)/.dev: $(VENV)/.base pyproject.toml
+	$(PY) -m pip install -q -e ".[$(DEV_EXTRAS)]"
 	touch $@
 
 .PHONY: install tour test bench docs
-install: $(VENV)/.installed
+install: $(VENV)/.dev
 
-tour: $(VENV)/.installed
+tour: $(VENV)/.tour
 	$(VENV)/bin/curvops tour --out curvops-tour
 
-test: $(VENV)/.installed
+test: $(VENV)/.dev
 	$(PY) -m ruff check src tests examples benchmarks
 	$(PY) -m pytest
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.dev
 	$(PY) -m benchmarks
 
-docs: $(VENV)/.installed
+docs: $(VENV)/.dev
 	$(VENV)/bin/mkdocs build --strict
