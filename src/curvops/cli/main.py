@@ -18,20 +18,14 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see `{self.prog} --help`)", prog=self.prog)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, threads: int | None, threads_help: str) -> None:
     parser.add_argument(
         "--device",
         default=None,
         help="device to compute on, e.g. cpu or cuda (default: cuda if available, else cpu)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="number of CPU threads for PyTorch (default: PyTorch's choice; 1 is fastest on a "
-        "busy machine)",
-    )
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars (on stderr)"
     )
@@ -63,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a smaller net, less data and fewer estimator runs (well under a minute)",
     )
-    _add_common(tour)
+    _add_common(
+        tour,
+        threads=1,
+        threads_help="number of CPU threads for PyTorch (default: %(default)s; the tour's "
+        "matrices are small, and on a shared machine more threads wait for each other)",
+    )
 
     analyze = sub.add_parser(
         "analyze",
@@ -116,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="float64",
         help="float32|float64: model and data are cast to it (default: %(default)s)",
     )
-    _add_common(analyze)
+    _add_common(
+        analyze,
+        threads=None,
+        threads_help="number of CPU threads for PyTorch (default: PyTorch's choice; 1 is "
+        "fastest on a busy machine)",
+    )
     return parser
 
 

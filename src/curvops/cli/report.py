@@ -89,11 +89,15 @@ def tour_report(results: dict[str, Any]) -> str:
     rows = []
     for key, s in results["spectra"].items():
         est = results.get("trace_estimates", {}).get(key, {})
+        estimate = (
+            f"{fmt(est['estimate'])} ± {fmt(est['standard_error'])}" if "estimate" in est else None
+        )
         rows.append(
             [
                 _NAMES[key],
                 s["exact_trace"],
-                est.get("estimate"),
+                s.get("operator_trace"),
+                estimate,
                 est.get("relative_error"),
                 ", ".join(fmt(v) for v in s["exact_top_eigenvalues"]),
                 ", ".join(fmt(v) for v in s.get("eigsh_top_eigenvalues", [])) or "-",
@@ -105,7 +109,8 @@ def tour_report(results: dict[str, Any]) -> str:
             [
                 "matrix",
                 "exact trace",
-                "estimated trace",
+                "operator's trace()",
+                "estimated trace ± standard error",
                 "relative error",
                 "top eigenvalues (exact, eigh)",
                 "top eigenvalues (eigsh on the operator)",
@@ -119,7 +124,8 @@ def tour_report(results: dict[str, Any]) -> str:
     any_key = next(iter(te))
     parts += [
         f"Estimated traces: Hutch++ with {te[any_key]['num_matvecs']} matrix-vector products on "
-        "the operator (exact traces from the dense matrices). Top eigenvalues by thick-restart "
+        "the operator (exact traces from the dense matrices; the operator's own `trace()` where "
+        "it has a closed form, e.g. KFAC and EKFAC). Top eigenvalues by thick-restart "
         "Lanczos (`curvops.linalg.eigsh`) on the Hessian and GGN operators agree with `eigh` of "
         "the dense matrices.",
         "",
@@ -153,13 +159,15 @@ def tour_report(results: dict[str, Any]) -> str:
             "",
         ]
     t = results["timings"]
+    products = results.get("products", {})
     parts += [
         "## Timings",
         "",
         f"One gradient over the curvature data took {fmt(t['gradient_s'])} s; the cost of a "
         "product is also given in multiples of it (absolute times on shared machines are "
         "noise). The first product includes lazy set-up (KFAC factors, warm-up); the dense "
-        "matrix is materialised with blocks of columns.",
+        "matrix is materialised with blocks of columns. The last column counts all columns the "
+        "tour multiplied each operator with (materialisation, eigsh, Hutch++, Lanczos).",
         "",
         table(
             [
@@ -169,6 +177,7 @@ def tour_report(results: dict[str, Any]) -> str:
                 "product [s]",
                 "product / gradient",
                 "dense [s]",
+                "products (columns)",
             ],
             [
                 [
@@ -178,6 +187,7 @@ def tour_report(results: dict[str, Any]) -> str:
                     v["matvec_s"],
                     v["matvec_s"] / t["gradient_s"],
                     v["dense_s"],
+                    products.get(k),
                 ]
                 for k, v in t["operators"].items()
             ],
