@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers.figure_checks import record_clipping
 from matplotlib.image import imread
 from torch import nn
 
@@ -58,11 +59,17 @@ def tour(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
         mp.setattr(CurvatureLinearOperator, "_matmat", counting_matmat)
         mp.setattr(tensor, "is_symmetric", counting_is_symmetric)
+        clipping = record_clipping(mp)
         code = main(["tour", "--quick", "--out", str(out), "--threads", "1"])
     assert code == 0
     assert torch.get_num_threads() == threads
     assert torch.equal(torch.random.get_rng_state(), rng)
-    WORK.update(columns=dict(columns), symmetry_checks=len(symmetry_checks), err=err.getvalue())
+    WORK.update(
+        columns=dict(columns),
+        symmetry_checks=len(symmetry_checks),
+        err=err.getvalue(),
+        clipping=clipping,
+    )
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -92,6 +99,12 @@ def test_figures_are_nontrivial_images(tour, name):
     assert rgb.std() > 0.05  # not blank
     codes = (rgb * 255).astype(np.int64).reshape(-1, 3) @ np.array([65536, 256, 1])
     assert len(np.unique(codes)) > 50  # many colors: not a flat or two-tone image
+
+
+def test_figures_have_no_clipped_text(tour):
+    assert set(WORK["clipping"]) == set(FIGURES)
+    for name, clipped in WORK["clipping"].items():
+        assert clipped == [], name
 
 
 def test_exact_traces_and_eigenvalues_match_references(tour, references):

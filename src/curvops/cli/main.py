@@ -67,13 +67,38 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser(
         "analyze",
         help="analyse the curvature of your own model and data",
-        description="Import your model and data factories and analyse a curvature matrix: "
-        "top eigenvalues, trace, diagonal, spectral density.",
+        description="Import your model and data factories, load trained weights, and analyse "
+        "a curvature matrix: top eigenvalues, trace, diagonal, spectral density.",
+        epilog="Trained weights: save them with torch.save(model.state_dict(), 'weights.pt') and "
+        "pass --model MODULE:FACTORY --weights weights.pt; they are read with "
+        "torch.load(weights_only=True), which loads only tensors and cannot run code from the "
+        "file. A whole model saved with torch.save(model, 'model.pt') can be passed as --model "
+        "model.pt, but loading it unpickles arbitrary objects (weights_only=False), which can "
+        "run any code in the file: it needs --trust-pickle, for files you made or trust.",
     )
     analyze.add_argument(
         "--model",
         required=True,
-        help="MODULE:FACTORY or FILE.py:FACTORY of a function returning an nn.Module",
+        help="MODULE:FACTORY or FILE.py:FACTORY of a function returning an nn.Module, or a "
+        "whole model saved with torch.save(model, FILE.pt) (needs --trust-pickle)",
+    )
+    analyze.add_argument(
+        "--weights",
+        default=None,
+        help="a state dict saved with torch.save(model.state_dict(), FILE.pt) (or a checkpoint "
+        "dictionary holding one) to load into the model; read safely (weights_only=True)",
+    )
+    analyze.add_argument(
+        "--weights-key",
+        default=None,
+        help="entry of the --weights checkpoint dictionary that holds the state dict "
+        "(default: the file itself, or its 'state_dict', 'model_state_dict' or 'model' entry)",
+    )
+    analyze.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow --model FILE.pt, a whole pickled model: unpickling can run arbitrary code, "
+        "use only for files you made or trust",
     )
     analyze.add_argument(
         "--data",

@@ -232,36 +232,49 @@ def analysis_report(results: dict[str, Any]) -> str:
         "",
     ]
     if "top-eig" in a:
-        ev = a["top-eig"]["eigenvalues"]
+        top = a["top-eig"]
+        pairs = ", ".join(
+            f"{fmt(v)} ± {fmt(r)}" for v, r in zip(top["eigenvalues"], top["residual_norms"])
+        )
         parts += [
             "## Top eigenvalues",
             "",
-            f"Thick-restart Lanczos ({fmt(a['top-eig']['seconds'])} s): "
-            + ", ".join(fmt(v) for v in ev),
+            f"Thick-restart Lanczos ({top['products']} products, {fmt(top['seconds'])} s): "
+            f"{pairs}.",
+            "",
+            "Each ± is the residual norm ||A v - λ v|| of the Ritz pair: an eigenvalue of the "
+            "matrix lies within it (Parlett, 1998, Thm. 4.5.1).",
             "",
             f"![top eigenvalues]({files['top-eig']})",
             "",
         ]
     if "trace" in a:
         t = a["trace"]
-        parts += [
-            "## Trace",
-            "",
-            f"{t['method']} with {t['num_matvecs']} products: {fmt(t['estimate'])} "
-            f"(standard error {fmt(t['standard_error'])}; {fmt(t['seconds'])} s).",
-            "",
-        ]
+        if t["exact"]:
+            line = f"{fmt(t['estimate'])}, {t['method']} ({fmt(t['seconds'])} s)."
+        else:
+            line = (
+                f"{fmt(t['estimate'])} ± {fmt(t['standard_error'])} (estimate ± standard error; "
+                f"{t['method']} with {t['num_matvecs']} products, {fmt(t['seconds'])} s)."
+            )
+        parts += ["## Trace", "", line, ""]
     if "diag" in a:
         d = a["diag"]
-        parts += [
-            "## Diagonal",
-            "",
-            f"{d['method']} with {d['num_matvecs']} products ({fmt(d['seconds'])} s): entries "
-            f"from {fmt(d['min'])} to {fmt(d['max'])}, sum {fmt(d['sum'])}.",
-            "",
-            f"![diagonal]({files['diag']})",
-            "",
-        ]
+        if d["exact"]:
+            line = (
+                f"{d['method']} ({fmt(d['seconds'])} s): entries from {fmt(d['min'])} to "
+                f"{fmt(d['max'])}, sum {fmt(d['sum'])}."
+            )
+        else:
+            line = (
+                f"{d['method']} with {d['num_matvecs']} products ({fmt(d['seconds'])} s), "
+                "estimate ± standard error: smallest entry "
+                f"{fmt(d['min'])} ± {fmt(d['min_standard_error'])}, largest entry "
+                f"{fmt(d['max'])} ± {fmt(d['max_standard_error'])}; the largest standard error "
+                f"of any entry is {fmt(d['largest_standard_error'])}. The figure shows the "
+                "estimate with a band of one standard error."
+            )
+        parts += ["## Diagonal", "", line, "", f"![diagonal]({files['diag']})", ""]
     if "density" in a:
         parts += [
             "## Spectral density",
