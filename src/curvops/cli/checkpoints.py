@@ -209,9 +209,14 @@ def load_model_file(path_str: str, *, trust_pickle: bool) -> nn.Module:
             f"--model {path_str!r}: torch.load failed ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''})."
         ) from e
-    if not isinstance(obj, nn.Module):
-        hint = " It looks like a state dict: pass it as --weights." if isinstance(obj, dict) else ""
+    if _is_state_dict(obj):
         raise CLIError(
-            f"--model {path_str!r} holds a {type(obj).__name__}, not a torch.nn.Module.{hint}"
+            f"--model {path_str!r} holds a state dict (tensors only), not a whole model: pass "
+            "it as --weights, with --model MODULE:FACTORY building the architecture."
+        )
+    if not isinstance(obj, nn.Module):
+        raise CLIError(
+            f"--model {path_str!r} holds a {type(obj).__name__}, not a torch.nn.Module. Save "
+            "the model with torch.save(model, path), or better its state dict (see --weights)."
         )
     return obj
