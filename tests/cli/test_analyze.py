@@ -174,7 +174,7 @@ def test_analyze_kfac_uses_its_exact_trace(factories, tmp_path):
     trace = results["analyses"]["trace"]
     assert trace["exact"] and trace["num_matvecs"] == 0 and trace["standard_error"] is None
     assert trace["estimate"] == pytest.approx(float(K.to_dense().trace()), rel=1e-10)
-    assert "exact (KFACLinearOperator.trace())" in (tmp_path / "report.md").read_text()
+    assert "(exact, from KFACLinearOperator.trace();" in (tmp_path / "report.md").read_text()
 
 
 def _run_error(capsys, args):

@@ -170,7 +170,7 @@ def run_analyses(
         exact, seconds = timed(exact_trace, A.device, A)
         if exact is not None:
             out["trace"] = {
-                "method": f"exact ({type(A).__name__}.trace())",
+                "method": f"{type(A).__name__}.trace()",
                 "exact": True,
                 "estimate": float(exact),
                 "standard_error": None,
@@ -194,7 +194,7 @@ def run_analyses(
     def diag() -> None:
         diagonal, seconds = timed(exact_diagonal, A.device, A)
         if diagonal is not None:
-            errors, method, m = None, f"exact ({type(A).__name__}.diagonal())", 0
+            errors, method, m = None, f"{type(A).__name__}.diagonal()", 0
         else:
             m = min(_round_down(num_matvecs, 2, 4), 2 * D)
             (diagonal, errors), seconds = timed(

@@ -215,10 +215,11 @@ def analysis_report(results: dict[str, Any]) -> str:
         f"# curvops analyze: {name}",
         "",
         table(
-            ["model", "data", "loss", "D", "N", "dtype", "device", "seed"],
+            ["model", "weights", "data", "loss", "D", "N", "dtype", "device", "seed"],
             [
                 [
                     f"`{results['model']}`",
+                    f"`{results['weights']}`" if results.get("weights") else "-",
                     f"`{results['data']}`",
                     results["loss"],
                     results["num_params"],
@@ -251,7 +252,7 @@ def analysis_report(results: dict[str, Any]) -> str:
     if "trace" in a:
         t = a["trace"]
         if t["exact"]:
-            line = f"{fmt(t['estimate'])}, {t['method']} ({fmt(t['seconds'])} s)."
+            line = f"{fmt(t['estimate'])} (exact, from {t['method']}; {fmt(t['seconds'])} s)."
         else:
             line = (
                 f"{fmt(t['estimate'])} ± {fmt(t['standard_error'])} (estimate ± standard error; "
@@ -262,8 +263,8 @@ def analysis_report(results: dict[str, Any]) -> str:
         d = a["diag"]
         if d["exact"]:
             line = (
-                f"{d['method']} ({fmt(d['seconds'])} s): entries from {fmt(d['min'])} to "
-                f"{fmt(d['max'])}, sum {fmt(d['sum'])}."
+                f"Exact, from {d['method']} ({fmt(d['seconds'])} s): entries from "
+                f"{fmt(d['min'])} to {fmt(d['max'])}, sum {fmt(d['sum'])}."
             )
         else:
             line = (
