@@ -149,7 +149,7 @@ def test_analyze_kfac_uses_its_exact_trace(factories, tmp_path):
             "--curvature",
             "kfac",
             "--what",
-            "top-eig,trace",
+            "top-eig,trace,diag",
             "--out",
             str(tmp_path),
             "--no-progress",
@@ -157,6 +157,13 @@ def test_analyze_kfac_uses_its_exact_trace(factories, tmp_path):
     )
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
+    # KFAC is PSD: an exact diagonal has no negative entry, an estimated one none that is
+    # significantly negative
+    diag = results["analyses"]["diag"]
+    if diag["exact"]:
+        assert diag["min"] >= -1e-12
+    else:
+        assert diag["min"] + 6 * diag["min_standard_error"] >= 0
     evals = results["analyses"]["top-eig"]
     assert all(e >= -1e-12 for e in evals["eigenvalues"])
     # KFAC's trace is a closed form: exact, no products, no error bar
@@ -383,10 +390,11 @@ def test_analyze_report_has_an_error_bar_next_to_every_estimate(factories, tmp_p
     from curvops.cli.report import fmt
 
     out = tmp_path / "analysis"
+    # the Hessian has neither an exact trace nor an exact diagonal: everything is estimated
     args = ["--model", f"{factories}:model", "--data", f"{factories}:classification_data"]
     code = main(
-        ["analyze", *args, "--num-matvecs", "12", "--top-k", "3", "--out", str(out)]
-        + ["--no-progress"]
+        ["analyze", *args, "--curvature", "hessian", "--num-matvecs", "12", "--top-k", "3"]
+        + ["--out", str(out), "--no-progress"]
     )
     assert code == 0
     a = json.loads((out / "results.json").read_text())["analyses"]

@@ -309,10 +309,13 @@ def _operators_stage(t: _Tour) -> None:
             t.step(target - done)
             done = target
 
-        # an operator that materialises itself (structured) does so without products
-        source = op if has_own_to_dense(op) else counted
+        # an operator whose class materialises itself (structured operators, or a faster
+        # to_dense() of its own) does so in one step, outside the product count
+        own = has_own_to_dense(op)
         chunk = t.config.dense_chunk if c in EXACT else t.dim
-        t.dense[c], t_dense = timed(dense_matrix, t.device, source, chunk, on_block)
+        t.dense[c], t_dense = timed(
+            dense_matrix, t.device, op if own else counted, chunk, on_block
+        )
         if c in KRONECKER:
             t.step()
         timings[c.value] = {
@@ -320,6 +323,7 @@ def _operators_stage(t: _Tour) -> None:
             "first_matvec_s": t_first,
             "matvec_s": t_matvec,
             "dense_s": t_dense,
+            "dense_method": "to_dense()" if own else f"blocks of {min(chunk, t.dim)} columns",
         }
     t.label("operators: gradient and heatmaps", force=True)
     for _ in range(2):  # the second call is the warm one
