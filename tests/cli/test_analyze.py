@@ -378,6 +378,8 @@ def test_analyze_progress_is_clean_when_redirected(factories, tmp_path, capsys):
         f"{factories}:model",
         "--data",
         f"{factories}:classification_data",  # two batches
+        "--curvature",
+        "hessian",  # estimated trace and diagonal: many products over the batches
     ]
     assert main([*args, "--what", "trace,diag", "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
