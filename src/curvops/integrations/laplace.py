@@ -242,7 +242,7 @@ class CurvopsInterface(CurvatureInterface):
         own = K.factors
         entries: dict[str, list[Tensor]] = {}
         for name, share in K.factors_as_share_of(N).items():
-            f = share.scaled(input_scale=c, gradient_scale=c)
+            f = share if c == 1 else share.scaled(input_scale=c, gradient_scale=c)
             B = f.gradient_factor
             if f.weight_name is not None:
                 if f.diagonal_input:
