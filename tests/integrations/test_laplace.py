@@ -300,3 +300,32 @@ def test_import_errors_say_how_to_fix(monkeypatch, module, match):
     monkeypatch.setitem(sys.modules, "laplace.curvature.curvature", module)
     with pytest.raises(ImportError, match=match):
         adapter._import_laplace()
+
+
+class _DictInputs(nn.Module):
+    """The classifier on mapping inputs (as a HuggingFace model takes a ``BatchEncoding``)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch):
+        return self.net(batch["input_ids"])
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_mapping_inputs_give_the_same_fit(structure):
+    net, X, y, _ = problem("classification")
+    rows = [{"input_ids": x, "labels": t} for x, t in zip(X, y)]
+    loader = DataLoader(rows, batch_size=BATCH)  # default collate: a dict of stacked tensors
+    la = Laplace(
+        _DictInputs(net),
+        "classification",
+        subset_of_weights="all",
+        hessian_structure=structure,
+        backend=CurvopsGGN,
+        prior_precision=DELTA,
+    )
+    la.fit(loader)
+    H = reference("classification", "all", "ggn", structure)
+    torch.testing.assert_close(laplace_matrix(la, structure), H, rtol=1e-9, atol=1e-9)
