@@ -51,25 +51,28 @@ def _problem(dtype: torch.dtype, num_train: int):
     return model.eval(), train, test
 
 
-def _median_time(fn, repeats: int, warmup: int) -> float:
+def _median_times(fns: list, repeats: int, warmup: int, clock) -> list[float]:
+    """Median time of each function; repeats alternate between them (fair under drift)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, record in zip(fns, times):
+            start = clock()
+            fn()
+            record.append(clock() - start)
+    return [statistics.median(t) for t in times]
 
 
-def _gradient_time(model, loader, repeats: int, warmup: int) -> float:
+def _gradient(model, loader):
     params = list(model.parameters())
 
     def gradient() -> None:
         for X, y in loader:
             torch.autograd.grad(nn.functional.cross_entropy(model(X), y, reduction="sum"), params)
 
-    return _median_time(gradient, repeats, warmup)
+    return gradient
 
 
 def _fitter(Laplace, model, loader, subset: str, structure: str, backend):
@@ -112,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="process CPU time (default; robust on a shared machine with --threads 1) or wall",
+    )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--num-train", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -132,18 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     model, (X, y), (X_test, _) = _problem(dtype, args.num_train)
     loader = DataLoader(TensorDataset(X, y), batch_size=args.batch_size)
-    t_grad = _gradient_time(model, loader, args.repeats, args.warmup)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    t_grad = _median_times([_gradient(model, loader)], args.repeats, args.warmup, clock)[0]
     backends = {"GGN": (CurvopsGGN, CurvlinopsGGN), "EF": (CurvopsEF, CurvlinopsEF)}
 
     rows = []
     for subset in args.subsets.split(","):
         for structure in args.structures.split(","):
             for curvature, pair in backends.items():
-                fits, times = [], []
-                for backend in pair:
-                    fit = _fitter(Laplace, model, loader, subset, structure, backend)
-                    times.append(_median_time(fit, args.repeats, args.warmup))
-                    fits.append(fit())
+                fitters = [_fitter(Laplace, model, loader, subset, structure, b) for b in pair]
+                times = _median_times(fitters, args.repeats, args.warmup, clock)
+                fits = [fit() for fit in fitters]
                 agreement = _compare(*fits, structure, X_test)
                 rows.append((subset, structure, curvature, *times, agreement))
                 print(subset, structure, curvature, f"{times[0]:.3f}s / {times[1]:.3f}s", agreement)
@@ -152,14 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         "# laplace-torch fit: curvops backends vs the default (curvlinops) backend",
         "",
         f"Run {datetime.date.today()}: `python benchmarks/laplace_fit.py "
-        f"--repeats {args.repeats} --threads {args.threads} --dtype {args.dtype} "
-        f"--num-train {args.num_train} --batch-size {args.batch_size}`; torch "
-        f"{torch.__version__}, {args.threads} thread(s). MLP 64-32-10 (D = 2,410; last layer "
-        f"330) on {args.num_train} digits in batches of {args.batch_size}; one gradient over "
-        f"the data takes {t_grad * 1e3:.2f} ms. Times are medians of {args.repeats} fits after "
-        f"{args.warmup} warm-up(s). Agreement: relative difference of the log marginal "
-        "likelihood (prior precision 1) and of the curvature (Frobenius), largest absolute "
-        "difference of a predictive probability (GLM, probit) on 200 held-out digits.",
+        f"--repeats {args.repeats} --threads {args.threads} --clock {args.clock} "
+        f"--dtype {args.dtype} --num-train {args.num_train} --batch-size {args.batch_size}`; "
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock. MLP "
+        f"64-32-10 (D = 2,410; last layer 330) on {args.num_train} digits in batches of "
+        f"{args.batch_size}; one gradient over the data takes {t_grad * 1e3:.2f} ms. Times are "
+        f"medians of {args.repeats} fits after {args.warmup} warm-up(s), alternating between "
+        "the backends. Agreement: relative difference of the log marginal likelihood (prior "
+        "precision 1) and of the curvature (Frobenius), largest absolute difference of a "
+        "predictive probability (GLM, probit) on 200 held-out digits.",
         "",
         "| subset | structure | curvature | curvops s (grads) | default s (grads) | "
         "curvops / default | lml rel. diff | H rel. diff | predictive abs. diff |",

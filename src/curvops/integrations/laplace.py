@@ -48,10 +48,11 @@ forward pass through the network per batch) unless laplace-torch reduces the fea
 parameters. Jacobians for the predictive come from laplace-torch's own ``torch.func``
 implementation, which does not depend on the backend.
 
-NOTE [diagonal path]: ``"diag"`` takes ``operator.diagonal()`` where the operator has an
-exact diagonal, and otherwise the diagonal of its dense matrix (:math:`P` matrix-vector
-products, batched). The exact operators get ``diagonal()`` in the same release; until then
-every operator takes the dense path, which gives the same numbers more slowly.
+NOTE [diagonal path]: ``"diag"`` takes the operator's exact ``diagonal()`` where it has
+one (computed from per-datum quantities, without forming the matrix), and otherwise the
+diagonal of its dense matrix (:math:`P` matrix-vector products, batched), which gives the
+same numbers more slowly. :class:`CurvopsHessian` always takes the dense path: the Hessian
+has no cheap exact diagonal.
 """
 
 from __future__ import annotations
