@@ -23,6 +23,8 @@ from curvops.kronecker import (
     KFACLinearOperator,
     KFACType,
     LayerFactors,
+    OnStale,
+    StaleFactorsError,
 )
 from curvops.linalg import (
     CGInverseLinearOperator,
@@ -85,6 +87,8 @@ __all__ = [
     "KFACLinearOperator",
     "KFACType",
     "LayerFactors",
+    "OnStale",
+    "StaleFactorsError",
     # data parallelism
     "DistributedRankError",
     "synchronized_generator",

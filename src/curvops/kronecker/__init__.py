@@ -11,6 +11,7 @@ from curvops.kronecker.factors import LayerFactors
 from curvops.kronecker.inverse import EKFACInverseLinearOperator, KFACInverseLinearOperator
 from curvops.kronecker.kfac import KFACLinearOperator
 from curvops.kronecker.options import FallbackType, FisherType, KFACType
+from curvops.kronecker.staleness import OnStale, StaleFactorsError
 
 __all__ = [
     "EKFACInverseLinearOperator",
@@ -21,4 +22,6 @@ __all__ = [
     "KFACLinearOperator",
     "KFACType",
     "LayerFactors",
+    "OnStale",
+    "StaleFactorsError",
 ]

@@ -1,4 +1,4 @@
-"""The Lanczos process with full reorthogonalization, batched over independent starts.
+"""The (block) Lanczos process with full reorthogonalization, batched over independent starts.
 
 NOTE [Lanczos basis]: the Lanczos process (Lanczos (1950). An iteration method for the
 solution of the eigenvalue problem of linear differential and integral operators) builds an
@@ -9,17 +9,39 @@ orthonormal basis :math:`V_m = [v_1, \\dots, v_m]` of the Krylov space
 .. math::
     A V_m = V_m H_m + \\beta_m v_{m+1} e_m^\\top,\\qquad v_{m+1} \\perp V_m.
 
-Here every new vector is orthogonalized against *all* previous ones, twice (classical
+The block version (Golub & Underwood (1977). The block Lanczos method for computing
+eigenvalues. Mathematical Software III) starts from :math:`b` orthonormal vectors
+:math:`V_b` and spans the block Krylov space
+:math:`\\operatorname{span}\\{V_b, A V_b, A^2 V_b, \\dots\\}`. Here it is run column by column
+in the band form of Ruhe (1979). Implementation aspects of band Lanczos algorithms for
+computation of eigenvalues of large sparse symmetric matrices. Math. Comp.: step :math:`j`
+orthogonalizes :math:`A v_j` against :math:`v_1, \\dots, v_{j+b-1}` and appends the remainder,
+normalized, as :math:`v_{j+b}`, so that
+
+.. math::
+    A V_m = V_m H_m + V_{m+1:m+b} C_m,\\qquad V_{m+1:m+b} \\perp V_m,
+
+with the coupling :math:`C_m = V_{m+1:m+b}^\\top A V_m` (:math:`b \\times m`); for
+:math:`b = 1` this is the relation above. The products of :math:`b` consecutive columns are
+independent of each other, so they are computed with one block product of :math:`b` columns
+(much cheaper than :math:`b` single products for curvature operators), and only the cheap
+orthogonalizations run one column at a time. In exact arithmetic a block of :math:`b`
+generic start vectors sees :math:`\\min(b, \\mu)` copies of an eigenvalue of multiplicity
+:math:`\\mu`, while one start vector sees only one (Saad (2011). Numerical Methods for Large
+Eigenvalue Problems, 2nd ed., Sec. 6.9).
+
+Every new vector is orthogonalized against *all* previous ones, twice (classical
 Gram-Schmidt with one reorthogonalization; "twice is enough", Giraud, Langou, Rozloznik
 (2005). The loss of orthogonality in the Gram-Schmidt orthogonalization process), and the
-column :math:`j` of :math:`H_m` is the vector of projection coefficients of
-:math:`A v_j`. For a plain Lanczos run :math:`H_m` is tridiagonal; after a thick restart
-(:func:`curvops.linalg.eigsh`) it is diagonal plus an arrowhead. Filling :math:`H_m` from the
-projections covers both cases. If :math:`\\beta_j` vanishes (the Krylov space is invariant),
-the process continues with a random unit vector orthogonal to the basis and couples it with
-:math:`\\beta_j = 0`, which keeps the relation above exact; :math:`H_m` then decouples into
-blocks. Several independent processes (one per column of the start block) run at once, and
-each step multiplies :math:`A` onto all of them with one block product.
+column :math:`j` of :math:`H` (rows :math:`1, \\dots, j + b`) is the vector of projection
+coefficients of :math:`A v_j`. For a plain Lanczos run :math:`H_m` is banded (tridiagonal for
+:math:`b = 1`); after a thick restart (:func:`curvops.linalg.eigsh`) it is diagonal plus
+bordering rows and columns. Filling :math:`H` from the projections covers both cases. If
+:math:`A v_j` lies (numerically) in the span of the basis (the Krylov space is invariant, or a
+block vector is linearly dependent on the others), the process continues with a random unit
+vector orthogonal to the basis and couples it with zero, which keeps the relation above
+exact. Several independent processes (one per start) run at once, and each block step
+multiplies :math:`A` onto all of them with one block product.
 """
 
 from __future__ import annotations
@@ -41,12 +63,12 @@ def _project_out(W: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         The orthogonalized vectors ``[R, D]`` and the projection coefficients ``[R, j]``.
     """
-    coeffs = torch.zeros(V.shape[0], V.shape[1], dtype=W.dtype, device=W.device)
-    for _ in range(2):
-        c = torch.einsum("rjd,rd->rj", V, W)
-        W = W - torch.einsum("rjd,rj->rd", V, c)
-        coeffs = coeffs + c
-    return W, coeffs
+    W = W.unsqueeze(2)
+    coeffs = V @ W  # [R, j, 1]
+    W = W - V.mT @ coeffs
+    c = V @ W
+    W = W - V.mT @ c
+    return W.squeeze(2), (coeffs + c).squeeze(2)
 
 
 def random_orthogonal_unit_vectors(
@@ -73,6 +95,23 @@ def random_orthogonal_unit_vectors(
     return W, exists
 
 
+def _block_product(A: LinearOperator, X: Tensor) -> Tensor:
+    """Multiply ``A`` onto the vectors ``X`` ``[R, n, D]`` with one block product.
+
+    Raises:
+        FloatingPointError: If the product contains NaN or Inf.
+    """
+    R, n, D = X.shape
+    W = (A @ X.reshape(R * n, D).T).T.reshape(R, n, D)
+    if not bool(torch.isfinite(W).all()):
+        raise FloatingPointError(
+            f"Lanczos: the product of the {type(A).__name__} with its basis vectors contains "
+            f"NaN or Inf entries, so the operator is not finite. Check the matrix (or the model "
+            f"and data) for non-finite values, or use float64."
+        )
+    return W
+
+
 def lanczos_steps(
     A: LinearOperator,
     V: Tensor,
@@ -80,42 +119,58 @@ def lanczos_steps(
     start: int,
     stop: int,
     generator: torch.Generator | None,
+    block_size: int = 1,
 ) -> Tensor:
-    """Run Lanczos steps ``start, ..., stop - 1`` in place (NOTE [Lanczos basis]).
+    """Run (block) Lanczos steps ``start, ..., stop - 1`` in place (NOTE [Lanczos basis]).
 
-    On entry, ``V[:, :start + 1]`` holds orthonormal vectors and ``H[:, :start, :start]`` their
-    projection. On exit, ``V[:, :stop + 1]`` and ``H[:, :stop, :stop]`` are filled.
+    With block size :math:`b`, step :math:`j` multiplies :math:`v_j` and appends
+    :math:`v_{j+b}`; up to :math:`b` consecutive steps share one block product. On entry,
+    ``V[:, :start + b]`` holds orthonormal vectors and ``H[:, :start + b, :start]`` the
+    projections of the products of the first ``start`` of them. On exit, ``V[:, :stop + b]``
+    and ``H[:, :stop + b, :stop]`` (and the symmetric entries) are filled.
 
     Args:
         A: Symmetric operator of dimension ``D``.
-        V: Bases ``[R, m + 1, D]`` of ``R`` independent processes (``stop <= m``).
-        H: Projections ``[R, m, m]``.
-        start: First step to run (number of basis vectors already expanded).
-        stop: Number of expanded vectors on exit.
+        V: Bases ``[R, n, D]`` of ``R`` independent processes (``stop + b <= n``).
+        H: Projections ``[R, n', n']`` with ``stop + b <= n'``.
+        start: First step to run (number of basis vectors already multiplied).
+        stop: Number of multiplied vectors on exit.
         generator: Random number generator for the vectors that replace a vanished
-            :math:`\\beta` (``None``: the global one; only used on breakdown).
+            coupling (``None``: the global one; only used on breakdown).
+        block_size: Block size :math:`b` (``1``: plain Lanczos).
 
     Returns:
-        The couplings :math:`\\beta` of the last step, ``[R]`` (zero where the basis spans
-        the whole space).
+        A flag ``[R]`` per process whether a coupling vanished in one of the steps (a
+        breakdown: the basis vector that follows it is random).
+
+    Raises:
+        FloatingPointError: If a product contains NaN or Inf.
     """
     eps = torch.finfo(V.dtype).eps
-    beta = torch.zeros(V.shape[0], dtype=V.dtype, device=V.device)
-    for j in range(start, stop):
-        W = (A @ V[:, j].T).T  # one block product for all processes
-        size = torch.linalg.vector_norm(W, dim=1)
-        W, coeffs = _project_out(W, V[:, : j + 1])
-        H[:, : j + 1, j] = coeffs
-        H[:, j, : j + 1] = coeffs
-        beta = torch.linalg.vector_norm(W, dim=1)
-        broken = beta <= 10 * eps * size
-        W = W / torch.where(broken, torch.ones_like(beta), beta).unsqueeze(1)
-        if bool(broken.any()):
-            rows = broken.nonzero().squeeze(1)
-            W[rows], _ = random_orthogonal_unit_vectors(V[:, : j + 1], rows, generator)
-            beta = torch.where(broken, torch.zeros_like(beta), beta)
-        V[:, j + 1] = W
-    return beta
+    b = block_size
+    breakdown = torch.zeros(V.shape[0], dtype=torch.bool, device=V.device)
+    for chunk_start in range(start, stop, b):
+        chunk_stop = min(chunk_start + b, stop)
+        products = _block_product(A, V[:, chunk_start:chunk_stop])  # one product per chunk
+        for j in range(chunk_start, chunk_stop):
+            W = products[:, j - chunk_start]
+            size = torch.linalg.vector_norm(W, dim=1)
+            W, coeffs = _project_out(W, V[:, : j + b])
+            beta = torch.linalg.vector_norm(W, dim=1)
+            broken = beta <= 10 * eps * size
+            if bool(broken.any()):
+                W = W / torch.where(broken, torch.ones_like(beta), beta).unsqueeze(1)
+                rows = broken.nonzero().squeeze(1)
+                W[rows], _ = random_orthogonal_unit_vectors(V[:, : j + b], rows, generator)
+                beta = torch.where(broken, torch.zeros_like(beta), beta)
+                breakdown = breakdown | broken
+            else:
+                W = W / beta.unsqueeze(1)
+            column = torch.cat([coeffs, beta.unsqueeze(1)], dim=1)
+            H[:, : j + b + 1, j] = column
+            H[:, j, : j + b + 1] = column
+            V[:, j + b] = W
+    return breakdown
 
 
 def lanczos_tridiagonalization(
@@ -136,11 +191,14 @@ def lanczos_tridiagonalization(
 
     Returns:
         The tridiagonal projections :math:`H_m = V_m^\\top A V_m`, ``[R, m, m]``.
+
+    Raises:
+        FloatingPointError: If a product contains NaN or Inf.
     """
     D, R = V0.shape
     V = torch.zeros(R, num_steps + 1, D, dtype=V0.dtype, device=V0.device)
     V[:, 0] = (V0 / torch.linalg.vector_norm(V0, dim=0)).T
-    H = torch.zeros(R, num_steps, num_steps, dtype=V0.dtype, device=V0.device)
+    H = torch.zeros(R, num_steps + 1, num_steps + 1, dtype=V0.dtype, device=V0.device)
     for j in tqdm(range(num_steps), disable=not progressbar, desc="Lanczos"):
         lanczos_steps(A, V, H, j, j + 1, generator)
-    return H
+    return H[:, :num_steps, :num_steps]
