@@ -329,3 +329,38 @@ def test_mapping_inputs_give_the_same_fit(structure):
     la.fit(loader)
     H = reference("classification", "all", "ggn", structure)
     torch.testing.assert_close(laplace_matrix(la, structure), H, rtol=1e-9, atol=1e-9)
+
+
+class _MeanOverPositions(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=1)
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_last_layer_with_reduced_features_uses_the_whole_model(structure):
+    """With laplace's ``feature_reduction`` the last layer's features are not its inputs:
+    the operators then run the whole model with the last layer's parameters."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), _MeanOverPositions())
+        X = torch.randn(30, 6, 4)
+        y = torch.randint(0, 3, (30,))
+    net = net.to(DTYPE)
+    X = X.to(DTYPE)
+    la = Laplace(
+        net,
+        "classification",
+        subset_of_weights="last_layer",
+        hessian_structure=structure,
+        backend=CurvopsGGN,
+        feature_reduction="pick_last",
+        last_layer_name="2",
+    )
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=12))
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    params = list(net[2].parameters())
+    if structure == "kron":
+        expected = KFACLinearOperator(net, loss, params, [(X, y)], fisher_type="type-2").to_dense()
+    else:
+        expected = dense_ggn(net, loss, params, [(X, y)])
+    torch.testing.assert_close(laplace_matrix(la, structure), expected, rtol=1e-9, atol=1e-9)
