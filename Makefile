@@ -11,6 +11,15 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # extras of the development set-up (make test, docs, bench)
 DEV_EXTRAS ?= tour,test,docs
+# laplace-torch, for the tests of curvops.integrations.laplace (docs/laplace.md, "Installation"):
+# its declared dependencies include torchvision, whose PyPI wheels do not import beside a CPU
+# build of torch, and torchmetrics imports torchvision whenever it is installed. laplace-torch
+# imports no torchvision itself, so it and the backends it imports go in without dependencies,
+# followed by the dependencies they do import.
+LAPLACE_NO_DEPS := laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1 \
+	curvlinops-for-pytorch==3.0.1
+LAPLACE_DEPS := "opt-einsum>=3.3" "torchmetrics>=1.0" "einops>=0.3" "unfoldNd>=0.2" \
+	"einconv>=0.1" "linear_operator>=0.5"
 
 # the bare venv with torch
 $(VENV)/.base:
@@ -27,6 +36,8 @@ $(VENV)/.tour: $(VENV)/.base pyproject.toml
 # everything for tests, docs and benchmarks
 $(VENV)/.dev: $(VENV)/.base pyproject.toml
 	$(PY) -m pip install -q -e ".[$(DEV_EXTRAS)]"
+	$(PY) -m pip install -q --no-deps $(LAPLACE_NO_DEPS)
+	$(PY) -m pip install -q $(LAPLACE_DEPS)
 	touch $@
 
 .PHONY: install tour test bench docs
