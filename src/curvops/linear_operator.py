@@ -433,7 +433,7 @@ class _SumLinearOperator(LinearOperator):
             method = getattr(op, name, None)
             if method is None:
                 short = "diag" if name == "diagonal" else "trace"
-                raise TypeError(
+                raise NotImplementedError(
                     f"{type(op).__name__} has no {name}(), so the sum containing it has none "
                     f"either. Estimate it with curvops.hutchinson_{short} or curvops.x{short}."
                 )
@@ -445,7 +445,7 @@ class _SumLinearOperator(LinearOperator):
         r"""Diagonal ``[D]`` (flat), :math:`\sum_i c_i \operatorname{diag}(A_i)`.
 
         Raises:
-            TypeError: If a term has no ``diagonal()``.
+            NotImplementedError: If a term has no ``diagonal()`` (or its own raises).
             ValueError: If the operator is not square.
         """
         return sum(c * d for c, d in zip(self._coeffs, self._terms("diagonal")))
@@ -454,7 +454,7 @@ class _SumLinearOperator(LinearOperator):
         r"""Trace :math:`\sum_i c_i \operatorname{tr}(A_i)`.
 
         Raises:
-            TypeError: If a term has no ``trace()``.
+            NotImplementedError: If a term has no ``trace()`` (or its own raises).
             ValueError: If the operator is not square.
         """
         return sum(c * t for c, t in zip(self._coeffs, self._terms("trace")))
