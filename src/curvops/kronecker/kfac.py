@@ -31,7 +31,7 @@ from curvops.kronecker.blocks import EmbeddingKroneckerLinearOperator, WeightBia
 from curvops.kronecker.collection import statistics_pass
 from curvops.kronecker.discovery import discover_layers
 from curvops.kronecker.eigen import factor_eigh
-from curvops.kronecker.factors import FactorAccumulator, LayerFactors
+from curvops.kronecker.factors import LayerFactors
 from curvops.kronecker.layers import KFACLayer
 from curvops.kronecker.options import FallbackType, FisherType, KFACType, parse_enum
 from curvops.kronecker.product import DiagonalBlock, FactoredBlocks, KroneckerCore, MatrixBlock
@@ -48,6 +48,7 @@ from curvops.kronecker.state import (
     factors_from_state,
     fallback_diagonals_from_state,
 )
+from curvops.kronecker.tied import factor_accumulator
 from curvops.linear_operator import LinearOperator
 from curvops.risk import EmpiricalRisk
 from curvops.risk.concurrency import DATA_PASS_LOCK
@@ -200,12 +201,6 @@ class KFACLinearOperator(LinearOperator):
                 "fisher_type='forward-only' does not compute. Use another fisher_type, or "
                 "remove the parameters of unsupported layers from `params`."
             )
-        if not isinstance(model_func, nn.Module):
-            raise TypeError(
-                f"{name} needs model_func to be an nn.Module (forward hooks read the layer "
-                f"inputs), got {type(model_func).__name__}. Wrap the computation in an "
-                f"nn.Module whose submodules are the layers."
-            )
         if loss_func is None:
             raise ValueError(f"{name} needs a loss function; got loss_func=None.")
         self._mc_samples = mc_samples
@@ -332,7 +327,7 @@ class KFACLinearOperator(LinearOperator):
         layers, risk = self._layers, self._risk
         backward = self._fisher_type != FisherType.FORWARD_ONLY
         accumulators = [
-            FactorAccumulator(
+            factor_accumulator(
                 layer, self._kfac_approx.value, self._num_per_example_loss_terms, backward
             )
             for layer in layers
