@@ -103,7 +103,7 @@ def test_discovery_of_a_callable_and_its_unsupported_uses():
         lambda p, X: torch.nn.functional.linear(X, p[0], p[1]), nn.MSELoss(), params, data()
     )
     layers, fallback = discover_layers(risk, kfac_approx="expand", fallback=None, what="KFAC")
-    found = [(layer.name, layer.type_name, layer.weight_index, layer.bias_index) for layer in layers]
+    found = [(ly.name, ly.type_name, ly.weight_index, ly.bias_index) for ly in layers]
     assert found == [("0", "Linear", 0, 1)]
     assert fallback == []
     risk = EmpiricalRisk(lambda p, X: X @ p[0].T + p[1], nn.MSELoss(), params, data())
