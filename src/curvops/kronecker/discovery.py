@@ -2,14 +2,16 @@
 
 The layers are found from the calls of one forward pass on the first batch (NOTE [weight
 uses] of :mod:`curvops.kronecker.uses`), for ``nn.Module`` s and callables
-``(params, X) -> output`` alike. A parameter gets Kronecker factors if every use of it is the
-weight or the bias of a recognised layer call (``F.linear``, ``F.conv*d``, ``F.embedding``);
-a weight and a bias form one layer if they are always used together. A weight used by several
-calls (tied weights, a layer applied twice) is one layer whose calls act as shared positions
-(NOTE [weight sharing] of :mod:`curvops.kronecker.layers`; an embedding tied to a linear
-output layer: :mod:`curvops.kronecker.tied`). Any other parameter (used by another function,
-or not at all) uses the fallback the user chose, or raises an error naming the parameter and
-the function.
+``(params, X) -> output`` alike; a module whose parameters all belong to standard layer
+modules needs no forward pass (NOTE [layers of standard modules]). A parameter gets
+Kronecker factors if every use of it is the weight or the bias of a recognised layer call
+(``F.linear``, ``F.conv*d``, ``F.embedding``); a weight and a bias form one layer if they are
+always used together. A weight used by several calls (tied weights, a layer applied twice)
+is one layer whose calls act as shared positions (NOTE [weight sharing] of
+:mod:`curvops.kronecker.layers`; an embedding tied to a linear output layer:
+:mod:`curvops.kronecker.tied`). Any other parameter (used by another function, or not at
+all) uses the fallback the user chose, or raises an error naming the parameter and the
+function.
 """
 
 from __future__ import annotations
@@ -194,7 +196,6 @@ def _module_layers(risk: EmpiricalRisk) -> list[KFACLayer] | None:
             return None
         if mod_name not in layers:
             layers[mod_name] = layer_type(mod_name, module, None, None)
-            layers[mod_name].kinds = (layer_type.kind,)
         setattr(layers[mod_name], f"{attr}_index", index)
     order = {name: i for i, (name, _) in enumerate(risk.module.named_modules())}
     return sorted(layers.values(), key=lambda layer: order.get(layer.name, len(order)))
@@ -268,7 +269,7 @@ def _make_layer(
             f"{kinds}; KFAC combines the calls of one parameter only if they are of one kind, "
             f"or an embedding and a linear layer sharing a weight. Remove it from `params`."
         )
-    layer.kinds = tuple(kinds)
+    layer.kinds = tuple(kinds)  # in call order
     if where:
         key = (order.get(where[0][0], len(order)), primary)
     else:

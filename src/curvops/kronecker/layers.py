@@ -58,7 +58,9 @@ class KFACLayer:
         weight_shape: Shape of the weight tensor the calls use.
         dtype: Data type of the parameters.
         device: Device of the parameters.
-        kind: The kind of calls (``"linear"``, ``"conv"``, ``"embedding"``).
+        kind: The kind of calls whose rows the class forms (``"linear"``, ``"conv"``,
+            ``"embedding"``).
+        kinds: The kinds of calls the layer has (checked in every pass).
         diagonal_input: Whether the input factor is diagonal (one-hot inputs); then
             :meth:`input_rows` returns integer token ids ``[N, T]`` instead of rows.
     """
@@ -112,6 +114,7 @@ class KFACLayer:
         self.dtype = dtype
         self.device = device
         self._type_name = type_name
+        self.kinds: tuple[str, ...] = (self.kind,)
 
     @property
     def type_name(self) -> str:

@@ -74,6 +74,7 @@ class TiedEmbeddingLinearLayer(KFACLayer):
     def __init__(self, *args, padding_idx: int | None = None, **kwargs):  # noqa: D107
         super().__init__(*args, **kwargs)
         self.padding_idx = padding_idx
+        self.kinds = (EMBEDDING, LINEAR)
         same = {
             "weight_shape": self.weight_shape,
             "dtype": self.dtype,
