@@ -67,7 +67,7 @@ not depend on its input; cross-entropy has no padding-free exact setting otherwi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -79,6 +79,32 @@ from curvops.kronecker.layers import KFACLayer
 @dataclass
 class LayerFactors:
     r"""The Kronecker factors of one layer (see NOTE [KFAC scaling]).
+
+    The layer's block is :math:`B \otimes A` on the row-major weight matrix (with a last
+    column for the bias if ``joint``), plus :math:`a_b B` for a separate bias. How the two
+    factors are normalised, for data :math:`n = 1..N` (all batches and processes) with
+    :math:`T` rows each (the shared positions; :math:`T = 1` for a plain ``nn.Linear`` on
+    vectors) and per-datum (would-be) output gradients :math:`g_{k,n,t}` of the *per-datum*
+    loss :math:`\ell_n` (NOTE [loss scaling] of :mod:`curvops.losses`):
+
+    * :attr:`input_factor` :math:`A` is an **average over the rows of all data**,
+      :math:`\frac{1}{NT} \sum_{n,t} x_{n,t} x_{n,t}^\top` (``reduce``: over the
+      :math:`N` position-averaged rows). It does not depend on the loss.
+    * :attr:`gradient_factor` :math:`B` carries the **whole scale of the curvature**: the
+      sum over the data of the per-datum outer products
+      :math:`\sum_{n,k,t} g_{k,n,t} g_{k,n,t}^\top` (``reduce``: of the sums over the
+      positions, :math:`\sum_{n,k} (\sum_t g_{k,n,t})(\sum_t g_{k,n,t})^\top`), times the
+      loss' reduction factor
+      :math:`R_\mathbb{D}`, i.e. :math:`1` for ``reduction="sum"`` (a sum over the data) and
+      :math:`1/(\text{number of loss terms})` for ``reduction="mean"`` (an average).
+    * :attr:`bias_input_factor` :math:`a_b` is the same average of the constant input
+      :math:`1^2` (so :math:`a_b = 1` unless ``num_per_example_loss_terms`` is fixed).
+
+    The split of the scale between the factors is a convention: :math:`(cB) \otimes (A/c)`
+    is the same block. Ask for the split a client needs instead of rescaling by hand:
+    :meth:`scaled` multiplies the factors by given numbers, and
+    :meth:`~curvops.kronecker.KFACLinearOperator.factors_as_share_of` returns the factors of
+    one batch as its additive share of a larger data set (laplace-torch's convention).
 
     Attributes:
         module_name: The layer's name in the model.
@@ -107,6 +133,47 @@ class LayerFactors:
     def diagonal_input(self) -> bool:
         """Whether :attr:`input_factor` holds a diagonal (``nn.Embedding``)."""
         return self.input_factor is not None and self.input_factor.ndim == 1
+
+    def scaled(self, *, input_scale: float = 1.0, gradient_scale: float = 1.0) -> LayerFactors:
+        r"""New factors :math:`(\gamma B, \alpha A, \alpha a_b)`, blocks times :math:`\alpha\gamma`.
+
+        Args:
+            input_scale: :math:`\alpha`, multiplies :attr:`input_factor` and
+                :attr:`bias_input_factor`.
+            gradient_scale: :math:`\gamma`, multiplies :attr:`gradient_factor`.
+
+        Returns:
+            New factors (fresh tensors; these are unchanged).
+
+        Raises:
+            ValueError: If a scale is not a finite non-negative number (the factors are
+                positive semi-definite).
+
+        Examples:
+            >>> import torch
+            >>> f = LayerFactors("fc", "Linear", "fc.weight", None, False,
+            ...                  torch.eye(2), 3 * torch.eye(1), None)
+            >>> g = f.scaled(input_scale=2.0, gradient_scale=0.5)
+            >>> g.input_factor[0, 0].item(), g.gradient_factor.item()
+            (2.0, 1.5)
+        """
+        for name, value in (("input_scale", input_scale), ("gradient_scale", gradient_scale)):
+            value = float(value)
+            if not (value >= 0 and value != float("inf")):
+                raise ValueError(
+                    f"{name} must be a finite non-negative number (the factors are positive "
+                    f"semi-definite), got {value}."
+                )
+
+        def times(t: Tensor | None, c: float) -> Tensor | None:
+            return None if t is None else t * c
+
+        return replace(
+            self,
+            input_factor=times(self.input_factor, input_scale),
+            gradient_factor=self.gradient_factor * gradient_scale,
+            bias_input_factor=times(self.bias_input_factor, input_scale),
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         """The factor tensors by name (for ``state_dict``), leaving out absent ones."""

@@ -278,12 +278,75 @@ class KFACLinearOperator(LinearOperator):
         """Names of the parameters in the model, in the operator's order."""
         return list(self._risk.param_names)
 
+    @property
+    def num_data(self) -> int:
+        """Total number of data the operator is defined over."""
+        return self._risk.num_data
+
+    def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
+        """Gradient and value of the empirical risk over the operator's data.
+
+        As :meth:`curvops.curvature.CurvatureLinearOperator.gradient_and_loss`: one pass
+        over the data, separate from the factors' pass.
+
+        Returns:
+            The gradient as a tensor list shaped like the parameters, and the risk. Uses the
+            same scaling as the operator (the loss' reduction over all data); does not touch
+            ``.grad``.
+        """
+        loss, grads = self._risk.loss_and_gradient()
+        return grads, loss
+
     # ---------------------------------------------------------------- factors
     @property
     def factors(self) -> dict[str, LayerFactors]:
         """The Kronecker factors per supported layer, keyed by the layer's module name."""
         self._ensure_factors()
         return dict(self._factors)
+
+    def factors_as_share_of(self, num_data: int) -> dict[str, LayerFactors]:
+        r"""The factors of this operator's data as their additive share of ``num_data`` data.
+
+        For an operator over a part :math:`\mathbb{S}` (:math:`N_\mathbb{S}` =
+        :attr:`num_data` data) of a data set of :math:`N` = ``num_data`` data, returns
+        :attr:`factors` with :math:`A` averaged over the rows of :math:`N` data instead of
+        :math:`N_\mathbb{S}` (times :math:`N_\mathbb{S}/N`, :math:`a_b` likewise) and
+        :math:`B` normalised by the data set's loss reduction factor (times
+        :math:`N_\mathbb{S}/N` for ``reduction="mean"``, unchanged for ``"sum"``; NOTE
+        [KFAC scaling] of :mod:`curvops.kronecker.factors`). Adding the shares of the parts
+        of a data set factor by factor gives the factors of an operator over the whole data
+        set (given the same number of rows and loss terms per datum, as in NOTE [batch
+        weights] of :mod:`curvops.risk.empirical_risk`). This is how laplace-torch
+        accumulates Kronecker factors over the batches of a data loader
+        (:mod:`curvops.integrations.laplace`).
+
+        Args:
+            num_data: Number of data :math:`N \ge N_\mathbb{S}` of the whole data set.
+
+        Returns:
+            The shares, keyed like :attr:`factors` (fresh tensors).
+
+        Raises:
+            ValueError: If ``num_data`` is smaller than this operator's number of data, or
+                for ``fisher_type="forward-only"`` (its :math:`B = I` is no sum over data).
+        """
+        if isinstance(num_data, bool) or int(num_data) != num_data or num_data < self.num_data:
+            raise ValueError(
+                f"num_data must be the size of a data set containing this operator's "
+                f"{self.num_data} data (an integer >= {self.num_data}), got {num_data!r}."
+            )
+        if self._fisher_type == FisherType.FORWARD_ONLY:
+            raise ValueError(
+                "fisher_type='forward-only' sets the gradient factors to the identity, which "
+                "is not a sum over data, so they have no share. Scale the input factors with "
+                "LayerFactors.scaled(input_scale=...) instead."
+            )
+        fraction = self.num_data / num_data
+        mean = self._risk.loss.reduction == "mean"
+        return {
+            name: f.scaled(input_scale=fraction, gradient_scale=fraction if mean else 1.0)
+            for name, f in self.factors.items()
+        }
 
     @property
     def fallback_diagonals(self) -> dict[str, Tensor]:
