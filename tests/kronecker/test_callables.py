@@ -123,3 +123,13 @@ def test_callable_with_an_unsupported_use_names_the_parameter_and_the_function()
     assert [layer.name for layer in K._layers] == ["2"] and K._fallback_indices == [0, 1]
     K_mod = KFACLinearOperator(model, loss, params, data, fallback="diagonal")
     torch.testing.assert_close(K.factors["2"].gradient_factor, K_mod.factors["2"].gradient_factor)
+
+
+def test_layer_block_copies_keep_the_weight_without_a_module():
+    model = build(mlp_module)
+    K = KFACLinearOperator(mlp, nn.CrossEntropyLoss(), list(model.parameters()), mlp_data())
+    layer = K._layers[0]
+    bias_block = layer.block("0.bias", None, layer.bias_index)
+    assert (bias_block.name, bias_block.weight_index, bias_block.bias_index) == ("0.bias", None, 1)
+    assert bias_block.weight_shape == (5, 4) and bias_block.kinds == layer.kinds
+    assert (layer.name, layer.weight_index) == ("0", 0)

@@ -29,6 +29,7 @@ layer is handled by :mod:`curvops.kronecker.tied`.
 
 from __future__ import annotations
 
+import copy
 from math import prod
 
 import torch
@@ -115,6 +116,16 @@ class KFACLayer:
         self.device = device
         self._type_name = type_name
         self.kinds: tuple[str, ...] = (self.kind,)
+
+    def block(self, name: str, weight_index: int | None, bias_index: int | None) -> KFACLayer:
+        """A copy of the layer with another name and parameter positions (e.g. a bias block).
+
+        Unlike ``type(layer)(name, layer.module, ...)``, this keeps the weight's shape, dtype
+        and device also without a module (a callable model) and the layer's calls' kinds.
+        """
+        out = copy.copy(self)
+        out.name, out.weight_index, out.bias_index = name, weight_index, bias_index
+        return out
 
     @property
     def type_name(self) -> str:
