@@ -22,6 +22,7 @@ from curvops.kronecker import (
     KFACInverseLinearOperator,
     KFACLinearOperator,
     KFACType,
+    KFOCLinearOperator,
     LayerFactors,
 )
 from curvops.linalg import (
@@ -84,6 +85,7 @@ __all__ = [
     "KFACInverseLinearOperator",
     "KFACLinearOperator",
     "KFACType",
+    "KFOCLinearOperator",
     "LayerFactors",
     # data parallelism
     "DistributedRankError",
