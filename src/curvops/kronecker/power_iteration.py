@@ -43,7 +43,13 @@ from torch import Tensor
 
 
 def _norm(x: Tensor) -> float:
-    return float(torch.linalg.vector_norm(x))
+    """Frobenius norm, accumulated in float64.
+
+    A float32 sum over the :math:`n^2` entries of a wide layer's factor loses digits (measured
+    1e-4 relative for :math:`n = 2048`), enough to stall the residual of NOTE [KFOC power
+    iteration] there.
+    """
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
 
 
 class NearestKroneckerIteration:
