@@ -161,7 +161,7 @@ class KFOCLinearOperator(KFACLinearOperator):
         mc_samples: int = 1,
         separate_weight_and_bias: bool = True,
         max_iterations: int = 20,
-        tolerance: float = 1e-4,
+        tolerance: float = 1e-3,
         max_cache_bytes: int = 2**30,
         seed: int = 2147483647,
         progressbar: bool = False,

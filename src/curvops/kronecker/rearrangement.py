@@ -34,7 +34,8 @@ and its products need only the per-datum quantities, never the :math:`m^2 \times
     \mathcal{R}(C)^\top \operatorname{vec}(B) = \operatorname{vec}\Big(\sum_i w_i G_i^\top B
     G_i\Big) = \operatorname{vec}\Big(\sum_i w_i X_i^\top (\Gamma_i B \Gamma_i^\top) X_i\Big).
 
-Both map symmetric PSD matrices to symmetric PSD matrices. Two layouts of the per-datum
+Both map symmetric PSD matrices to symmetric PSD matrices; the layouts below expect PSD
+arguments (the iterates of the power iteration). Two layouts of the per-datum
 gradients evaluate them (for :math:`K` output factors and :math:`N` data, one product each):
 
 * :class:`RowGradients` keeps the rows :math:`X_n` (shared by the :math:`K` factors) and
@@ -74,12 +75,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvops.kronecker.gram import add_gram_upper_, mirror_upper_
+
 
 def _weighted_gram(rows: Tensor, scale: Tensor | None, weight: float) -> Tensor:
-    r""":math:`w \sum_r s_r z_r z_r^\top` for rows ``[..., d]`` and scales ``[...]``."""
+    r""":math:`w \sum_r s_r z_r z_r^\top` for rows ``[..., d]`` and scales ``[...]``.
+
+    The scales are quadratic forms of PSD factors, non-negative up to round-off (clipped at
+    0), so the sum is the Gram matrix of the rows :math:`\sqrt{s_r} z_r`, accumulated in its
+    upper triangle (NOTE [upper-triangular Gram sums] of :mod:`curvops.kronecker.gram`).
+    """
     Z = rows.reshape(-1, rows.shape[-1])
-    left = Z if scale is None else Z * scale.reshape(-1, 1)
-    return torch.mm(left.T, Z).mul_(weight)
+    if scale is not None:
+        Z = Z * scale.reshape(-1, 1).clamp(min=0).sqrt()
+    out = Z.new_zeros(Z.shape[1], Z.shape[1])
+    return mirror_upper_(add_gram_upper_(out, Z, alpha=weight))
 
 
 @dataclass
