@@ -39,9 +39,11 @@ def test_row_and_matrix_layouts_match_the_dense_rearrangement(T):
     A, B = _spd(n, seed=2), _spd(m, seed=3)
     expected_B = (R @ A.reshape(-1)).reshape(m, m)
     expected_A = (R.T @ B.reshape(-1)).reshape(n, n)
+    expected_identity = (R @ (0.3 * torch.eye(n, dtype=DTYPE)).reshape(-1)).reshape(m, m)
     for st in (RowGradients(X, g, w), MatrixGradients.from_rows(X, g, w)):
         torch.testing.assert_close(st.rearranged(A), expected_B)
         torch.testing.assert_close(st.rearranged_adjoint(B), expected_A)
+        torch.testing.assert_close(st.rearranged_identity(0.3), expected_identity)
     assert RowGradients(X, g, w).nbytes == (X.numel() + g.numel()) * 8
     assert MatrixGradients.from_rows(X, g, w).nbytes == K * N * m * n * 8
 
@@ -64,6 +66,8 @@ def test_tokens_match_the_dense_rearrangement_on_diagonal_inputs():
     expected_a = (R @ B.reshape(-1)).reshape(E, E).diagonal()
     torch.testing.assert_close(st.rearranged(a), expected_B)
     torch.testing.assert_close(st.rearranged_adjoint(B), expected_a)
+    expected_identity = R.T @ torch.diag(torch.full((E,), 0.3, dtype=DTYPE)).reshape(-1)
+    torch.testing.assert_close(st.rearranged_identity(0.3), expected_identity.reshape(D, D))
     assert (ids[0, :2] == 3).all() and st.grads.shape[1] < N * T  # pairs were merged
 
 

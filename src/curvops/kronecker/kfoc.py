@@ -234,9 +234,25 @@ class KFOCLinearOperator(KFACLinearOperator):
     # ---------------------------------------------------------------- options
     @property
     def convergence(self) -> dict[str, BlockConvergence]:
-        """How the power iteration ended for each weight block, keyed like :attr:`factors`."""
+        """How the power iteration ended for each weight block, keyed like :attr:`factors`.
+
+        Empty after :meth:`load_state_dict` (the state holds the factors only).
+        """
         self._ensure_factors()
         return dict(self._convergence)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the factors from :meth:`state_dict` output, without a pass over the data.
+
+        Args:
+            state: The state, from a KFOC operator with the same options, parameters and
+                layers.
+
+        Raises:
+            ValueError: If the state's type, options, layers or tensor shapes do not match.
+        """
+        super().load_state_dict(state)
+        self._convergence = {}
 
     def _config(self) -> dict[str, Any]:
         config = super()._config()
@@ -393,12 +409,10 @@ class KFOCLinearOperator(KFACLinearOperator):
     def _iteration(self, layer: KFACLayer) -> NearestKroneckerIteration:
         """A layer's power iteration, started at :math:`A_0 = I` (all ones for an embedding)."""
         m, n = layer.weight_matrix_shape
-        like = {"dtype": self.dtype, "device": self.device}
-        if layer.diagonal_input:
-            start = torch.ones(n, **like)
-        else:
-            start = torch.eye(n + int(self._joint(layer)), **like)
-        return NearestKroneckerIteration(start, (m, m))
+        n += int(self._joint(layer))
+        return NearestKroneckerIteration.from_identity(
+            n, (m, m), diagonal=layer.diagonal_input, dtype=self.dtype, device=self.device
+        )
 
     def _cached_products(self, cache, iterations, products, desc: str) -> None:
         """Add the products of the cached statistics to ``products``."""
@@ -459,4 +473,6 @@ def _bias_key(name: str) -> str:
 
 def _apply(st: _Statistics, it: NearestKroneckerIteration) -> Tensor:
     """The product of a batch's rearranged block with the iteration's current vector."""
+    if it.identity_scale is not None:  # the first product, with the start c I
+        return st.rearranged_identity(it.identity_scale)
     return st.rearranged(it.current) if it.input_side else st.rearranged_adjoint(it.current)

@@ -37,6 +37,7 @@ other factor :math:`y_j = M_j x_j` is the least-squares optimum.
 from __future__ import annotations
 
 from math import inf, sqrt
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,9 +69,24 @@ class NearestKroneckerIteration:
         self.current = start / _norm(start)
         self.previous: Tensor | None = None
         self._output_shape = tuple(output_shape)
+        self.identity_scale: float | None = None
         self.sigma = inf
         self.residual = inf
         self.iterations = 0
+
+    @classmethod
+    def from_identity(
+        cls, n: int, output_shape: tuple[int, ...], *, diagonal: bool, **like: Any
+    ) -> NearestKroneckerIteration:
+        r"""Start at :math:`A_0 = I / \|I\|_F` (a vector of ones for a diagonal :math:`A`).
+
+        Until the first product, :attr:`identity_scale` holds :math:`1 / \|I\|_F`, so that
+        the first product may skip the products with the identity.
+        """
+        start = torch.ones(n, **like) if diagonal else torch.eye(n, **like)
+        it = cls(start, output_shape)
+        it.identity_scale = 1.0 / sqrt(n)
+        return it
 
     @property
     def converged_to_zero(self) -> bool:
@@ -91,6 +107,7 @@ class NearestKroneckerIteration:
                 :math:`\\mathcal{R}^\\top x`.
         """
         self.iterations += 1
+        self.identity_scale = None
         sigma = _norm(product)
         if self.previous is not None and self.sigma > 0:
             self.residual = _norm(product - self.sigma * self.previous) / self.sigma

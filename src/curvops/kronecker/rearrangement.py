@@ -122,6 +122,16 @@ class RowGradients:
         m = g.shape[-1]
         return torch.mm(g.reshape(-1, m).T, Y.reshape(-1, m)).mul_(self.weight)
 
+    def rearranged_identity(self, scale: float) -> Tensor:
+        r""":meth:`rearranged` of :math:`A = c I` without the products with :math:`A`."""
+        X, g = self.inputs, self.grads
+        if X.shape[1] == 1:
+            q = X[:, 0].square().sum(-1)  # x_n^T x_n
+            return _weighted_gram(g[:, :, 0], q.expand(g.shape[0], -1), self.weight * scale)
+        Y = (X @ X.transpose(1, 2)) @ g
+        m = g.shape[-1]
+        return torch.mm(g.reshape(-1, m).T, Y.reshape(-1, m)).mul_(self.weight * scale)
+
     def rearranged_adjoint(self, B: Tensor) -> Tensor:
         r""":math:`\sum_i w_i X_i^\top (\Gamma_i B \Gamma_i^\top) X_i`, ``[n, n]``."""
         X, g = self.inputs, self.grads
@@ -160,6 +170,10 @@ class MatrixGradients:
         r""":math:`\sum_i w_i G_i A G_i^\top`, ``[m, m]``."""
         G = self.grads
         return torch.einsum("imn,ion->mo", G @ A, G).mul_(self.weight)
+
+    def rearranged_identity(self, scale: float) -> Tensor:
+        r""":meth:`rearranged` of :math:`A = c I`: :math:`c \sum_i w_i G_i G_i^\top`."""
+        return _weighted_gram(self.grads.transpose(1, 2), None, self.weight * scale)
 
     def rearranged_adjoint(self, B: Tensor) -> Tensor:
         r""":math:`\sum_i w_i G_i^\top B G_i`, ``[n, n]``."""
@@ -212,6 +226,10 @@ class TokenGradients:
         r""":math:`\sum_i w_i \sum_e a_e h_{i,e} h_{i,e}^\top`, ``[D, D]``."""
         h = self.grads
         return _weighted_gram(h, a[self.tokens].expand(h.shape[0], -1), self.weight)
+
+    def rearranged_identity(self, scale: float) -> Tensor:
+        r""":meth:`rearranged` of :math:`a = c \mathbf{1}`: :math:`c \sum_i w_i \sum_e h h^\top`."""
+        return _weighted_gram(self.grads, None, self.weight * scale)
 
     def rearranged_adjoint(self, B: Tensor) -> Tensor:
         r""":math:`a'_e = \sum_i w_i h_{i,e}^\top B h_{i,e}`, ``[E]``."""
