@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iterations", default="1,2,5,10")
     parser.add_argument("--uncached-iterations", default="1,2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", default="cpu", choices=("wall", "cpu"))
     parser.add_argument("--quick", action="store_true", help="tiny problem sizes")
@@ -95,7 +96,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def measure(build) -> float:
         timing, _, _ = time_task(
-            gradient, build, None, device=device, repeats=args.repeats, warmup=1, clock=args.clock
+            gradient,
+            build,
+            None,
+            device=device,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            clock=args.clock,
         )
         return timing.gradients
 
