@@ -76,7 +76,7 @@ def test_float32_wide_factor_reaches_round_off():
     n = 1024
     X = torch.rand(64, 1, n, generator=generator(2))
     g = torch.randn(1, 64, 1, 32, generator=generator(3))
-    st = RowGradients(X, g, 1.0)
+    st = RowGradients.from_rows(X, g, 1.0)
     it = NearestKroneckerIteration(torch.eye(n), (32, 32))
     residuals = []
     for _ in range(12):

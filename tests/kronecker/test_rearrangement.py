@@ -40,11 +40,11 @@ def test_row_and_matrix_layouts_match_the_dense_rearrangement(T):
     expected_B = (R @ A.reshape(-1)).reshape(m, m)
     expected_A = (R.T @ B.reshape(-1)).reshape(n, n)
     expected_identity = (R @ (0.3 * torch.eye(n, dtype=DTYPE)).reshape(-1)).reshape(m, m)
-    for st in (RowGradients(X, g, w), MatrixGradients.from_rows(X, g, w)):
+    for st in (RowGradients.from_rows(X, g, w), MatrixGradients.from_rows(X, g, w)):
         torch.testing.assert_close(st.rearranged(A), expected_B)
         torch.testing.assert_close(st.rearranged_adjoint(B), expected_A)
         torch.testing.assert_close(st.rearranged_identity(0.3), expected_identity)
-    assert RowGradients(X, g, w).nbytes == (X.numel() + g.numel()) * 8
+    assert RowGradients.from_rows(X, g, w).nbytes == (X.numel() + g.numel()) * 8
     assert MatrixGradients.from_rows(X, g, w).nbytes == K * N * m * n * 8
 
 

@@ -403,7 +403,7 @@ class KFOCLinearOperator(KFACLinearOperator):
         x = rows[layer.name]
         K, _, T, m = g.shape
         if choose_layout(K, T, m, x.shape[-1]) == "rows":
-            return RowGradients(x, g, weight)
+            return RowGradients.from_rows(x, g, weight)
         return MatrixGradients.from_rows(x, g, weight)
 
     def _iteration(self, layer: KFACLayer) -> NearestKroneckerIteration:

@@ -96,9 +96,13 @@ def _weighted_gram(rows: Tensor, scale: Tensor | None, weight: float) -> Tensor:
 class RowGradients:
     r"""One batch's per-datum gradients of a layer as rows (:class:`RowGradients` layout).
 
+    The output-gradient rows are stored datum-major, ``[N, T, K, m]``, so that the
+    :math:`T \times T` products of all :math:`K` factors of a datum are one batched matrix
+    product (no copy of :math:`X_n A X_n^\top` per factor).
+
     Attributes:
         inputs: Input rows :math:`X` ``[N, T, n]``.
-        grads: Output-gradient rows :math:`\Gamma` ``[K, N, T, m]``.
+        grads: Output-gradient rows :math:`\Gamma` ``[N, T, K, m]``.
         weight: The batch weight :math:`w_\mathbb{B}`.
     """
 
@@ -106,39 +110,55 @@ class RowGradients:
     grads: Tensor
     weight: float
 
+    @classmethod
+    def from_rows(cls, inputs: Tensor, grads: Tensor, weight: float) -> RowGradients:
+        """Store rows ``[N, T, n]`` and ``[K, N, T, m]`` (the latter copied datum-major)."""
+        return cls(inputs, grads.permute(1, 2, 0, 3).contiguous(), weight)
+
     @property
     def nbytes(self) -> int:
         """Memory held by the statistics (for the cache budget)."""
         return (self.inputs.numel() + self.grads.numel()) * self.grads.element_size()
 
+    def _by_datum(self) -> Tensor:
+        """The gradient rows as ``[N, T, K m]``."""
+        N, T = self.grads.shape[:2]
+        return self.grads.reshape(N, T, -1)
+
+    def _weighted_gradient_gram(self, M: Tensor, scale: float) -> Tensor:
+        r""":math:`c \sum_{k,n} w \Gamma_{k,n}^\top M_n \Gamma_{k,n}` for ``M`` ``[N, T, T]``."""
+        X, g = self.inputs, self.grads
+        m = g.shape[-1]
+        if X.shape[1] == 1:  # scalars M_n
+            q = M.reshape(-1, 1).expand(-1, g.shape[2])  # [N, K]
+            return _weighted_gram(g, q, self.weight * scale)
+        Y = torch.bmm(M, self._by_datum())  # [N, T, K m]
+        return torch.mm(g.reshape(-1, m).T, Y.reshape(-1, m)).mul_(self.weight * scale)
+
     def rearranged(self, A: Tensor) -> Tensor:
         r""":math:`\sum_i w_i \Gamma_i^\top (X_i A X_i^\top) \Gamma_i`, ``[m, m]``."""
-        X, g = self.inputs, self.grads
-        if X.shape[1] == 1:  # scalars x_n^T A x_n
-            q = ((X[:, 0] @ A) * X[:, 0]).sum(-1)  # [N]
-            return _weighted_gram(g[:, :, 0], q.expand(g.shape[0], -1), self.weight)
-        M = (X @ A) @ X.transpose(1, 2)  # [N, T, T]
-        Y = M @ g  # [K, N, T, m]
-        m = g.shape[-1]
-        return torch.mm(g.reshape(-1, m).T, Y.reshape(-1, m)).mul_(self.weight)
+        X = self.inputs
+        if X.shape[1] == 1:
+            M = ((X[:, 0] @ A) * X[:, 0]).sum(-1)  # scalars x_n^T A x_n
+        else:
+            M = (X @ A) @ X.transpose(1, 2)  # [N, T, T]
+        return self._weighted_gradient_gram(M, 1.0)
 
     def rearranged_identity(self, scale: float) -> Tensor:
         r""":meth:`rearranged` of :math:`A = c I` without the products with :math:`A`."""
-        X, g = self.inputs, self.grads
-        if X.shape[1] == 1:
-            q = X[:, 0].square().sum(-1)  # x_n^T x_n
-            return _weighted_gram(g[:, :, 0], q.expand(g.shape[0], -1), self.weight * scale)
-        Y = (X @ X.transpose(1, 2)) @ g
-        m = g.shape[-1]
-        return torch.mm(g.reshape(-1, m).T, Y.reshape(-1, m)).mul_(self.weight * scale)
+        X = self.inputs
+        M = X[:, 0].square().sum(-1) if X.shape[1] == 1 else X @ X.transpose(1, 2)
+        return self._weighted_gradient_gram(M, scale)
 
     def rearranged_adjoint(self, B: Tensor) -> Tensor:
         r""":math:`\sum_i w_i X_i^\top (\Gamma_i B \Gamma_i^\top) X_i`, ``[n, n]``."""
         X, g = self.inputs, self.grads
-        if X.shape[1] == 1:  # scalars sum_k g_kn^T B g_kn
-            q = ((g[:, :, 0] @ B) * g[:, :, 0]).sum(dim=(0, 2))  # [N]
-            return _weighted_gram(X[:, 0], q, self.weight)
-        S = ((g @ B) @ g.transpose(2, 3)).sum(0)  # [N, T, T]
+        N, T, K, m = g.shape
+        Z = (g.reshape(-1, m) @ B).reshape(N, T, K * m)
+        if T == 1:  # scalars sum_k g_kn^T B g_kn
+            p = (Z.reshape(N, -1) * g.reshape(N, -1)).sum(-1)
+            return _weighted_gram(X[:, 0], p, self.weight)
+        S = torch.bmm(Z, self._by_datum().transpose(1, 2))  # [N, T, T], summed over k
         n = X.shape[-1]
         return torch.mm(X.reshape(-1, n).T, (S @ X).reshape(-1, n)).mul_(self.weight)
 
@@ -157,9 +177,15 @@ class MatrixGradients:
 
     @classmethod
     def from_rows(cls, inputs: Tensor, grads: Tensor, weight: float) -> MatrixGradients:
-        r"""Form :math:`G_{k,n} = \Gamma_{k,n}^\top X_n` from rows ``[N, T, n]``, ``[K,N,T,m]``."""
-        G = grads.transpose(2, 3) @ inputs  # [K, N, m, n]
-        return cls(G.reshape(-1, *G.shape[2:]), weight)
+        r"""Form :math:`G_{k,n} = \Gamma_{k,n}^\top X_n` from rows ``[N, T, n]``, ``[K,N,T,m]``.
+
+        One batched product per datum for all :math:`K` factors (``[K m, T] @ [T, n]``), not a
+        product broadcast over the factors (which copies the inputs :math:`K` times).
+        """
+        K, N, T, m = grads.shape
+        rows = grads.permute(1, 0, 3, 2).reshape(N, K * m, T)
+        G = torch.bmm(rows, inputs)  # [N, K m, n], i = (n, k)
+        return cls(G.reshape(N * K, m, inputs.shape[-1]), weight)
 
     @property
     def nbytes(self) -> int:
