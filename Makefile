@@ -8,12 +8,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0: on the project's machines this resolves to a local CPU wheel in seconds.
 TORCH ?= torch==2.13.0
+# laplace-torch, for the tests of curvops.integrations.laplace (docs/laplace.md, "Installation"):
+# its declared dependencies include torchvision, whose PyPI wheels do not import beside a CPU
+# build of torch, and torchmetrics imports torchvision whenever it is installed. laplace-torch
+# imports no torchvision itself, so it and the backends it imports go in without dependencies,
+# followed by the dependencies they do import.
+LAPLACE_NO_DEPS := laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1 \
+	curvlinops-for-pytorch==3.0.1
+LAPLACE_DEPS := "opt-einsum>=3.3" "torchmetrics>=1.0" "einops>=0.3" "unfoldNd>=0.2" \
+	"einconv>=0.1" "linear_operator>=0.5"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,tour,docs]"
+	$(PY) -m pip install -q --no-deps $(LAPLACE_NO_DEPS)
+	$(PY) -m pip install -q $(LAPLACE_DEPS)
 	touch $@
 
 .PHONY: install tour test bench docs

@@ -66,6 +66,18 @@ class Case:
         """Number of parameters D."""
         return sum(p.numel() for p in self.param_list)
 
+    @property
+    def same_shapes(self) -> bool:
+        """Whether all batches share their non-batch shapes (so they can be concatenated)."""
+
+        def shapes(t):
+            return {k: v.shape[1:] for k, v in t.items()} if isinstance(t, dict) else t.shape[1:]
+
+        first_X, first_y = self.data[0]
+        return all(
+            shapes(X) == shapes(first_X) and shapes(y) == shapes(first_y) for X, y in self.data
+        )
+
 
 # ==================================================================== building blocks
 class QuarticLoss(nn.Module):
@@ -268,6 +280,115 @@ def _custom_quartic_mean() -> Case:
     )
 
 
+def _seq_ce_model() -> nn.Sequential:
+    # [N, T, F=3] -> linear(3, 4) -> tanh -> linear(4, 3) -> [N, C=3, T]; D = 31
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), ToChannelsFirst())
+
+
+def _padded(y: Tensor, lengths: list[int], ignore_index: int) -> Tensor:
+    """Targets ``[N, T]`` with positions from ``lengths[n]`` on set to ``ignore_index``."""
+    y = y.clone()
+    for n, length in enumerate(lengths):
+        y[n, length:] = ignore_index
+    return y
+
+
+def _seq_ce_padded_mean() -> Case:
+    model = _seq_ce_model()
+    T = 4
+    lengths = ([4, 2, 3, 1], [1, 0, 2], [0, 0], [4, 4, 3])  # batch 2 is all padding
+    data = [
+        (
+            torch.randn(len(ls), T, 3, dtype=DTYPE),
+            _padded(torch.randint(0, 3, (len(ls), T)), ls, -100),
+        )
+        for ls in lengths
+    ]
+    return Case(
+        name="seq-ce-padded-mean",
+        model_func=model,
+        loss_func=nn.CrossEntropyLoss(ignore_index=-100),
+        params=list(model.parameters()),
+        data=data,
+        notes="Padding: targets ignore_index=-100 at the end of every sequence, uneven per "
+        "batch (one batch mostly padding, one entirely: PyTorch's batch mean is nan there). "
+        "'mean' divides by the number of non-ignored targets of all data.",
+    )
+
+
+def _mlp_ce_weighted_mean() -> Case:
+    model = _mlp(3, 6, 3)  # D = 45
+    weight = torch.tensor([0.3, 1.0, 2.5], dtype=DTYPE)
+    data = []
+    for n in BATCH_SIZES:
+        y = torch.randint(0, 3, (n,))
+        y[0] = -100  # one ignored target per batch
+        data.append((torch.randn(n, 3, dtype=DTYPE), y))
+    return Case(
+        name="mlp-ce-weighted-mean",
+        model_func=model,
+        loss_func=nn.CrossEntropyLoss(weight=weight),
+        params=list(model.parameters()),
+        data=data,
+        supports_fisher=False,
+        notes="Class weights (and one ignored target per batch): 'mean' divides by the summed "
+        "weights of the non-ignored targets. No likelihood reading: Fisher types refuse it.",
+    )
+
+
+def _seq_ce_varlen_mean() -> Case:
+    model = _seq_ce_model()
+    shapes = ((4, 2), (3, 5), (5, 3))  # (N_B, T_B): the sequence length differs per batch
+    data = [(torch.randn(n, t, 3, dtype=DTYPE), torch.randint(0, 3, (n, t))) for n, t in shapes]
+    return Case(
+        name="seq-ce-varlen-mean",
+        model_func=model,
+        loss_func=nn.CrossEntropyLoss(),
+        params=list(model.parameters()),
+        data=data,
+        notes="Sequence length T differs between batches: 'mean' over all N_B * T_B positions.",
+    )
+
+
+def _seq_mse_varlen_mean() -> Case:
+    # [N, T, 3] -> linear(3, 4) -> tanh -> linear(4, 2) -> [N, T, 2]; D = 26
+    model = _mlp(3, 4, 2)
+    shapes = ((4, 2), (3, 4), (5, 1))
+    data = [
+        (torch.randn(n, t, 3, dtype=DTYPE), torch.randn(n, t, 2, dtype=DTYPE)) for n, t in shapes
+    ]
+    return Case(
+        name="seq-mse-varlen-mean",
+        model_func=model,
+        loss_func=nn.MSELoss(),
+        params=list(model.parameters()),
+        data=data,
+        notes="Regression on [N, T, D] with T differing between batches: 'mean' over all "
+        "N_B * T_B * D entries. A loss term (position) holds the D features of one token.",
+    )
+
+
+def _seq_ce_smoothed_mean() -> Case:
+    model = _seq_ce_model()
+    lengths = ([3, 1, 2, 3], [2, 3, 3], [1, 3, 2, 3, 0])
+    data = [
+        (
+            torch.randn(len(ls), 3, 3, dtype=DTYPE),
+            _padded(torch.randint(0, 3, (len(ls), 3)), ls, -1),
+        )
+        for ls in lengths
+    ]
+    return Case(
+        name="seq-ce-smoothed-mean",
+        model_func=model,
+        loss_func=nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-1),
+        params=list(model.parameters()),
+        data=data,
+        notes="Label smoothing 0.1 with padding (ignore_index=-1): the loss Hessian is the "
+        "categorical one, so GGN = Fisher; the empirical Fisher uses the smoothed gradients.",
+    )
+
+
 _SEEDED_FACTORIES: dict[str, tuple[int, Callable[[], Case]]] = {
     **{
         f"mlp-{loss}-{reduction}": (10 + i, _mlp_case(loss, reduction))
@@ -282,6 +403,11 @@ _SEEDED_FACTORIES: dict[str, tuple[int, Callable[[], Case]]] = {
     "subset-shuffled-ce-mean": (24, _subset_shuffled_ce_mean),
     "single-batch-mse-sum": (25, _single_batch_mse_sum),
     "custom-quartic-mean": (26, _custom_quartic_mean),
+    "seq-ce-padded-mean": (27, _seq_ce_padded_mean),
+    "mlp-ce-weighted-mean": (28, _mlp_ce_weighted_mean),
+    "seq-ce-varlen-mean": (29, _seq_ce_varlen_mean),
+    "seq-mse-varlen-mean": (30, _seq_mse_varlen_mean),
+    "seq-ce-smoothed-mean": (31, _seq_ce_smoothed_mean),
 }
 
 CASE_FACTORIES: dict[str, Callable[[], Case]] = {
@@ -313,6 +439,9 @@ MODULE_CASES: list[str] = [
     name for name in CASE_FACTORIES if isinstance(make_case(name).model_func, nn.Module)
 ]
 """Cases whose model is an ``nn.Module`` (module-based methods such as KFAC may apply)."""
+
+SAME_SHAPE_CASES: list[str] = [name for name in CASE_FACTORIES if make_case(name).same_shapes]
+"""Cases whose batches can be concatenated into one (every batch has the same shapes)."""
 
 MEAN_CASES: list[str] = [
     name for name in CASE_FACTORIES if make_case(name).loss_func.reduction == "mean"

@@ -24,6 +24,8 @@ from curvops.kronecker import (
     KFACType,
     KFOCLinearOperator,
     LayerFactors,
+    OnStale,
+    StaleFactorsError,
 )
 from curvops.linalg import (
     CGInverseLinearOperator,
@@ -87,6 +89,8 @@ __all__ = [
     "KFACType",
     "KFOCLinearOperator",
     "LayerFactors",
+    "OnStale",
+    "StaleFactorsError",
     # data parallelism
     "DistributedRankError",
     "synchronized_generator",

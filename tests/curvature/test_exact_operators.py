@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from cases import FISHER_CASES, case_ids, make_case
+from cases import FISHER_CASES, SAME_SHAPE_CASES, case_ids, make_case
 
 from curvops import (
     EFLinearOperator,
@@ -13,7 +13,13 @@ from curvops import (
     TransposedJacobianLinearOperator,
 )
 from curvops.testing import assert_operator_matches
-from curvops.testing.dense import dense_ef, dense_ggn, dense_hessian, dense_jacobian
+from curvops.testing.dense import (
+    dense_ef,
+    dense_ggn,
+    dense_gradient_and_loss,
+    dense_hessian,
+    dense_jacobian,
+)
 
 TOL = {"rtol": 1e-8, "atol": 1e-10}
 
@@ -59,15 +65,56 @@ def test_ggn(name):
     assert_operator_matches(G, dense, **TOL)
 
 
+@pytest.mark.parametrize("gradient_of", ["loss-term", "datum"])
 @pytest.mark.parametrize("name", FISHER_CASES)
-def test_empirical_fisher(name):
+def test_empirical_fisher(name, gradient_of):
     case = make_case(name)
-    E = EFLinearOperator(case.model_func, case.loss_func, case.params, case.data, **_kwargs(case))
-    dense = dense_ef(case.model_func, case.loss_func, case.params, case.data, **_kwargs(case))
-    assert_operator_matches(E, dense, **TOL)
+    args = (case.model_func, case.loss_func, case.params, case.data)
+    E = EFLinearOperator(*args, gradient_of=gradient_of, **_kwargs(case))
+    assert E.gradient_of == gradient_of
+    assert_operator_matches(E, dense_ef(*args, gradient_of=gradient_of, **_kwargs(case)), **TOL)
+
+
+def test_empirical_fisher_default_is_per_loss_term():
+    """One gradient per position of a sequence (as empirical KFAC-expand), not per sequence."""
+    case = make_case("seq-mse-varlen-mean")
+    args = (case.model_func, case.loss_func, case.params, case.data)
+    E = EFLinearOperator(*args).to_dense()
+    torch.testing.assert_close(E, dense_ef(*args, gradient_of="loss-term"), **TOL)
+    per_datum = dense_ef(*args, gradient_of="datum")
+    assert (E - per_datum).norm() > 0.1 * per_datum.norm()
+
+
+def test_empirical_fisher_rejects_unknown_convention():
+    case = make_case("mlp-ce-mean")
+    with pytest.raises(ValueError, match="Unknown gradient_of='token'"):
+        EFLinearOperator(
+            case.model_func, case.loss_func, case.params, case.data, gradient_of="token"
+        )
+    with pytest.raises(TypeError, match="takes no gradient_of"):
+        FisherMCLinearOperator(
+            case.model_func, case.loss_func, case.params, case.data, gradient_of="datum"
+        )
 
 
 @pytest.mark.parametrize("name", case_ids())
+def test_gradient_and_loss(name):
+    """The risk and its gradient: the mean over all loss terms of all batches."""
+    case = make_case(name)
+    args = (case.model_func, case.loss_func, case.params, case.data)
+    grads, loss = GGNLinearOperator(*args, **_kwargs(case)).gradient_and_loss()
+    g_ref, loss_ref = dense_gradient_and_loss(*args, **_kwargs(case))
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]), g_ref, **TOL)
+
+
+def test_jacobian_refuses_outputs_of_different_shapes():
+    case = make_case("seq-ce-varlen-mean")
+    with pytest.raises(ValueError, match=r"batch 1 gives \[N_B, \*\[3, 5\]\]"):
+        JacobianLinearOperator(case.model_func, case.params, case.data)
+
+
+@pytest.mark.parametrize("name", SAME_SHAPE_CASES)
 def test_jacobians(name):
     case = make_case(name)
     J = JacobianLinearOperator(case.model_func, case.params, case.data, **_kwargs(case))
@@ -77,7 +124,9 @@ def test_jacobians(name):
     assert_operator_matches(JT, dense.T, **TOL)
 
 
-@pytest.mark.parametrize("name", ["mlp-ce-mean", "mlp-mse-sum", "mlp-bce-mean"])
+@pytest.mark.parametrize(
+    "name", ["mlp-ce-mean", "mlp-mse-sum", "mlp-bce-mean", "seq-ce-padded-mean"]
+)
 def test_mc_fisher_in_expectation(name):
     """The MC Fisher's average over seeds converges to the (type-I) Fisher = GGN."""
     case = make_case(name)

@@ -3,6 +3,8 @@
 import pytest
 import torch
 from cases import make_case
+from helpers.operator_zoo import build_operator, classification_batches, random_vector
+from helpers.operator_zoo import mlp as tiny_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -56,11 +58,13 @@ def test_unsupported_loss_for_fishers(cls):
 
 def test_unsupported_loss_options(mlp):
     model, _, params, data = mlp
-    with pytest.raises(NotImplementedError, match="label smoothing"):
-        EFLinearOperator(model, nn.CrossEntropyLoss(label_smoothing=0.1), params, data)
     weighted = nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64))
     with pytest.raises(NotImplementedError, match="class weights"):
         FisherMCLinearOperator(model, weighted, params, data)
+    with pytest.raises(NotImplementedError, match="class weights"):
+        EFLinearOperator(model, weighted, params, data)
+    # label smoothing has a likelihood reading (the model's categorical is unchanged)
+    EFLinearOperator(model, nn.CrossEntropyLoss(label_smoothing=0.1), params, data)
 
 
 def test_bad_params(mlp):
@@ -163,3 +167,21 @@ def test_caller_state_untouched(cls):
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "ef", "mc-fisher", "jacobian"])
+def test_exact_operators_follow_in_place_parameter_changes(kind):
+    """Exact operators read the live parameters: after an optimiser step, the new matrix."""
+    model, data = tiny_mlp(), classification_batches()
+    params, loss = list(model.parameters()), nn.CrossEntropyLoss()
+    A = build_operator(kind, model, loss, params, data)
+    v = random_vector(A)
+    before = A @ v
+    X, y = data[0]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    loss(model(X), y).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    fresh = build_operator(kind, model, loss, params, data)
+    torch.testing.assert_close(A @ v, fresh @ v, rtol=1e-12, atol=1e-14)
+    assert (A @ v - before).abs().max() > 1e-3

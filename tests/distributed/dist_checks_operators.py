@@ -49,8 +49,11 @@ PRODUCT_CASES_2 = [
     "functional-ce-sum",
     "subset-shuffled-ce-mean",
     "custom-quartic-mean",
+    "seq-ce-padded-mean",
+    "seq-mse-varlen-mean",
 ]
-PRODUCT_CASES_3 = ["mlp-ce-mean", "seq-ce-mean", "functional-ce-sum"]
+# with 3 ranks, rank 2's shard of seq-ce-padded-mean is one batch of padding only
+PRODUCT_CASES_3 = ["mlp-ce-mean", "seq-ce-mean", "functional-ce-sum", "seq-ce-padded-mean"]
 
 
 def _product_check(case_name: str, op_name: str) -> Callable[[Ctx], None]:
@@ -74,17 +77,37 @@ for _world, _cases in ((2, PRODUCT_CASES_2), (3, PRODUCT_CASES_3)):
                 check(_world, name=f"{_op}[{_case}]")(_product_check(_case, _op))
 
 
+def _gradient_and_loss_check(case_name: str) -> Callable[[Ctx], None]:
+    def run(ctx: Ctx) -> None:
+        case = make_case(case_name)
+        A = GGNLinearOperator(case.model_func, case.loss_func, case.params, ctx.shard(case.data))
+        B = GGNLinearOperator(
+            case.model_func, case.loss_func, case.params, case.data, process_group=False
+        )
+        (g, loss), (g_ref, loss_ref) = A.gradient_and_loss(), B.gradient_and_loss()
+        torch.testing.assert_close(loss, loss_ref, **TOL)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, **TOL)
+
+    return run
+
+
+for _case in ("mlp-ce-mean", "seq-ce-padded-mean"):
+    check(2, 3, name=f"gradient_and_loss[{_case}]")(_gradient_and_loss_check(_case))
+
+
 @check(2, 3)
-def gradient_and_loss(ctx: Ctx) -> None:
-    case = make_case("mlp-ce-mean")
-    A = GGNLinearOperator(case.model_func, case.loss_func, case.params, ctx.shard(case.data))
-    B = GGNLinearOperator(
-        case.model_func, case.loss_func, case.params, case.data, process_group=False
-    )
-    (g, loss), (g_ref, loss_ref) = A.gradient_and_loss(), B.gradient_and_loss()
-    torch.testing.assert_close(loss, loss_ref, **TOL)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, **TOL)
+def kfac_padded_normalisers(ctx: Ctx) -> None:
+    """Padding spread unevenly over the ranks (with 3 ranks, one rank holds only padding):
+    distributed type-2 KFAC and EKFAC equal the single-process ones on all data."""
+    from curvops.kronecker import EKFACLinearOperator, KFACLinearOperator
+
+    case = make_case("seq-ce-padded-mean")
+    for cls in (KFACLinearOperator, EKFACLinearOperator):
+        args = (case.model_func, case.loss_func, case.params)
+        A = cls(*args, ctx.shard(case.data), fisher_type="type-2")
+        B = cls(*args, case.data, fisher_type="type-2", process_group=False)
+        torch.testing.assert_close(A.to_dense(), B.to_dense(), **TOL)
 
 
 @check(2, 3)

@@ -116,31 +116,6 @@ def test_forward_only_backpropagates_nothing(monkeypatch):
     K.compute_factors()
 
 
-def test_separate_output_positions():
-    from curvops.kronecker.collection import separate_output_positions
-    from curvops.losses import make_loss_spec
-
-    g = torch.Generator().manual_seed(0)
-    output = torch.randn(2, 3, 4, 2, generator=g, dtype=DTYPE)  # [N, C, T1, T2]
-    y = torch.randint(0, 3, (2, 4, 2), generator=g)
-    S = make_loss_spec(nn.CrossEntropyLoss()).output_factors(output, y, "type-2")
-    split = separate_output_positions(S)
-    assert split.shape == (3 * 8, 2, 3, 4, 2)
-
-    def per_datum_outer(F):
-        flat = F.reshape(F.shape[0], F.shape[1], -1)
-        return torch.einsum("kni,knj->nij", flat, flat)
-
-    combined = per_datum_outer(S)
-    position = torch.arange(3 * 8).reshape(3, 8)[0].repeat(3)  # position of flat (c, p)
-    same = position[:, None] == position[None, :]
-    torch.testing.assert_close(per_datum_outer(split), combined * same)
-    # per-entry factors (MSE) are already separated: nothing is added
-    mse = make_loss_spec(nn.MSELoss()).output_factors(output, output.detach() * 0, "type-2")
-    torch.testing.assert_close(separate_output_positions(mse), mse)
-    assert separate_output_positions(S[:, :, :, 0, 0]).shape == (3, 2, 3)
-
-
 @pytest.mark.parametrize("fisher_type", ["type-2", "mc"])
 def test_output_factors_in_chunks_give_the_same_factors(monkeypatch, fisher_type):
     """NOTE [chunks of output factors]: any chunking of the factors gives the same KFAC/EKFAC."""
@@ -154,7 +129,7 @@ def test_output_factors_in_chunks_give_the_same_factors(monkeypatch, fisher_type
         cls(model, nn.CrossEntropyLoss(), params, data, **options).to_dense()
         for cls in (KFACLinearOperator, EKFACLinearOperator)
     ]
-    per_factor = 4 * (4 + 5)  # entries of both layer outputs per factor
+    per_factor = 4 * (4 + 5) + 4 * 5  # entries of both layer outputs and the column per factor
     monkeypatch.setattr(collection, "FACTOR_CHUNK_ELEMENTS", 2 * per_factor)  # 2 + 2 + 1
     sizes = []
     original = collection._backpropagate

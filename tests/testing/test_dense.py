@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from cases import FISHER_CASES, Case, make_case
+from cases import FISHER_CASES, SAME_SHAPE_CASES, Case, make_case
 from torch import Tensor, nn
 
 from curvops.testing.dense import (
@@ -53,8 +53,8 @@ def _flat(tensors) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _grad(scalar: Tensor, case: Case, create_graph: bool = False) -> Tensor:
-    return _flat(torch.autograd.grad(scalar, case.param_list, create_graph=create_graph))
+def _grad(scalar: Tensor, case: Case, create_graph: bool = False, **kwargs) -> Tensor:
+    return _flat(torch.autograd.grad(scalar, case.param_list, create_graph=create_graph, **kwargs))
 
 
 def _autograd_hessian(case: Case) -> Tensor:
@@ -78,11 +78,37 @@ def _autograd_jacobian(case: Case, X) -> tuple[Tensor, Tensor]:
     return out.detach(), torch.stack(rows)
 
 
-def _closed_form_output_hessian(loss_func: nn.Module, out: Tensor) -> tuple[Tensor, Tensor]:
+def _term_weights(loss_func: nn.Module, y: Tensor) -> Tensor:
+    """Weight of every loss term (position) by PyTorch's documented semantics, ``[N * P]``.
+
+    Cross-entropy: ``weight[y]`` (1 without class weights), 0 at ``ignore_index``; other losses:
+    1 per entry.
+    """
+    if not isinstance(loss_func, nn.CrossEntropyLoss):
+        return torch.ones(y.numel(), dtype=DTYPE)
+    y = y.reshape(-1)
+    keep = y != loss_func.ignore_index
+    w = torch.ones(y.shape, dtype=DTYPE)
+    if loss_func.weight is not None:
+        w = loss_func.weight[torch.where(keep, y, 0)].to(DTYPE)
+    return w * keep
+
+
+def _normaliser(loss_func: nn.Module, data) -> float:
+    """The total 'mean' normaliser: summed term weights (CE) or entries, over all data."""
+    if loss_func.reduction == "sum":
+        return 1.0
+    return float(sum(_term_weights(loss_func, y).sum() for _, y in data))
+
+
+def _closed_form_output_hessian(
+    loss_func: nn.Module, out: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor]:
     r"""Per-datum-sum output Hessian :math:`\nabla_f^2 \sum_n \ell_n` in closed form.
 
     Returns the Hessian in a class-last row order and the permutation that maps the
-    row-major output order to it.
+    row-major output order to it. Cross-entropy blocks are scaled by the term weights (label
+    smoothing does not change them: the smoothed targets sum to one).
     """
     M = out.numel()
     name = type(loss_func).__name__
@@ -95,14 +121,22 @@ def _closed_form_output_hessian(loss_func: nn.Module, out: Tensor) -> tuple[Tens
     C = out.shape[1]
     order = torch.arange(M).reshape(out.shape).movedim(1, -1).reshape(-1)
     p = torch.softmax(out.movedim(1, -1).reshape(-1, C), dim=-1)
-    blocks = [torch.diag(p_i) - torch.outer(p_i, p_i) for p_i in p]
+    w = _term_weights(loss_func, y)
+    blocks = [c * (torch.diag(p_i) - torch.outer(p_i, p_i)) for p_i, c in zip(p, w)]
     return torch.block_diag(*blocks), order
 
 
-def _num_terms(loss_func: nn.Module, out: Tensor) -> int:
-    return (
-        out.numel() // out.shape[1] if isinstance(loss_func, nn.CrossEntropyLoss) else out.numel()
-    )
+def _term_losses(loss_func: nn.Module, out: Tensor, y: Tensor) -> list[Tensor]:
+    """The loss of every position of a one-datum output, each by its own loss call."""
+    loss_sum = copy.copy(loss_func)
+    loss_sum.reduction = "sum"
+    if isinstance(loss_func, nn.CrossEntropyLoss):
+        C = out.shape[1]
+        out, y = out.reshape(1, C, -1), y.reshape(1, -1)
+        return [loss_sum(out[:, :, t], y[:, t]) for t in range(out.shape[2])]
+    D = out.shape[-1]
+    out, y = out.reshape(-1, D), y.reshape(-1, D)
+    return [loss_sum(out[t], y[t]) for t in range(out.shape[0])]
 
 
 def _reference(kind: str, case: Case, data=None) -> Tensor:
@@ -121,67 +155,120 @@ def _references(case: Case) -> dict[str, Tensor]:
 
 
 # ==================================================================== second computations
-def test_hessian_matches_double_backward_on_concatenated_data(case: Case):
+@pytest.mark.parametrize("name", SAME_SHAPE_CASES)
+def test_hessian_matches_double_backward_on_concatenated_data(name: str):
     """Batched, rescaled torch.func Hessian == autograd Hessian of the one-batch risk."""
+    case = make_case(name)
     H = dense_hessian(
         case.model_func, case.loss_func, case.params, case.data, batch_size_fn=case.batch_size_fn
     )
     torch.testing.assert_close(H, _autograd_hessian(case), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", FISHER_CASES)
+def test_hessian_matches_double_backward_of_the_mean_over_all_terms(case: Case):
+    """Hessian == autograd Hessian of (sum of all loss terms) / (documented normaliser).
+
+    Works where the data cannot be concatenated (sequence lengths differ between batches);
+    the normaliser is counted from PyTorch's documented semantics, not read off the loss.
+    """
+    loss_sum = copy.copy(case.loss_func)
+    loss_sum.reduction = "sum"
+    if isinstance(case.loss_func, nn.CrossEntropyLoss) or case.loss_func.reduction == "sum":
+        Z = _normaliser(case.loss_func, case.data)
+    else:  # element-wise and custom losses: one term per output entry
+        Z = float(sum(_forward(case, X).numel() for X, _ in case.data))
+    risk = sum(loss_sum(_forward(case, X), y) for X, y in case.data) / Z
+    g = _grad(risk, case, create_graph=True)
+    rows = [
+        _flat(torch.autograd.grad(g_i, case.param_list, retain_graph=True, allow_unused=True))
+        for g_i in g
+    ]
+    H = dense_hessian(
+        case.model_func, case.loss_func, case.params, case.data, batch_size_fn=case.batch_size_fn
+    )
+    torch.testing.assert_close(H, torch.stack(rows).detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n in FISHER_CASES if n in SAME_SHAPE_CASES])
 def test_ggn_matches_closed_form_loss_hessian(name: str):
-    r"""GGN == R_D Jᵀ Λ J with J by autograd and Λ the known output Hessian of each loss."""
+    r"""GGN == Jᵀ Λ J / Z with J by autograd, Λ the known output Hessian, Z the normaliser."""
     case = make_case(name)
     ((X, y),) = _one_batch(case)
     out, J = _autograd_jacobian(case, X)
-    Lam, order = _closed_form_output_hessian(case.loss_func, out)
-    R = 1 / _num_terms(case.loss_func, out) if case.loss_func.reduction == "mean" else 1.0
-    expected = R * J[order].T @ Lam @ J[order]
+    Lam, order = _closed_form_output_hessian(case.loss_func, out, y)
+    expected = J[order].T @ Lam @ J[order] / _normaliser(case.loss_func, case.data)
     G = dense_ggn(
         case.model_func, case.loss_func, case.params, case.data, batch_size_fn=case.batch_size_fn
     )
     torch.testing.assert_close(G, expected, rtol=1e-10, atol=1e-12)
 
 
+def _datum_data(case: Case, j: int):
+    """Datum ``j`` of the first batch with a non-ignored target."""
+    X, y = case.data[0]
+    return _slice(X, j), y[j : j + 1]
+
+
 @pytest.mark.parametrize("name", FISHER_CASES)
 def test_ef_matches_chain_rule_for_one_datum(name: str):
     r"""For one datum E = R Jᵀ ∇_f ℓ (∇_f ℓ)ᵀ J, with J and ∇_f ℓ by plain autograd."""
     case = make_case(name)
-    X, y = case.data[0]
-    X1, y1 = _slice(X, 0), y[0:1]
+    X1, y1 = _datum_data(case, 0)
     out, J = _autograd_jacobian(case, X1)
     out = out.requires_grad_(True)
     loss_sum = copy.copy(case.loss_func)
     loss_sum.reduction = "sum"
     (grad_out,) = torch.autograd.grad(loss_sum(out, y1), out)
     g = J.T @ grad_out.reshape(-1)
-    R = 1 / _num_terms(case.loss_func, out) if case.loss_func.reduction == "mean" else 1.0
+    R = 1 / _normaliser(case.loss_func, [(X1, y1)])
     E = dense_ef(
-        case.model_func, case.loss_func, case.params, [(X1, y1)], batch_size_fn=case.batch_size_fn
+        case.model_func,
+        case.loss_func,
+        case.params,
+        [(X1, y1)],
+        batch_size_fn=case.batch_size_fn,
+        gradient_of="datum",
     )
     torch.testing.assert_close(E, R * torch.outer(g, g), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("gradient_of", ["datum", "loss-term"])
 @pytest.mark.parametrize("name", FISHER_CASES)
-def test_ef_matches_single_datum_forward_passes(name: str):
-    """EF == R_D Σ_n g_n g_nᵀ with g_n from a separate forward-backward pass per datum."""
+def test_ef_matches_separate_forward_passes(name: str, gradient_of: str):
+    """EF == Σ_i g_i g_iᵀ / Z with g_i from a separate forward-backward pass per datum (and
+    per position of it, for loss terms)."""
     case = make_case(name)
-    grads, num_terms = [], 0
+    grads = []
     for X, y in case.data:
-        n = y.shape[0]
-        for j in range(n):
+        for j in range(y.shape[0]):
             out = _forward(case, _slice(X, j))
-            num_terms += _num_terms(case.loss_func, out)
-            loss_sum = copy.copy(case.loss_func)
-            loss_sum.reduction = "sum"
-            grads.append(_grad(loss_sum(out, y[j : j + 1]), case))
+            if gradient_of == "datum":
+                loss_sum = copy.copy(case.loss_func)
+                loss_sum.reduction = "sum"
+                grads.append(_grad(loss_sum(out, y[j : j + 1]), case))
+                continue
+            for term in _term_losses(case.loss_func, out, y[j : j + 1]):
+                if term.requires_grad:  # an ignored target's loss is a constant zero
+                    grads.append(_grad(term, case, retain_graph=True))
     G = torch.stack(grads)
-    R = 1 / num_terms if case.loss_func.reduction == "mean" else 1.0
     E = dense_ef(
-        case.model_func, case.loss_func, case.params, case.data, batch_size_fn=case.batch_size_fn
+        case.model_func,
+        case.loss_func,
+        case.params,
+        case.data,
+        batch_size_fn=case.batch_size_fn,
+        gradient_of=gradient_of,
     )
-    torch.testing.assert_close(E, R * G.T @ G, rtol=1e-10, atol=1e-12)
+    expected = G.T @ G / _normaliser(case.loss_func, case.data)
+    torch.testing.assert_close(E, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_ef_conventions_differ_on_sequences_and_agree_without_positions():
+    seq, flat = make_case("seq-ce-mean"), make_case("mlp-ce-mean")
+    for case, same in ((seq, False), (flat, True)):
+        args = (case.model_func, case.loss_func, case.params, case.data)
+        per_term, per_datum = dense_ef(*args), dense_ef(*args, gradient_of="datum")
+        assert torch.allclose(per_term, per_datum, rtol=1e-10, atol=1e-12) == same, case.name
 
 
 def test_jacobian_matches_finite_differences(case: Case):
@@ -234,19 +321,20 @@ def test_ggn_differs_from_hessian_for_nonlinear_model():
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn", "jacobian"])
-def test_batching_invariance(case: Case, kind: str):
+@pytest.mark.parametrize("name", SAME_SHAPE_CASES)
+def test_batching_invariance(name: str, kind: str):
     """Splitting the data into several batches (mean or sum) does not change the matrix."""
+    case = make_case(name)
     torch.testing.assert_close(
         _reference(kind, case), _reference(kind, case, _one_batch(case)), rtol=1e-10, atol=1e-12
     )
 
 
-def test_batching_invariance_ef(fisher_case: Case):
+@pytest.mark.parametrize("name", [n for n in FISHER_CASES if n in SAME_SHAPE_CASES])
+def test_batching_invariance_ef(name: str):
+    case = make_case(name)
     torch.testing.assert_close(
-        _reference("ef", fisher_case),
-        _reference("ef", fisher_case, _one_batch(fisher_case)),
-        rtol=1e-10,
-        atol=1e-12,
+        _reference("ef", case), _reference("ef", case, _one_batch(case)), rtol=1e-10, atol=1e-12
     )
 
 
@@ -396,18 +484,30 @@ def test_data_and_loss_errors(fn):
         fn(model, lambda out, y: ((out - y) ** 2).sum(), params, data)
 
 
-@pytest.mark.parametrize("fn", [dense_hessian, dense_ggn, dense_ef])
-def test_cross_entropy_mean_normaliser_errors(fn):
-    case = make_case("mlp-ce-mean")
-    args = (case.model_func, case.params)
-    weighted = nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DTYPE))
-    with pytest.raises(ValueError, match="class weights"):
-        fn(args[0], weighted, args[1], case.data)
-    X, y = case.data[0]
-    y = y.clone()
-    y[0] = -100
-    with pytest.raises(ValueError, match="ignore_index=-100"):
-        fn(args[0], case.loss_func, args[1], [(X, y)])
+def test_normaliser_is_read_off_pytorch():
+    """Padding, class weights and an all-ignored batch: the references average over the
+    data's non-ignored (weighted) terms, as one PyTorch loss call on all data would."""
+    case = make_case("mlp-ce-weighted-mean")
+    X = torch.cat([X for X, _ in case.data])
+    y = torch.cat([y for _, y in case.data])
+    y[4:6] = -100  # the middle batch is all padding
+    batches = [(X[:4], y[:4]), (X[4:6], y[4:6]), (X[6:], y[6:])]
+    args = (case.model_func, case.loss_func, case.params)
+    for fn in (dense_hessian, dense_ggn):
+        torch.testing.assert_close(fn(*args, batches), fn(*args, [(X, y)]), rtol=1e-10, atol=0)
+
+
+def test_zero_loss_batch_has_no_readable_normaliser():
+    model, loss, params, data = _mlp_problem()
+    X = data[0][0]
+    with torch.no_grad():
+        y = model(X)
+    with pytest.raises(ValueError, match="the loss is zero"):
+        dense_hessian(model, loss, params, [(X, y)])
+    with pytest.raises(ValueError, match="Every loss term of the data is ignored"):
+        case = make_case("mlp-ce-mean")
+        X, y = case.data[0]
+        dense_ggn(case.model_func, case.loss_func, case.params, [(X, torch.full_like(y, -100))])
 
 
 def test_jacobian_data_errors():
@@ -420,8 +520,10 @@ def test_jacobian_data_errors():
 
 def test_ef_errors():
     case = make_case("custom-quartic-mean")
-    with pytest.raises(ValueError, match="knows the 'mean' reduction factor only"):
+    with pytest.raises(ValueError, match="knows the loss terms of"):
         dense_ef(case.model_func, case.loss_func, case.params, case.data)
+    with pytest.raises(ValueError, match="gradient_of must be one of"):
+        dense_ef(case.model_func, case.loss_func, case.params, case.data, gradient_of="token")
     model, loss, params, data = _mlp_problem()
     with pytest.raises(ValueError, match="the data on the output's leading axis"):
         dense_ef(lambda ps, X: ps[0] * X.sum(), loss, [params[0]], data)

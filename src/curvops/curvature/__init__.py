@@ -1,7 +1,7 @@
 """Exact (matrix-free) curvature operators of the empirical risk."""
 
 from curvops.curvature.base import CurvatureLinearOperator, NonDeterministicError
-from curvops.curvature.fisher import EFLinearOperator, FisherMCLinearOperator
+from curvops.curvature.fisher import EFLinearOperator, FisherMCLinearOperator, GradientOf
 from curvops.curvature.ggn import GGNLinearOperator
 from curvops.curvature.hessian import HessianLinearOperator
 from curvops.curvature.jacobian import JacobianLinearOperator, TransposedJacobianLinearOperator
@@ -11,6 +11,7 @@ __all__ = [
     "EFLinearOperator",
     "FisherMCLinearOperator",
     "GGNLinearOperator",
+    "GradientOf",
     "HessianLinearOperator",
     "JacobianLinearOperator",
     "NonDeterministicError",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing, contextmanager
 from math import prod
 from typing import Any
 
@@ -12,11 +13,14 @@ from torch import Tensor, nn
 from curvops.curvature.products import ProductPlan, plain_tangent
 from curvops.linear_operator import FlatBackedList, LinearOperator
 from curvops.risk import Batch, EmpiricalRisk
+from curvops.risk.concurrency import DATA_PASS_LOCK
 from curvops.risk.determinism import (
     NonDeterministicError,
     check_deterministic,
     loss_and_gradient_probe,
 )
+from curvops.risk.finite import require_finite, require_finite_input
+from curvops.risk.module_state import explained_buffer_updates
 
 
 def _row_views(rows: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
@@ -51,9 +55,19 @@ def _columns_first(X: list[Tensor]) -> list[Tensor]:
     return [x.reshape(-1, K).T.contiguous().view(K, *x.shape[:-1]) for x in X]
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether all entries are finite; a finite sum implies it (NaN and Inf propagate)."""
-    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in tensors)
+@contextmanager
+def _explained_randomness(owner: str) -> Iterator[None]:
+    """Explain ``torch.func``'s error for random operations (dropout) in the forward pass."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "randomness" not in str(e):
+            raise
+        raise NonDeterministicError(
+            f"{owner}: the model draws random numbers in its forward pass (e.g. dropout in "
+            "train mode), so it does not define a fixed matrix. Call model.eval() or remove the "
+            "randomness."
+        ) from e
 
 
 class CurvatureLinearOperator(LinearOperator):
@@ -63,6 +77,16 @@ class CurvatureLinearOperator(LinearOperator):
     scaled) matrix with ``V`` given with a *leading* column axis; the base class owns the
     data loop, the batch weights, the reduction across processes, input/output checks and the
     determinism check.
+
+    Products read the parameters' *current* values: after an in-place change (an optimiser
+    step, ``load_state_dict``) the operator represents the matrix at the new parameters, with
+    nothing to recompute (unlike KFAC's factors). Products never change the caller's state
+    (``.grad``, the global RNG, ``requires_grad``, ``model.training``, module buffers: NOTE
+    [module buffers] of :mod:`curvops.risk.module_state`); BatchNorm in training mode is
+    refused. A product whose result contains NaN or Inf raises ``FloatingPointError`` (NOTE
+    [non-finite values] of :mod:`curvops.risk.finite`). Products may be called from several
+    threads; the passes over the data run one at a time (NOTE [threads] of
+    :mod:`curvops.risk.concurrency`).
 
     Args:
         model_func: An ``nn.Module`` or a callable ``(params, X) -> output``.
@@ -106,6 +130,7 @@ class CurvatureLinearOperator(LinearOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
             process_group=process_group,
+            owner=type(self).__name__,
         )
         in_shapes = self._risk.in_shapes
         super().__init__(
@@ -172,31 +197,24 @@ class CurvatureLinearOperator(LinearOperator):
         # local pass, then the sum across processes (NOTE [data parallelism]); the ranks
         # compare fingerprints of X, and an error on any rank is raised on all of them
         with self._risk.partial_sums([buffer], inputs=X, what=f"{type(self).__name__} product"):
-            if self._check_finite and not _all_finite(V):
-                raise ValueError(f"The input to {type(self).__name__} contains NaN or Inf entries.")
+            if self._check_finite:
+                require_finite_input(V, owner=type(self).__name__)
             self._accumulate(out, V)
-        if self._check_finite and not _all_finite([buffer]):
-            raise FloatingPointError(
-                f"{type(self).__name__} produced NaN or Inf. Check the model and data for "
-                "non-finite values (e.g. log of zero, exploding activations) or use float64."
-            )
+        if self._check_finite:  # NOTE [non-finite values]
+            require_finite([buffer], owner=type(self).__name__, what="the product")
         return FlatBackedList([o.movedim(0, -1) for o in out], buffer.T, fresh=True)
 
     def _accumulate(self, out: list[Tensor], V: list[Tensor]) -> None:
         """Add this process's weighted per-batch products with ``V`` (``[K, ...]``) to ``out``."""
         params = [p.detach() for p in self._risk.params]
-        self._before_pass()
-        for batch in self._risk.batches(desc=type(self).__name__):
-            try:
-                self._batch_matmat(params, batch, V, out, batch.weight)
-            except RuntimeError as e:
-                if "randomness" in str(e):
-                    raise NonDeterministicError(
-                        f"{type(self).__name__}: the model draws random numbers in its forward "
-                        "pass (e.g. dropout in train mode), so it does not define a fixed "
-                        "matrix. Call model.eval() or remove the randomness."
-                    ) from e
-                raise
+        name = type(self).__name__
+        # NOTE [threads]: the lock also covers the operator's per-pass state (its generator);
+        # the pass is closed on errors too, so it restores the buffers (NOTE [module buffers])
+        with DATA_PASS_LOCK, explained_buffer_updates(name), _explained_randomness(name):
+            self._before_pass()
+            with closing(self._risk.batches(desc=name)) as batches:
+                for batch in batches:
+                    self._batch_matmat(params, batch, V, out, batch.weight)
 
     # ---------------------------------------------------------------- safeguards
     def _check_deterministic(self) -> None:
@@ -211,8 +229,8 @@ class CurvatureLinearOperator(LinearOperator):
         gen = torch.Generator(device="cpu").manual_seed(0)
         v = torch.randn(self.shape[1], generator=gen, dtype=self.dtype).to(self.device)
 
-        def probe() -> Tensor:
-            return torch.cat([loss_and_gradient_probe(self._risk), self @ v])
+        def probe() -> dict[str, Tensor]:
+            return loss_and_gradient_probe(self._risk) | {"product": self @ v}
 
         check_deterministic(
             self._risk,

@@ -2,43 +2,90 @@ r"""The empirical Fisher and the Monte-Carlo Fisher as linear operators.
 
 Both are products with the GGN of a pseudo-loss whose output-space Hessian is a sum of
 per-datum outer products (paper §2.1, "FVPs via GGNVPs"); the factors come from
-:meth:`curvops.losses.LossSpec.output_factors`.
+:meth:`curvops.losses.LikelihoodLossSpec.shared_output_factors`.
 """
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 from torch import Tensor
 
+from curvops._integer_options import check_positive_int, check_seed
 from curvops.curvature.base import CurvatureLinearOperator
 from curvops.curvature.products import factor_ggn_matmat
 from curvops.risk import Batch
+
+
+class GradientOf(str, Enum):
+    """Whose gradients the empirical Fisher takes outer products of.
+
+    Attributes:
+        LOSS_TERM: Each loss term: one gradient per position of a datum (e.g. per token).
+        DATUM: Each datum's loss, summed over its positions (e.g. per sequence).
+    """
+
+    LOSS_TERM = "loss-term"
+    DATUM = "datum"
 
 
 class EFLinearOperator(CurvatureLinearOperator):
     r"""Empirical Fisher, the un-centred gradient covariance (paper eq. (6)).
 
     .. math::
-        E = R_\mathbb{D} \sum_n \nabla_\theta \ell(f_n, y_n) \nabla_\theta \ell(f_n, y_n)^\top
+        E = R_\mathbb{D} \sum_{i} \nabla_\theta \ell_i \nabla_\theta \ell_i^\top
 
-    Here :math:`\ell_n` is the loss of datum :math:`n` (the leading axis of the model output
-    indexes data; a datum's loss sums over its other axes). Products never form per-datum
-    gradients in parameter space. Supports ``MSELoss``, ``CrossEntropyLoss`` and
-    ``BCEWithLogitsLoss`` (Kunstner et al. (2019) explain how it differs from the Fisher).
+    where :math:`i` runs over the *loss terms* of all data (default,
+    ``gradient_of="loss-term"``: one gradient per position of a datum, e.g. per token of a
+    sequence; NOTE [loss terms and positions] of :mod:`curvops.losses.base`) or over the
+    *data* (``gradient_of="datum"``: the gradient of a datum's loss summed over its
+    positions, e.g. per sequence). Both coincide for outputs without positions (``[N, C]``,
+    ``[N, D]``). The loss-term convention is the one KFAC-expand's empirical flavour
+    approximates (:class:`~curvops.KFACLinearOperator`); KFAC-reduce's approximates the datum
+    convention. :math:`R_\mathbb{D} = 1/Z_\mathbb{D}` for ``reduction="mean"`` (the number of
+    loss terms; targets equal to ``ignore_index`` are no loss terms and contribute no
+    gradient), ``1`` for ``"sum"``.
+
+    Products never form per-datum gradients in parameter space. Supports ``MSELoss``,
+    ``CrossEntropyLoss`` (also with ``ignore_index`` and ``label_smoothing``, whose gradients
+    are those of the smoothed loss) and ``BCEWithLogitsLoss`` (Kunstner et al. (2019) explain
+    how it differs from the Fisher).
 
     Args:
         model_func: An ``nn.Module`` or a callable ``(params, X) -> output``.
         loss_func: Loss module.
         params: List of parameter tensors or dict name -> tensor.
         data: Re-iterable of ``(X, y)`` batches.
+        gradient_of: ``"loss-term"`` (default) or ``"datum"``, see above.
         **kwargs: ``progressbar``, ``check_deterministic``, ``num_data``, ``batch_size_fn``,
             ``process_group``.
+
+    Raises:
+        ValueError: For an unknown ``gradient_of``.
+        NotImplementedError: For a loss without likelihood interpretation.
     """
 
     is_psd = True
     _kind = "empirical"
 
-    def __init__(self, model_func, loss_func, params, data, **kwargs):
+    def __init__(
+        self,
+        model_func,
+        loss_func,
+        params,
+        data,
+        *,
+        gradient_of: str | GradientOf = GradientOf.LOSS_TERM,
+        **kwargs,
+    ):
+        try:
+            self._gradient_of = GradientOf(gradient_of)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in GradientOf)
+            raise ValueError(
+                f"Unknown gradient_of={gradient_of!r}; use one of {allowed}."
+            ) from None
         self._generator: torch.Generator | None = None
         self._mc_samples = 1
         # fail before any data pass if the loss has no likelihood interpretation
@@ -47,19 +94,34 @@ class EFLinearOperator(CurvatureLinearOperator):
         make_loss_spec(loss_func).require_fisher(type(self).__name__)
         super().__init__(model_func, loss_func, params, data, **kwargs)
 
+    @property
+    def gradient_of(self) -> GradientOf:
+        """Whose gradients the outer products are taken of (loss terms or data)."""
+        return self._gradient_of
+
     def _batch_matmat(
         self, params: list[Tensor], batch: Batch, V: list[Tensor], out: list[Tensor], alpha: float
     ) -> None:
+        loss = self._risk.loss
+
         def factors(out: Tensor) -> Tensor:
-            return self._risk.loss.output_factors(
+            return loss.shared_output_factors(
                 out, batch.y, self._kind, mc_samples=self._mc_samples, generator=self._generator
             )
 
         def model(*p: Tensor) -> Tensor:
             return self._risk.forward(p, batch.X)
 
+        terms = None
+        if self._gradient_of == GradientOf.LOSS_TERM:
+            terms = (
+                lambda t: loss.to_terms(t, lead=1),
+                lambda t, shape: loss.from_terms(t, shape, lead=1),
+            )
         plan = self._product_plan
-        factor_ggn_matmat(model, factors, params, V, out=out, alpha=alpha, plan=plan)
+        factor_ggn_matmat(
+            model, factors, params, V, terms=terms, out=out, alpha=alpha, plan=plan
+        )
 
 
 class FisherMCLinearOperator(EFLinearOperator):
@@ -68,6 +130,10 @@ class FisherMCLinearOperator(EFLinearOperator):
     .. math::
         \hat F = \frac{R_\mathbb{D}}{S} \sum_n \sum_{s=1}^S \nabla_\theta \hat l_{n,s}
         \nabla_\theta \hat l_{n,s}^\top,\quad \hat y_{n,s} \sim q(y \mid f_n)
+
+    The would-be labels are drawn independently at every position of a datum (none at
+    positions whose target is ``ignore_index``), and :math:`\hat l_{n,s}` is the datum's
+    summed would-be loss; the cross-position terms vanish in expectation.
 
     NOTE [MC seeding]: every product re-seeds a private generator with ``seed`` (offset by
     the process rank when distributed) before its pass over the data, so the operator is a
@@ -85,7 +151,8 @@ class FisherMCLinearOperator(EFLinearOperator):
             ``process_group``.
 
     Raises:
-        ValueError: If ``mc_samples`` is not a positive integer.
+        TypeError: If ``mc_samples`` or ``seed`` is not an integer.
+        ValueError: If ``mc_samples`` is not positive.
     """
 
     _kind = "mc"
@@ -101,11 +168,17 @@ class FisherMCLinearOperator(EFLinearOperator):
         seed: int = 2147483647,
         **kwargs,
     ):
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        self._seed = int(seed)
+        mc_samples = check_positive_int(mc_samples, "mc_samples")
+        if "gradient_of" in kwargs:
+            raise TypeError(
+                "FisherMCLinearOperator takes no gradient_of: its would-be gradients are per "
+                "datum (their cross-position terms vanish in expectation)."
+            )
+        self._seed = check_seed(seed)
         self._mc_samples_arg = mc_samples
-        super().__init__(model_func, loss_func, params, data, **kwargs)
+        super().__init__(
+            model_func, loss_func, params, data, gradient_of=GradientOf.DATUM, **kwargs
+        )
 
     def _before_pass(self) -> None:
         self._mc_samples = self._mc_samples_arg

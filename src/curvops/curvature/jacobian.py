@@ -9,6 +9,7 @@ space is its own shard.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 from curvops.curvature.base import CurvatureLinearOperator
 from curvops.curvature.products import jacobian_matmat, jacobian_t_matmat
 from curvops.linear_operator import LinearOperator
+from curvops.risk.finite import require_finite, require_finite_input
+from curvops.risk.module_state import explained_buffer_updates
 
 
 class JacobianLinearOperator(CurvatureLinearOperator):
@@ -24,7 +27,9 @@ class JacobianLinearOperator(CurvatureLinearOperator):
 
     Maps parameter space (tensor lists shaped like ``params``) to output space (one tensor
     ``[N, *output_shape]``). Products use forward mode; left products (``u @ J``, i.e.
-    :math:`J^\top u`) use reverse mode.
+    :math:`J^\top u`) use reverse mode. Like every curvature operator, products read the
+    current parameters, never change the model's state, and raise ``FloatingPointError`` on
+    NaN or Inf results (see :class:`~curvops.curvature.base.CurvatureLinearOperator`).
 
     Args:
         model_func: An ``nn.Module`` or a callable ``(params, X) -> output``.
@@ -59,9 +64,11 @@ class JacobianLinearOperator(CurvatureLinearOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
             process_group=False,
+            owner=type(self).__name__,
         )
-        with torch.no_grad():
-            first = next(iter(probe.batches()))
+        # inside the pass (closed after), so that the pass restores buffers the forward changes
+        with torch.no_grad(), closing(probe.batches()) as batches:
+            first = next(batches)
             out_shape = tuple(probe.forward([p.detach() for p in probe.params], first.X).shape[1:])
         super().__init__(
             model_func,
@@ -79,23 +86,45 @@ class JacobianLinearOperator(CurvatureLinearOperator):
     def _f(self, batch):
         return lambda *p: self._risk.forward(p, batch.X)
 
+    def _check_output_shape(self, shape: tuple[int, ...], index: int) -> None:
+        expected = tuple(self.out_shapes[0][1:])
+        if tuple(shape) != expected:
+            raise ValueError(
+                f"{type(self).__name__} stacks the outputs of all batches, which must share "
+                f"the shape [N_B, *{list(expected)}] of the first batch; batch {index} gives "
+                f"[N_B, *{list(shape)}] (e.g. sequences of another length). Pad the data to "
+                "one shape, or build one operator per shape."
+            )
+
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
+        owner = type(self).__name__
+        require_finite_input(X, owner=owner)
         V = [x.movedim(-1, 0) for x in X]
         params = [p.detach() for p in self._risk.params]
-        blocks = [jacobian_matmat(self._f(b), params, V) for b in self._risk.batches("J @ V")]
-        return [torch.cat(blocks, dim=1).movedim(0, -1)]
+        blocks = []
+        with explained_buffer_updates(owner), closing(self._risk.batches("J @ V")) as batches:
+            for i, batch in enumerate(batches):
+                blocks.append(jacobian_matmat(self._f(batch), params, V))
+                self._check_output_shape(blocks[-1].shape[2:], i)
+        result = torch.cat(blocks, dim=1).movedim(0, -1)
+        require_finite([result], owner=owner, what="the product")  # NOTE [non-finite values]
+        return [result]
 
     def _adjoint_matmat(self, X: list[Tensor]) -> list[Tensor]:
+        owner = type(self).__name__
+        require_finite_input(X, owner=owner)
         U = X[0].movedim(-1, 0)  # [K, N, *out]
         K = U.shape[0]
         params = [p.detach() for p in self._risk.params]
         out = [torch.zeros(K, *s, dtype=self.dtype, device=self.device) for s in self.in_shapes]
         start = 0
-        for batch in self._risk.batches("J^T @ U"):
-            U_b = U[:, start : start + batch.batch_size]
-            start += batch.batch_size
-            for o, r in zip(out, jacobian_t_matmat(self._f(batch), params, U_b)):
-                o.add_(r)
+        with explained_buffer_updates(owner), closing(self._risk.batches("J^T @ U")) as batches:
+            for batch in batches:
+                U_b = U[:, start : start + batch.batch_size]
+                start += batch.batch_size
+                for o, r in zip(out, jacobian_t_matmat(self._f(batch), params, U_b)):
+                    o.add_(r)
+        require_finite(out, owner=owner, what="the product")  # NOTE [non-finite values]
         return [o.movedim(0, -1) for o in out]
 
 

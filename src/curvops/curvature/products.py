@@ -423,16 +423,21 @@ def factor_ggn_matmat(
     params: list[Tensor],
     V: list[Tensor],
     *,
+    terms: tuple[Callable[[Tensor], Tensor], Callable[[Tensor, tuple], Tensor]] | None = None,
     out: list[Tensor] | None = None,
     alpha: float = 1.0,
     plan: ProductPlan | None = None,
 ) -> list[Tensor]:
-    r"""Product with :math:`J^\top (\sum_k s_k s_k^\top) J` where the factors are per datum.
+    r"""Product with :math:`J^\top (\sum_{k, g} s_{k,g} s_{k,g}^\top) J` for per-datum factors.
 
-    With ``factors`` from :meth:`curvops.losses.LossSpec.output_factors` this is the
-    empirical Fisher (true gradients) or the Monte-Carlo Fisher (sampled gradients): the
-    GGN of the pseudo-loss :math:`\tilde\ell_n = \frac{1}{2}\sum_k (s_k[n]^\top f_n)^2`
-    (paper §2.1, "FVPs via GGNVPs"). The factors are evaluated once per call, at the output.
+    With ``factors`` from :meth:`curvops.losses.LikelihoodLossSpec.shared_output_factors` this
+    is the empirical Fisher (true gradients) or the Monte-Carlo Fisher (sampled gradients): the
+    GGN of the pseudo-loss :math:`\tilde\ell_n = \frac{1}{2}\sum_{k,g} (s_{k,g}[n]^\top
+    f_{n,g})^2` (paper §2.1, "FVPs via GGNVPs"), where :math:`g` runs over the groups of
+    output entries whose inner products are taken separately: the whole datum (``terms`` is
+    ``None``), or each loss term (position) of a datum, which splits every factor into one
+    factor per position without forming the split columns (NOTE [output factors] of
+    :mod:`curvops.losses.likelihood`). The factors are evaluated once per call, at the output.
 
     Args:
         f: Maps the parameters (as positional arguments) to the model output ``[N, ...]``.
@@ -440,6 +445,9 @@ def factor_ggn_matmat(
             output-space factors ``[J, N, ...]``.
         params: Parameter values.
         V: Tensor list ``[K, *param_shape]``.
+        terms: ``(to_terms, from_terms)``: views ``[L, N, ...] -> [L, N, P, F]`` of the
+            output by position and back (``from_terms(t, output_shape)``), or ``None`` for
+            one group per datum.
         out: Accumulators, see :func:`linearized_matmat`.
         alpha: Scale of the product.
         plan: See :func:`linearized_matmat`.
@@ -449,14 +457,20 @@ def factor_ggn_matmat(
     """
     cache: dict[str, Tensor] = {}
 
+    def grouped(t: Tensor) -> Tensor:  # [L, N, ...] -> [L, N, G, M]
+        if terms is None:
+            return t.reshape(t.shape[0], t.shape[1], 1, -1)
+        return terms[0](t)
+
     def matmat(output: Tensor, U: Tensor) -> Tensor:
         if "S" not in cache:
-            factors = factors_of_output(output)
-            cache["S"] = factors.reshape(factors.shape[0], factors.shape[1], -1)  # [J, N, M]
+            cache["S"] = grouped(factors_of_output(output))  # [J, N, G, M]
         S = cache["S"]
-        N = S.shape[1]
-        coeff = torch.einsum("jnm,knm->kjn", S, U.reshape(U.shape[0], N, -1))
-        return torch.einsum("kjn,jnm->knm", coeff, S).reshape(U.shape)
+        coeff = torch.einsum("jngm,kngm->kjng", S, grouped(U))
+        result = torch.einsum("kjng,jngm->kngm", coeff, S)
+        if terms is None:
+            return result.reshape(U.shape)
+        return terms[1](result, tuple(U.shape[1:]))
 
     return linearized_matmat(f, matmat, params, V, out=out, alpha=alpha, plan=plan)
 

@@ -12,6 +12,7 @@ from curvops.kronecker.inverse import EKFACInverseLinearOperator, KFACInverseLin
 from curvops.kronecker.kfac import KFACLinearOperator
 from curvops.kronecker.kfoc import KFOCLinearOperator
 from curvops.kronecker.options import FallbackType, FisherType, KFACType
+from curvops.kronecker.staleness import OnStale, StaleFactorsError
 
 __all__ = [
     "EKFACInverseLinearOperator",
@@ -23,4 +24,6 @@ __all__ = [
     "KFACType",
     "KFOCLinearOperator",
     "LayerFactors",
+    "OnStale",
+    "StaleFactorsError",
 ]

@@ -5,11 +5,15 @@ For every batch of the data loop (:meth:`curvops.risk.EmpiricalRisk.batches`) th
 1. evaluates the model (the module itself, with its parameters) while forward hooks record
    each tracked layer's input and output (and count the calls, to reject layers used twice);
 2. asks the loss for the per-datum output factors :math:`S = [s_1, \dots, s_K]`
-   (:meth:`curvops.losses.LossSpec.output_factors`; ``K = C`` for type-2 with ``C``
-   classes, ``mc_samples`` for MC, 1 for the empirical Fisher);
-3. backpropagates all :math:`K` factors at once (``torch.autograd.grad`` with
-   ``is_grads_batched=True``, a vmapped backward; a plain backward for :math:`K = 1`) to
-   every tracked layer's output;
+   (:meth:`curvops.losses.LikelihoodLossSpec.shared_output_factors`; ``mc_samples`` columns
+   for MC, 1 for the empirical Fisher; for type-2 the ``F`` columns of the loss Hessian's square
+   root, split into ``F · P`` columns, one per output position, so that their outer
+   products are the block-diagonal loss Hessian: NOTE [output factors] of
+   :mod:`curvops.losses.likelihood`; ``C · T`` columns for cross-entropy on ``[N, C, T]``);
+3. backpropagates the factors in chunks (``torch.autograd.grad`` with
+   ``is_grads_batched=True``, a vmapped backward; a plain backward for one column) to
+   every tracked layer's output, and, for fallback parameters, computes per-datum gradients
+   of the same (or, see ``fallback_split_positions``, the split) columns;
 4. hands inputs and output gradients to a consumer (the KFAC factors, or the EKFAC
    eigenvalue correction), which multiplies by the batch weight :math:`w_\mathbb{B}`.
 
@@ -17,11 +21,12 @@ The ``forward-only`` type skips steps 2-3. Every fisher type shares this code pa
 
 NOTE [chunks of output factors]: the output gradients of all :math:`K` factors at once take
 :math:`K` times the memory of the layer outputs (a 256-token vocabulary: 256 gradients per
-layer). Factors are therefore backpropagated in chunks whose output gradients stay below
-:data:`FACTOR_CHUNK_ELEMENTS` entries (through the same graph, retained between chunks: the
-same work as one vectorised backward), and the consumer sees one :class:`BatchStatistics` per
-chunk; every consumer sums over the factors, and per-batch statistics of the inputs are added
-only with the first chunk (``new_batch``).
+layer, times the positions for type-2). Factors are therefore formed and backpropagated in
+chunks whose columns and output gradients stay below :data:`FACTOR_CHUNK_ELEMENTS` entries
+(split columns are only ever formed chunk by chunk; the chunks go through the same graph,
+retained between chunks: the same work as one vectorised backward), and the consumer sees
+one :class:`BatchStatistics` per chunk; every consumer sums over the factors, and per-batch
+statistics of the inputs are added only with the first chunk (``new_batch``).
 
 NOTE [MC seeding across ranks] of :mod:`curvops.risk.distributed` applies: each pass
 re-seeds a private generator with the rank's seed, so repeated passes (EKFAC's second pass)
@@ -57,11 +62,13 @@ class BatchStatistics:
         batch: The batch (its ``weight`` is :math:`w_\\mathbb{B}`).
         inputs: Per tracked layer, its positional inputs (detached).
         grad_outputs: Per tracked layer, the output gradients ``[K, *output.shape]``, or
-            ``None`` for ``forward-only``.
+            ``None`` (``forward-only``, or a chunk that only carries fallback gradients).
         fallback_grads: Per fallback parameter, per-datum gradients ``[K, N, *shape]``
             (empty if none were requested).
         new_batch: Whether this is the batch's first chunk of output factors (NOTE [chunks of
             output factors]): per-batch statistics of the inputs are added only then.
+        term_mask: Which loss terms of the batch count (``False`` at ignored targets),
+            ``[N, *positions]``, or ``None`` if all do.
     """
 
     batch: Batch
@@ -69,6 +76,7 @@ class BatchStatistics:
     grad_outputs: list[Tensor | None]
     fallback_grads: list[Tensor]
     new_batch: bool = True
+    term_mask: Tensor | None = None
 
 
 class _Recorder:
@@ -140,7 +148,8 @@ def statistics_pass(
     mc_samples: int,
     seed: int,
     fallback_indices: list[int] | None = None,
-    separate_positions: bool = False,
+    split_positions: bool = False,
+    fallback_split_positions: bool | None = None,
     desc: str = "KFAC statistics",
 ) -> None:
     """Run one pass over the data and feed each batch's layer statistics to ``consume``.
@@ -148,20 +157,26 @@ def statistics_pass(
     Args:
         risk: The data loop.
         layers: The tracked layers.
-        consume: Called once per batch with its :class:`BatchStatistics`.
+        consume: Called per batch and chunk of factors with its :class:`BatchStatistics`.
         fisher_type: Which output factors to backpropagate (none for ``forward-only``).
         mc_samples: Number of Monte-Carlo samples (``mc`` only).
         seed: Seed of the pass's private generator.
         fallback_indices: Positions of parameters needing per-datum gradients (fallback).
-        separate_positions: Split every output factor into one factor per output position
-            (see :func:`separate_output_positions`).
+        split_positions: Split every output factor into one factor per output position
+            for the layers' output gradients (NOTE [output factors] of
+            :mod:`curvops.losses.likelihood`).
+        fallback_split_positions: The same for the fallback's per-datum gradients (default:
+            ``split_positions``).
         desc: Progress bar description.
     """
     fallback_indices = fallback_indices or []
+    if fallback_split_positions is None:
+        fallback_split_positions = split_positions
     backward = fisher_type != FisherType.FORWARD_ONLY
     # NOTE [MC seeding across ranks]
     generator = torch.Generator(device=risk.device).manual_seed(risk.group.rank_seed(seed))
     recorder = _Recorder(layers)
+    loss = risk.loss
     with recorder.installed():
         for batch in risk.batches(desc=desc):
             with torch.set_grad_enabled(backward), recorder.recording():
@@ -172,32 +187,40 @@ def statistics_pass(
                 output = risk.module(batch.X)
             recorder.check_calls()
             inputs = [recorder.inputs[i] for i in range(len(layers))]
+            mask = loss.term_mask(batch.y)
+            none = [None] * len(layers)
             if not backward:
                 recorder.outputs = {}
-                consume(BatchStatistics(batch, inputs, [None] * len(layers), []))
+                consume(BatchStatistics(batch, inputs, none, [], term_mask=mask))
                 continue
-            S = risk.loss.output_factors(
+            S = loss.shared_output_factors(
                 output, batch.y, fisher_type.value, mc_samples=mc_samples, generator=generator
             )
-            if separate_positions:
-                S = separate_output_positions(S)
             layer_outputs = [recorder.outputs[i] for i in range(len(layers))]
-            per_factor = max(1, sum(o.numel() for o in layer_outputs))
-            step = max(1, FACTOR_CHUNK_ELEMENTS // per_factor)
-            for start in range(0, S.shape[0], step):
-                chunk = S[start : start + step]
-                last = start + step >= S.shape[0]
+            # the output gradients of one column, and the column itself
+            per_column = sum(o.numel() for o in layer_outputs) + output.numel()
+            columns = loss.factor_columns(S, split_positions=split_positions)
+            first = True
+            for _, last, chunk in columns.chunks(FACTOR_CHUNK_ELEMENTS // per_column):
                 grads = _backpropagate(output, layer_outputs, chunk, retain_graph=not last)
-                fallback_grads: list[Tensor] = []
-                if fallback_indices:
-                    detached = [p.detach() for p in risk.params]
+                consume(BatchStatistics(batch, inputs, grads, [], first, mask))
+                first = False
+                del grads
+            del output, layer_outputs
+            recorder.outputs = {}
+            if fallback_indices:
+                detached = [p.detach() for p in risk.params]
+                numel = sum(risk.params[i].numel() for i in fallback_indices)
+                per_column = batch.batch_size * numel + S[0].numel()
+                columns = loss.factor_columns(S, split_positions=fallback_split_positions)
+                for _, _, chunk in columns.chunks(FACTOR_CHUNK_ELEMENTS // per_column):
                     fallback_grads = per_datum_vjps(
                         risk.forward, detached, fallback_indices, batch.X, chunk
                     )
-                consume(BatchStatistics(batch, inputs, grads, fallback_grads, start == 0))
-                del grads, fallback_grads
-            del output, layer_outputs
-            recorder.outputs = {}
+                    consume(BatchStatistics(batch, inputs, none, fallback_grads, first, mask))
+                    first = False
+            if first:  # no column at all: the batch's inputs still count
+                consume(BatchStatistics(batch, inputs, none, [], True, mask))
 
 
 def _backpropagate(
@@ -231,20 +254,19 @@ def _backpropagate(
 
 
 def separate_output_positions(S: Tensor) -> Tensor:
-    r"""Split output factors ``[K, N, C, *positions]`` into one factor per position.
+    r"""Split class-axis output factors ``[K, N, C, *positions]`` into one factor per position.
 
-    For type-2 factors of a loss with extra output axes, a column :math:`s_k` may hold the
-    :math:`k`-th column of *every* position's Hessian square root at once
-    (:meth:`curvops.losses.LossSpec.output_factors`; cross-entropy, class axis 1). Then
-    :math:`\sum_k s_k s_k^\top` equals the loss Hessian on each position's block, but a
-    per-datum quantity *squared after backpropagation*, :math:`\sum_k (J^\top s_k)^2`,
-    picks up spurious cross-position terms :math:`J_t^\top S_t S_{t'}^\top J_{t'}`. Masking
-    each column to one position :math:`p` (axes ``2:`` flattened) removes them; columns that
-    are zero at every datum are dropped (elementwise losses already give one column per
-    entry, so nothing is added for them).
+    Kept for code written against earlier versions, whose type-2 cross-entropy factors were
+    shared by all positions: :meth:`curvops.losses.LikelihoodLossSpec.output_factors` now
+    returns split columns already (NOTE [output factors]), which this function returns
+    unchanged up to their order; the data loop forms split columns in chunks with
+    :meth:`curvops.losses.LikelihoodLossSpec.factor_columns` instead. Masking each column to
+    one position :math:`p` (axes ``2:`` flattened) removes the cross-position terms
+    :math:`J_t^\top S_t S_{t'}^\top J_{t'}` of shared columns; columns that are zero at every
+    datum are dropped.
 
     Args:
-        S: Output factors ``[K, N, *output.shape[1:]]``.
+        S: Output factors ``[K, N, *output.shape[1:]]`` with the class axis at 2.
 
     Returns:
         Factors ``[K', N, *output.shape[1:]]`` each supported on one position.

@@ -14,10 +14,12 @@ Q_B^\top`, EKFAC keeps the eigenbasis :math:`Q_B \otimes Q_A` and replaces the e
 
 the squared *per-datum* weight gradients (summed over the shared positions of a datum before
 squaring) in the eigenbasis (notation of NOTE [KFAC scaling] in
-:mod:`curvops.kronecker.factors`). For ``type-2`` the output factors are first split into one
-factor per output position (:func:`curvops.kronecker.collection.separate_output_positions`),
-so that :math:`\sum_k` runs over the columns of each position's loss-Hessian square root and
-:math:`\Lambda^\star` is the exact GGN diagonal also for sequence outputs. This minimises the
+:mod:`curvops.kronecker.factors`). For ``type-2`` the output factors are split into one
+factor per output position (NOTE [output factors] of :mod:`curvops.losses.likelihood`), so
+that :math:`\sum_k` runs over the columns of each position's loss-Hessian square root and
+:math:`\Lambda^\star` is the exact GGN diagonal also for sequence outputs; the empirical
+flavour splits them for ``expand`` too (the empirical Fisher per loss term) and keeps one
+gradient per datum for ``reduce`` (NOTE [KFAC scaling]). This minimises the
 Frobenius distance to the curvature block among all matrices with that eigenbasis, so EKFAC is
 at least as close to it as KFAC.
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from torch.nn.modules.batchnorm import _BatchNorm
-
 from curvops.kronecker.layers import KFACLayer, check_layer_options, supported_layer_type
 from curvops.kronecker.options import FallbackType
 from curvops.risk import EmpiricalRisk
@@ -36,8 +34,9 @@ def discover_layers(
 
     Raises:
         TypeError: If the model is not an ``nn.Module``.
-        ValueError: For tied parameters, BatchNorm in training mode, or parameters of
-            unsupported layers without a fallback.
+        ValueError: For tied parameters, or parameters of unsupported layers without a
+            fallback. (BatchNorm in training mode is refused by the data loop,
+            :class:`curvops.risk.EmpiricalRisk`, for every operator.)
     """
     model = risk.module
     if model is None:
@@ -45,12 +44,6 @@ def discover_layers(
             f"{what} needs model_func to be an nn.Module: it reads layer inputs with forward "
             f"hooks. Wrap your function in an nn.Module whose submodules are the layers."
         )
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and module.training:
-            raise ValueError(
-                f"{type(module).__name__} '{name}' is in training mode, which couples the data "
-                f"of a batch; {what} assumes independent data. Call model.eval() first."
-            )
     places = defaultdict(list)
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for attr, p in module.named_parameters(recurse=False, remove_duplicate=False):

@@ -18,6 +18,8 @@ from curvops.kronecker.kfac import KFACLinearOperator
 from curvops.kronecker.options import FisherType, parse_enum
 from curvops.kronecker.product import DiagonalBlock, EigenCore, FactoredBlocks, MatrixBlock
 from curvops.linear_operator import LinearOperator
+from curvops.risk.concurrency import DATA_PASS_LOCK
+from curvops.risk.finite import require_finite
 from curvops.structured import DiagonalLinearOperator, KroneckerEigenLinearOperator
 
 
@@ -69,10 +71,12 @@ class EKFACLinearOperator(KFACLinearOperator):
         self._corrections = None
 
     def _ensure_factors(self) -> None:
-        if self._factors is None:
-            self.compute_factors()
-        elif self._corrections is None:
-            self._compute_corrections()
+        """Compute factors and corrections if missing, or apply ``on_stale`` if stale."""
+        self._ensure_kronecker_factors()
+        if self._corrections is None:
+            with DATA_PASS_LOCK:  # NOTE [threads]: one thread computes, the others reuse
+                if self._corrections is None:
+                    self._compute_corrections()
 
     def compute_factors(self) -> None:
         """Compute the KFAC factors (one pass) and the eigenvalue corrections (a second pass)."""
@@ -95,7 +99,8 @@ class EKFACLinearOperator(KFACLinearOperator):
 
         def consume(stats) -> None:
             for acc, inputs, grad in zip(accumulators, stats.inputs, stats.grad_outputs):
-                acc.add(inputs, grad, stats.batch.weight)
+                if grad is not None:
+                    acc.add(inputs, grad, stats.batch.weight)
 
         sums = [t for acc in accumulators for t in acc.tensors()]
         with self._risk.partial_sums(sums, what="EKFAC eigenvalue correction"):
@@ -106,7 +111,7 @@ class EKFACLinearOperator(KFACLinearOperator):
                 fisher_type=self._fisher_type,
                 mc_samples=self._mc_samples,
                 seed=self._seed,
-                separate_positions=self._fisher_type == FisherType.TYPE2,
+                split_positions=self._squares_per_position,
                 desc="EKFAC eigenvalue correction",
             )
         corrections = {}
@@ -117,6 +122,13 @@ class EKFACLinearOperator(KFACLinearOperator):
             if acc.bias_sum is not None:
                 entry["bias"] = acc.bias_sum
             corrections[layer.name] = entry
+        self._set_corrections(corrections)
+
+    def _set_corrections(self, corrections: dict[str, dict[str, Tensor]]) -> None:
+        """Store the corrected eigenvalues, refusing NaN or Inf (NOTE [non-finite values])."""
+        for name, entry in corrections.items():
+            what = f"the eigenvalue corrections of layer '{name}'"
+            require_finite(entry.values(), owner=type(self).__name__, what=what)
         self._corrections = corrections
 
     # ---------------------------------------------------------------- product
@@ -253,4 +265,4 @@ class EKFACLinearOperator(KFACLinearOperator):
                 Q = Q.to(self.device, self.dtype).contiguous()
                 cache[(layer.name, which)] = ((Q.T @ matrix @ Q).diagonal().clamp(min=0), Q)
         self._eigen_cache = cache
-        self._corrections = corrections
+        self._set_corrections(corrections)

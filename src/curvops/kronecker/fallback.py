@@ -8,8 +8,11 @@ exact diagonal of the same curvature matrix,
     \operatorname{diag}(C)_i = \sum_\mathbb{B} w_\mathbb{B} \sum_{n \in \mathbb{B}} \sum_k
     \left[J_{\theta} f_n^\top s_k[n]\right]_i^2,
 
-where :math:`s_k[n]` are the same per-datum output factors KFAC backpropagates
-(:meth:`curvops.losses.LossSpec.output_factors`). The per-datum vector-Jacobian products
+where :math:`s_k[n]` are the per-datum output factors of the same curvature
+(:meth:`curvops.losses.LikelihoodLossSpec.output_factors`): for ``type-2`` (and for
+``empirical`` with ``kfac_approx="expand"``) split into one factor per output position, so
+that the diagonal is the exact one of the GGN (of the empirical Fisher per loss term), see
+NOTE [KFAC scaling] of :mod:`curvops.kronecker.factors`. The per-datum vector-Jacobian products
 are computed with ``torch.func``: ``vjp`` for one datum, ``vmap`` over data and factors.
 """
 

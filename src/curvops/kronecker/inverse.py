@@ -40,6 +40,15 @@ eigendecomposition is already cached on the KFAC operator. The structured form
 (:meth:`_BlockInverse.to_block_diagonal`) needs the eigendecompositions and computes them on
 its first call.
 
+NOTE [stale inverses]: an inverse is factorised from the factors of its KFAC/EKFAC operator
+once, so it describes the parameters at which those factors were computed. It remembers their
+parameter versions and, before every product, applies the operator's ``on_stale`` policy
+(NOTE [stale factors] of :mod:`curvops.kronecker.staleness`): ``"raise"`` raises a
+:class:`~curvops.kronecker.staleness.StaleFactorsError` (build a new inverse after
+``compute_factors()``), ``"recompute"`` refreshes the operator's factors if needed and
+factorises them again, ``"ignore"`` keeps the old inverse. Products with NaN or Inf entries
+raise ``FloatingPointError`` (NOTE [non-finite values] of :mod:`curvops.risk.finite`).
+
 NOTE [damping of fallback blocks]: a fallback block :math:`\operatorname{diag}(d)` has no
 factors; it is damped with the coefficient of :math:`I` in the damped Kronecker product,
 :math:`\operatorname{diag}(d) + c I` with :math:`c = \delta_A \delta_B` for factor-wise
@@ -69,7 +78,10 @@ from curvops.kronecker.product import (
     KroneckerCore,
     MatrixBlock,
 )
+from curvops.kronecker.staleness import OnStale, stale_error
 from curvops.linear_operator import LinearOperator
+from curvops.risk.concurrency import DATA_PASS_LOCK
+from curvops.risk.finite import require_finite, require_finite_input
 from curvops.structured import (
     BlockDiagonalLinearOperator,
     DiagonalLinearOperator,
@@ -140,9 +152,42 @@ class _BlockInverse(LinearOperator):
 
     def __init__(self, op: KFACLinearOperator):
         super().__init__(op.in_shapes, op.out_shapes, dtype=op.dtype, device=op.device)
+        self._op = op
+        self._reset()
+        self._build()
+
+    def _reset(self) -> None:
+        """Forget all blocks (before a first or a new factorisation)."""
         self._structured: list[_Structured] = []
         self._product_blocks: list[MatrixBlock | DiagonalBlock] = []
         self._operator: BlockDiagonalLinearOperator | None = None
+
+    def _build(self) -> None:
+        """Factorise the operator's current factors into blocks (then :meth:`_finish`)."""
+        raise NotImplementedError
+
+    def _refresh_if_stale(self) -> None:
+        """Apply the operator's ``on_stale`` policy (NOTE [stale inverses]).
+
+        Raises:
+            StaleFactorsError: If a parameter changed and the policy is ``"raise"``.
+        """
+        changed = self._op._stale_parameters(self._versions)
+        if not changed:
+            return
+        if self._op.on_stale == OnStale.RECOMPUTE:
+            with DATA_PASS_LOCK:  # NOTE [threads]: one thread refactorises, the others reuse
+                if self._op._stale_parameters(self._versions):
+                    self._op._ensure_factors()  # recomputes the operator's factors if stale
+                    self._reset()
+                    self._build()
+            return
+        raise stale_error(
+            type(self).__name__,
+            changed,
+            f"Call compute_factors() on the {type(self._op).__name__} and build a new inverse "
+            "from it.",
+        )
 
     def _weight_block(
         self, layer, f: LayerFactors, vals: Tensor, QA: Tensor | None, QB: Tensor
@@ -194,17 +239,20 @@ class _BlockInverse(LinearOperator):
         self._product_blocks.append(DiagonalBlock((index,), vals))
 
     def _finish(self) -> None:
-        """Assemble the product's blocks."""
+        """Assemble the product's blocks; remember the factors' parameter versions."""
         self._product = FactoredBlocks(
             self._product_blocks, self._in_shapes, dtype=self.dtype, device=self.device, psd=True
         )
+        self._versions = self._op._factor_versions  # NOTE [stale inverses]
 
     def to_block_diagonal(self) -> BlockDiagonalLinearOperator:
         """The inverse as a block-diagonal composition of structured (eigenbasis) blocks.
 
         Built on the first call; for factor-wise and heuristic damping this computes the
-        eigendecompositions of the factors (NOTE [Cholesky inverse factors]).
+        eigendecompositions of the factors (NOTE [Cholesky inverse factors]). A snapshot: it
+        does not follow later changes of the parameters (NOTE [stale inverses]).
         """
+        self._refresh_if_stale()
         if self._operator is None:
             blocks = [build() for build in self._structured]
             self._operator = BlockDiagonalLinearOperator(
@@ -213,7 +261,12 @@ class _BlockInverse(LinearOperator):
         return self._operator
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
-        return self._product._matmat(X)
+        owner = type(self).__name__
+        require_finite_input(X, owner=owner)
+        self._refresh_if_stale()
+        result = self._product._matmat(X)
+        require_finite(result, owner=owner, what="the product")  # NOTE [non-finite values]
+        return result
 
 
 class KFACInverseLinearOperator(_BlockInverse):
@@ -277,14 +330,17 @@ class KFACInverseLinearOperator(_BlockInverse):
             delta = _nonnegative(damping, "damping")
             pair = None if (use_heuristic_damping or use_exact_damping) else (delta, delta)
         min_damping = _nonnegative(min_damping, "min_damping")
-        super().__init__(K)
         self._K = K
         self._damping = damping
+        self._delta, self._pair = delta, pair
         self._heuristic, self._exact = use_heuristic_damping, use_exact_damping
         self._min_damping = min_damping
         self._retry = retry_double_precision
         self._inverse_factors: dict[tuple[str, str, float], Tensor] = {}
+        super().__init__(K)
 
+    def _build(self) -> None:
+        K, delta, pair = self._K, self._delta, self._pair
         for layer, f in K._layer_items():
             if self._exact:
                 self._add_exactly_damped(layer, f, delta)
@@ -427,9 +483,11 @@ class EKFACInverseLinearOperator(_BlockInverse):
                 f"EKFACInverseLinearOperator needs an EKFACLinearOperator, got "
                 f"{type(EK).__name__}. For KFAC use KFACInverseLinearOperator."
             )
-        delta = _nonnegative(damping, "damping")
+        self._damping = _nonnegative(damping, "damping")
         super().__init__(EK)
-        self._damping = delta
+
+    def _build(self) -> None:
+        EK, delta = self._op, self._damping
         corrections = EK.eigenvalue_corrections
         for layer, f in EK._layer_items():
             where = f"{f.module_type} '{layer.name}'"

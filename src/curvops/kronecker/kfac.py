@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops._integer_options import check_positive_int, check_seed
 from curvops.kronecker.blocks import EmbeddingKroneckerLinearOperator, WeightBiasStacking
 from curvops.kronecker.collection import statistics_pass
 from curvops.kronecker.discovery import discover_layers
@@ -34,6 +35,13 @@ from curvops.kronecker.factors import FactorAccumulator, LayerFactors
 from curvops.kronecker.layers import KFACLayer
 from curvops.kronecker.options import FallbackType, FisherType, KFACType, parse_enum
 from curvops.kronecker.product import DiagonalBlock, FactoredBlocks, KroneckerCore, MatrixBlock
+from curvops.kronecker.staleness import (
+    OnStale,
+    ParameterVersions,
+    changed_parameters,
+    parameter_versions,
+    stale_error,
+)
 from curvops.kronecker.state import (
     STATE_VERSION,
     check_state_header,
@@ -42,7 +50,9 @@ from curvops.kronecker.state import (
 )
 from curvops.linear_operator import LinearOperator
 from curvops.risk import EmpiricalRisk
+from curvops.risk.concurrency import DATA_PASS_LOCK
 from curvops.risk.determinism import check_deterministic, loss_and_gradient_probe
+from curvops.risk.finite import require_finite, require_finite_input
 from curvops.structured import (
     BlockDiagonalLinearOperator,
     DiagonalLinearOperator,
@@ -68,17 +78,32 @@ class KFACLinearOperator(LinearOperator):
     batched backward per batch (:mod:`curvops.kronecker.collection`).
 
     The factors are computed on first use (a product, :attr:`factors`, a closed form) or by
-    :meth:`compute_factors`; :meth:`load_state_dict` sets them without a data pass.
+    :meth:`compute_factors`; :meth:`load_state_dict` sets them without a data pass. They
+    describe the parameters *at that time*: after an in-place change of a parameter (an
+    optimiser step, ``load_state_dict`` of the model) a product raises
+    :class:`~curvops.kronecker.staleness.StaleFactorsError` unless ``on_stale`` says
+    otherwise (NOTE [stale factors] of :mod:`curvops.kronecker.staleness`); call
+    :meth:`compute_factors` to refresh them. Factors, eigenvalue corrections and products
+    with NaN or Inf entries raise ``FloatingPointError`` (NOTE [non-finite values] of
+    :mod:`curvops.risk.finite`). Products after the factors are computed need no data and may
+    run in several threads at once; the pass computing the factors holds the lock of NOTE
+    [threads] in :mod:`curvops.risk.concurrency`.
 
     Args:
         model_func: The model, an ``nn.Module`` (forward hooks read the layer inputs).
-        loss_func: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` (reduction
+        loss_func: ``MSELoss``, ``CrossEntropyLoss`` (also with ``ignore_index`` padding and
+            ``label_smoothing``, not with class weights) or ``BCEWithLogitsLoss`` (reduction
             ``"mean"`` or ``"sum"``).
         params: The parameters (a list of the model's tensors, any order, or a dict).
         data: A re-iterable of ``(X, y)`` batches.
         fisher_type: :class:`~curvops.kronecker.options.FisherType`: ``"type-2"`` (the
-            GGN), ``"mc"``, ``"empirical"`` or ``"forward-only"`` (NOTE [forward-only
-            scaling]).
+            GGN), ``"mc"``, ``"empirical"`` (the empirical Fisher per loss term for
+            ``"expand"``, per datum for ``"reduce"``) or ``"forward-only"`` (NOTE
+            [forward-only scaling]). ``"type-2"`` backpropagates one column per class *and
+            output position* (``C · T`` columns for cross-entropy on ``[N, C, T]``, in
+            memory-bounded chunks; NOTE [KFAC scaling]), which makes it the exact limit of
+            ``"mc"`` but costs ``C · T`` backward columns per batch: for large vocabularies
+            or long sequences use ``"mc"``.
         mc_samples: Number of would-be labels per datum (``"mc"`` only).
         kfac_approx: :class:`~curvops.kronecker.options.KFACType`, ``"expand"`` or
             ``"reduce"``, for layers with shared positions.
@@ -99,11 +124,17 @@ class KFACLinearOperator(LinearOperator):
             exact diagonal of the same curvature for those parameters, see
             :mod:`curvops.kronecker.fallback`).
         process_group: See :class:`curvops.risk.EmpiricalRisk`.
+        on_stale: :class:`~curvops.kronecker.staleness.OnStale`, what products and closed
+            forms do if a parameter changed in place since the factors were computed:
+            ``"raise"`` (default) a :class:`~curvops.kronecker.staleness.StaleFactorsError`,
+            ``"recompute"`` the factors, or ``"ignore"`` the change and use the old factors.
 
     Raises:
         ValueError: For unknown options, ``mc_samples != 1`` with a non-MC type, tied
-            parameters, parameters of unsupported layers without a fallback.
-        TypeError: If the model is not an ``nn.Module``.
+            parameters, parameters of unsupported layers without a fallback, BatchNorm in
+            training mode.
+        TypeError: If the model is not an ``nn.Module``, or an integer option is not an
+            integer.
         NotImplementedError: For a loss without likelihood interpretation, or an unsupported
             configuration of a supported layer.
 
@@ -140,28 +171,24 @@ class KFACLinearOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         fallback: str | FallbackType | None = None,
         process_group: Any = None,
+        on_stale: str | OnStale = OnStale.RAISE,
     ):
         name = type(self).__name__
+        self._on_stale = parse_enum(on_stale, OnStale, "on_stale")
         self._fisher_type = parse_enum(fisher_type, FisherType, "fisher_type")
         self._kfac_approx = parse_enum(kfac_approx, KFACType, "kfac_approx")
         self._fallback = (
             None if fallback is None else parse_enum(fallback, FallbackType, "fallback")
         )
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        mc_samples = check_positive_int(mc_samples, "mc_samples")
         if mc_samples != 1 and self._fisher_type != FisherType.MC:
             raise ValueError(
                 f"mc_samples={mc_samples} only applies to fisher_type='mc', but fisher_type="
                 f"'{self._fisher_type.value}'. Leave mc_samples=1 or use fisher_type='mc'."
             )
-        if num_per_example_loss_terms is not None and (
-            isinstance(num_per_example_loss_terms, bool)
-            or not isinstance(num_per_example_loss_terms, int)
-            or num_per_example_loss_terms < 1
-        ):
-            raise ValueError(
-                "num_per_example_loss_terms must be None or a positive integer, got "
-                f"{num_per_example_loss_terms!r}."
+        if num_per_example_loss_terms is not None:
+            num_per_example_loss_terms = check_positive_int(
+                num_per_example_loss_terms, "num_per_example_loss_terms"
             )
         if not isinstance(separate_weight_and_bias, bool):
             raise TypeError(
@@ -184,7 +211,7 @@ class KFACLinearOperator(LinearOperator):
         self._mc_samples = mc_samples
         self._separate_weight_and_bias = separate_weight_and_bias
         self._num_per_example_loss_terms = num_per_example_loss_terms
-        self._seed = int(seed)
+        self._seed = check_seed(seed)
         self._risk = EmpiricalRisk(
             model_func,
             loss_func,
@@ -194,6 +221,7 @@ class KFACLinearOperator(LinearOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
             process_group=process_group,
+            owner=name,
         )
         shapes = self._risk.in_shapes
         super().__init__(shapes, shapes, dtype=self._risk.dtype, device=self._risk.device)
@@ -207,6 +235,7 @@ class KFACLinearOperator(LinearOperator):
         self._operator: BlockDiagonalLinearOperator | None = None
         self._product: FactoredBlocks | None = None
         self._eigen_cache: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+        self._factor_versions: ParameterVersions | None = None  # NOTE [stale factors]
         if check_deterministic:
             self._check_deterministic()
 
@@ -222,6 +251,11 @@ class KFACLinearOperator(LinearOperator):
         return self._kfac_approx
 
     @property
+    def on_stale(self) -> OnStale:
+        """What happens when the parameters change after the factors were computed."""
+        return self._on_stale
+
+    @property
     def params(self) -> list[Tensor]:
         """The parameters, in the operator's order."""
         return list(self._risk.params)
@@ -231,12 +265,75 @@ class KFACLinearOperator(LinearOperator):
         """Names of the parameters in the model, in the operator's order."""
         return list(self._risk.param_names)
 
+    @property
+    def num_data(self) -> int:
+        """Total number of data the operator is defined over."""
+        return self._risk.num_data
+
+    def gradient_and_loss(self) -> tuple[list[Tensor], Tensor]:
+        """Gradient and value of the empirical risk over the operator's data.
+
+        As :meth:`curvops.curvature.CurvatureLinearOperator.gradient_and_loss`: one pass
+        over the data, separate from the factors' pass.
+
+        Returns:
+            The gradient as a tensor list shaped like the parameters, and the risk. Uses the
+            same scaling as the operator (the loss' reduction over all data); does not touch
+            ``.grad``.
+        """
+        loss, grads = self._risk.loss_and_gradient()
+        return grads, loss
+
     # ---------------------------------------------------------------- factors
     @property
     def factors(self) -> dict[str, LayerFactors]:
         """The Kronecker factors per supported layer, keyed by the layer's module name."""
         self._ensure_factors()
         return dict(self._factors)
+
+    def factors_as_share_of(self, num_data: int) -> dict[str, LayerFactors]:
+        r"""The factors of this operator's data as their additive share of ``num_data`` data.
+
+        For an operator over a part :math:`\mathbb{S}` (:math:`N_\mathbb{S}` =
+        :attr:`num_data` data) of a data set of :math:`N` = ``num_data`` data, returns
+        :attr:`factors` with :math:`A` averaged over the rows of :math:`N` data instead of
+        :math:`N_\mathbb{S}` (times :math:`N_\mathbb{S}/N`, :math:`a_b` likewise) and
+        :math:`B` normalised by the data set's loss reduction factor (times
+        :math:`N_\mathbb{S}/N` for ``reduction="mean"``, unchanged for ``"sum"``; NOTE
+        [KFAC scaling] of :mod:`curvops.kronecker.factors`). Adding the shares of the parts
+        of a data set factor by factor gives the factors of an operator over the whole data
+        set (given the same number of rows and loss terms per datum, as in NOTE [batch
+        weights] of :mod:`curvops.risk.empirical_risk`). This is how laplace-torch
+        accumulates Kronecker factors over the batches of a data loader
+        (:mod:`curvops.integrations.laplace`).
+
+        Args:
+            num_data: Number of data :math:`N \ge N_\mathbb{S}` of the whole data set.
+
+        Returns:
+            The shares, keyed like :attr:`factors` (fresh tensors).
+
+        Raises:
+            ValueError: If ``num_data`` is smaller than this operator's number of data, or
+                for ``fisher_type="forward-only"`` (its :math:`B = I` is no sum over data).
+        """
+        if isinstance(num_data, bool) or int(num_data) != num_data or num_data < self.num_data:
+            raise ValueError(
+                f"num_data must be the size of a data set containing this operator's "
+                f"{self.num_data} data (an integer >= {self.num_data}), got {num_data!r}."
+            )
+        if self._fisher_type == FisherType.FORWARD_ONLY:
+            raise ValueError(
+                "fisher_type='forward-only' sets the gradient factors to the identity, which "
+                "is not a sum over data, so they have no share. Scale the input factors with "
+                "LayerFactors.scaled(input_scale=...) instead."
+            )
+        fraction = self.num_data / num_data
+        mean = self._risk.loss.reduction == "mean"
+        return {
+            name: f.scaled(input_scale=fraction, gradient_scale=fraction if mean else 1.0)
+            for name, f in self.factors.items()
+        }
 
     @property
     def fallback_diagonals(self) -> dict[str, Tensor]:
@@ -245,8 +342,53 @@ class KFACLinearOperator(LinearOperator):
         return dict(self._fallback_diagonals)
 
     def _ensure_factors(self) -> None:
-        if self._factors is None:
+        """Compute the factors if missing, or apply :attr:`on_stale` if they are stale."""
+        self._ensure_kronecker_factors()
+
+    def _ensure_kronecker_factors(self) -> None:
+        """:meth:`_ensure_factors` for the Kronecker factors only (EKFAC adds corrections)."""
+        if self._factors is not None and not self._stale_parameters(self._factor_versions):
+            return
+        with DATA_PASS_LOCK:  # NOTE [threads]: one thread computes, the others then reuse
+            if self._factors is None:
+                self.compute_factors()
+            else:
+                self._refresh_if_stale()
+
+    def _stale_parameters(self, versions: ParameterVersions | None) -> list[str]:
+        """Names of the parameters changed since ``versions`` (NOTE [stale factors])."""
+        if versions is None or self._on_stale == OnStale.IGNORE:
+            return []
+        return changed_parameters(versions, self._risk.params, self._risk.param_names)
+
+    def _refresh_if_stale(self) -> None:
+        """Apply :attr:`on_stale` if a parameter changed since the factors were computed.
+
+        Raises:
+            StaleFactorsError: If a parameter changed and ``on_stale="raise"``.
+        """
+        changed = self._stale_parameters(self._factor_versions)
+        if not changed:
+            return
+        if self._on_stale == OnStale.RECOMPUTE:
             self.compute_factors()
+            return
+        raise stale_error(
+            type(self).__name__,
+            changed,
+            "Call compute_factors() to recompute them at the current parameters (and build "
+            "inverses anew), or build a new operator.",
+        )
+
+    @property
+    def _squares_per_position(self) -> bool:
+        """Whether squared per-datum gradients come from output factors split per position.
+
+        Used by the fallback diagonal and EKFAC's correction (NOTE [KFAC scaling]).
+        """
+        if self._fisher_type == FisherType.TYPE2:
+            return True
+        return self._fisher_type == FisherType.EMPIRICAL and self._kfac_approx == KFACType.EXPAND
 
     def compute_factors(self) -> None:
         """Compute the factors with one pass over the data (replacing existing ones)."""
@@ -267,7 +409,7 @@ class KFACLinearOperator(LinearOperator):
         def consume(stats) -> None:
             w = stats.batch.weight
             for acc, inputs, grad in zip(accumulators, stats.inputs, stats.grad_outputs):
-                acc.add(inputs, grad, w, with_inputs=stats.new_batch)
+                acc.add(inputs, grad, w, with_inputs=stats.new_batch, term_mask=stats.term_mask)
             for diag, g in zip(diagonals, stats.fallback_grads):
                 diag.add_(g.square().sum(dim=(0, 1)), alpha=w)
 
@@ -280,6 +422,8 @@ class KFACLinearOperator(LinearOperator):
                 mc_samples=self._mc_samples,
                 seed=self._seed,
                 fallback_indices=self._fallback_indices,
+                split_positions=self._fisher_type == FisherType.TYPE2,
+                fallback_split_positions=self._squares_per_position,
                 desc=f"{type(self).__name__} factors",
             )
             for acc in accumulators:
@@ -294,6 +438,13 @@ class KFACLinearOperator(LinearOperator):
         )
 
     def _set_factors(self, factors: dict[str, LayerFactors], diagonals: dict[str, Tensor]) -> None:
+        owner = type(self).__name__
+        for name, f in factors.items():  # NOTE [non-finite values]
+            what = f"the factors of {f.module_type} '{name}'"
+            require_finite(f.tensors().values(), owner=owner, what=what)
+        for name, d in diagonals.items():
+            require_finite([d], owner=owner, what=f"the fallback diagonal of '{name}'")
+        self._factor_versions = parameter_versions(self._risk.params)  # NOTE [stale factors]
         self._factors, self._fallback_diagonals = factors, diagonals
         self._operator = None
         self._product = None
@@ -325,9 +476,8 @@ class KFACLinearOperator(LinearOperator):
             KeyError: For an unknown layer.
         """
         key = (layer_name, factor)
+        self._ensure_kronecker_factors()
         if key not in self._eigen_cache:
-            if self._factors is None:
-                self.compute_factors()
             if layer_name not in self._factors:
                 raise KeyError(f"No layer '{layer_name}'; the layers are {sorted(self._factors)}.")
             f = self._factors[layer_name]
@@ -371,7 +521,12 @@ class KFACLinearOperator(LinearOperator):
         return blocks
 
     def to_block_diagonal(self) -> BlockDiagonalLinearOperator:
-        """The operator as a block-diagonal composition of structured blocks (built once)."""
+        """The operator as a block-diagonal composition of structured blocks (built once).
+
+        The result is a snapshot of the current factors; it does not follow later changes of
+        the parameters (NOTE [stale factors]).
+        """
+        self._ensure_factors()
         if self._operator is None:
             blocks = self._build_blocks()
             self._operator = BlockDiagonalLinearOperator(
@@ -401,10 +556,15 @@ class KFACLinearOperator(LinearOperator):
         return FactoredBlocks(blocks, shapes, dtype=self.dtype, device=self.device, psd=True)
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
-        if self._product is None:
-            self._ensure_factors()
-            self._product = self._build_product()
-        return self._product._matmat(X)
+        owner = type(self).__name__
+        require_finite_input(X, owner=owner)
+        self._ensure_factors()  # NOTE [stale factors]
+        product = self._product  # a local reference: another thread may reset the attribute
+        if product is None:
+            product = self._product = self._build_product()
+        result = product._matmat(X)
+        require_finite(result, owner=owner, what="the product")  # NOTE [non-finite values]
+        return result
 
     # ---------------------------------------------------------------- closed forms
     def _block_eigenvalues(self) -> list[Tensor]:

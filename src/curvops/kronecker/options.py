@@ -14,7 +14,8 @@ class FisherType(str, Enum):
 
     Attributes:
         TYPE2: The type-II Fisher, i.e. the GGN: backpropagates the columns of a square root
-            of the loss Hessian w.r.t. the model output.
+            of the loss Hessian w.r.t. the model output, one set per output position
+            (``C · T`` columns for cross-entropy on ``[N, C, T]``; the limit of ``MC``).
         MC: The Monte-Carlo Fisher: backpropagates gradients of would-be labels sampled
             from the model's likelihood.
         EMPIRICAL: The empirical Fisher: backpropagates the gradients of the observed labels.

@@ -9,12 +9,22 @@ was wrong and how to fix it.
 from __future__ import annotations
 
 from enum import Enum
-from numbers import Integral, Real
+from numbers import Real
 
 from torch import Tensor
 
+from curvops._integer_options import check_positive_int
 from curvops.linear_operator import LinearOperator
 from curvops.structured import TensorLinearOperator
+
+__all__ = [
+    "as_linear_operator",
+    "check_positive_float",
+    "check_positive_int",
+    "parse_enum",
+    "require_self_adjoint",
+    "require_square",
+]
 
 
 def as_linear_operator(A: object, what: str = "A") -> LinearOperator:
@@ -80,28 +90,6 @@ def require_self_adjoint(A: LinearOperator, routine: str, advice: str) -> None:
             f"{routine} requires a symmetric operator (A.is_self_adjoint is False for "
             f"{type(A).__name__}). {advice}"
         )
-
-
-def check_positive_int(value: object, what: str, *, minimum: int = 1) -> int:
-    """Check that ``value`` is an integer ``>= minimum``.
-
-    Args:
-        value: The value to check.
-        what: Name of the argument, used in error messages.
-        minimum: Smallest allowed value.
-
-    Returns:
-        The value as a Python ``int``.
-
-    Raises:
-        TypeError: If ``value`` is not an integer.
-        ValueError: If ``value < minimum``.
-    """
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{what} must be an integer, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value}.")
-    return int(value)
 
 
 def check_positive_float(value: object, what: str, *, allow_zero: bool = False) -> float:

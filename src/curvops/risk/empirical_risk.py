@@ -7,10 +7,19 @@ NOTE [batch weights]: the empirical risk is
 :math:`\mathcal{L}_\mathbb{D} = \sum_\mathbb{B} (R_\mathbb{D}/R_\mathbb{B}) \mathcal{L}_\mathbb{B}`
 (paper eq. (7)). Any quantity linear in the batch loss (gradient, Hessian, GGN, Fisher, KFAC
 statistics) is computed per batch *from the batch loss* and multiplied by the batch weight
-:math:`w_\mathbb{B} = R_\mathbb{D}/R_\mathbb{B}`, which is :math:`N_\mathbb{B}/N` for
-``reduction="mean"`` and ``1`` for ``reduction="sum"`` (assuming every datum contributes the
-same number of loss terms, e.g. a fixed sequence length). Hence batching never changes the
-matrix: three uneven batches give the same operator as one batch holding all data.
+:math:`w_\mathbb{B} = R_\mathbb{D}/R_\mathbb{B}`, which is :math:`Z_\mathbb{B}/Z_\mathbb{D}` for
+``reduction="mean"`` and ``1`` for ``reduction="sum"``. :math:`Z_\mathbb{B}` is PyTorch's own
+normaliser of the batch's mean (NOTE [loss scaling] in :mod:`curvops.losses.base`: the number
+of loss terms, of non-ignored targets, or the sum of their class weights) and
+:math:`Z_\mathbb{D} = \sum_\mathbb{B} Z_\mathbb{B}` the data set's, counted once per operator
+at construction by a pass over the *targets* (no forward pass; summed across processes, NOTE
+[data parallelism]). Hence batching never changes the matrix: uneven batches, padding
+(``ignore_index``), class weights and sequences whose length differs between batches give the
+same operator as one batch holding all data. A batch whose loss terms are all ignored
+(:math:`Z_\mathbb{B} = 0`, a ``nan`` batch loss in PyTorch) contributes nothing and is
+skipped. For a loss whose normaliser ``curvops`` does not know (a custom loss module), it
+counts data, which is exact if every datum has the same number of loss terms; an error is
+raised if the targets' entries per datum differ between batches.
 """
 
 from __future__ import annotations
@@ -25,8 +34,22 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from curvops._integer_options import check_positive_int
 from curvops.losses import LossSpec, make_loss_spec
+from curvops.risk.concurrency import DATA_PASS_LOCK
+from curvops.risk.data_checks import (
+    check_batch_dtypes,
+    check_data_container,
+    check_loss_tensors,
+    unpack_batch,
+)
 from curvops.risk.distributed import ProcessGroupHandle, check_rank_summaries
+from curvops.risk.finite import require_finite
+from curvops.risk.module_state import (
+    BufferGuard,
+    explained_buffer_updates,
+    refuse_batchnorm_in_training,
+)
 
 _SUMMARY_LABELS = {
     "shapes": "parameter shapes",
@@ -75,21 +98,35 @@ class EmpiricalRisk:
             (any subset of the model's parameters, any order) or a dict name -> tensor.
         data: A re-iterable of ``(X, y)`` batches (a list, a ``DataLoader``).
         progressbar: Show a tqdm progress bar over batches.
-        num_data: Number of data in ``data`` (counted with one pass over ``data`` if
-            ``None``); when distributed, the size of this process's shard (the total is
-            summed across processes).
+        num_data: Number of data in ``data``, a positive integer (counted with one pass over
+            ``data`` if ``None``); when distributed, the size of this process's shard (the
+            total is summed across processes). With ``reduction="mean"`` the construction
+            passes over the data once anyway, to count the loss normaliser from the targets
+            (NOTE [batch weights]).
         batch_size_fn: Maps ``X`` to its batch size; required if ``X`` is a mapping.
         process_group: ``torch.distributed`` process group whose ranks each hold a shard of
             the data (default ``None``: the world group if ``torch.distributed`` is
             initialised; ``True``: the world group, required); pass ``False`` to opt out and
             treat the local data as everything. See NOTE [data parallelism] in
             :mod:`curvops.risk.distributed`.
+        owner: Name of the operator using the loop, for error messages.
+
+    Attributes:
+        num_data: Number of data (all processes).
+        normaliser: :math:`Z_\\mathbb{D}`, the ``"mean"`` normaliser of the whole data set
+            (all processes; ``0`` for ``"sum"``), NOTE [batch weights].
 
     Raises:
-        ValueError: For parameters that are not usable, empty data or a bad data format;
-            when distributed, also for an empty shard on any rank or parameter shapes,
-            dtypes or losses that differ between ranks (raised on every rank).
-        TypeError: For a one-shot iterator as data.
+        ValueError: For parameters that are not usable, empty data, a bad data format
+            (e.g. ``data=(X, y)`` instead of ``[(X, y)]``), a non-positive ``num_data``, or
+            BatchNorm in training mode (NOTE [module buffers]); when distributed, also for
+            an empty shard on any rank or parameter shapes, dtypes or losses that differ
+            between ranks (raised on every rank); for ``"mean"``, if every target is
+            ignored, or if a custom loss gets targets with different entries per datum (see
+            NOTE [batch weights]).
+        TypeError: For a one-shot iterator as data, a non-integer ``num_data``, or data or
+            loss tensors whose dtype differs from the parameters' (NOTE [data dtypes and
+            devices]).
     """
 
     def __init__(
@@ -103,7 +140,9 @@ class EmpiricalRisk:
         num_data: int | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         process_group: Any = None,
+        owner: str = "EmpiricalRisk",
     ):
+        self.owner = owner
         self.model_func = model_func
         self.module = model_func if isinstance(model_func, nn.Module) else None
         if self.module is None and not callable(model_func):
@@ -111,6 +150,9 @@ class EmpiricalRisk:
                 f"model_func must be an nn.Module or a callable (params, X) -> output, got "
                 f"{type(model_func)}."
             )
+        refuse_batchnorm_in_training(self.module, owner)  # NOTE [module buffers]
+        if num_data is not None:
+            num_data = check_positive_int(num_data, "num_data")
         self.loss_func = loss_func
         self.loss: LossSpec | None = None if loss_func is None else make_loss_spec(loss_func)
         self.batch_size_fn = batch_size_fn
@@ -125,6 +167,9 @@ class EmpiricalRisk:
         elif self.local_num_data <= 0:
             raise ValueError("The data is empty: it yields no data points.")
         self.num_data = sum(int(s["num_data"]) for s in summaries)
+        self.normaliser = sum(float(s["normaliser"]) for s in summaries)
+        if self._reduction == "mean":
+            self._check_normaliser(summaries)
 
     def _bind(self, params, data: Iterable, num_data: int | None) -> dict[str, Any]:
         """Bind parameters and data, count this shard; return a summary for the other ranks."""
@@ -132,15 +177,42 @@ class EmpiricalRisk:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.in_shapes = [tuple(p.shape) for p in self.params]
+        check_loss_tensors(self.loss_func, self.dtype, self.device)
         self.data = self._check_data(data)
-        self.local_num_data = self._count_data() if num_data is None else int(num_data)
+        counted, self.local_normaliser, terms = self._scan_data(count=num_data is None)
+        self.local_num_data = counted if num_data is None else int(num_data)
         return {
             "num_data": self.local_num_data,
+            "normaliser": self.local_normaliser,
+            "terms_per_datum": terms,
             "shapes": self.in_shapes,
             "dtype": str(self.dtype),
             "loss": None if self.loss_func is None else type(self.loss_func).__name__,
             "reduction": self._reduction,
         }
+
+    def _check_normaliser(self, summaries: list[dict[str, Any]]) -> None:
+        """Refuse data whose ``"mean"`` normaliser is zero or unknowable (on every rank alike).
+
+        Raises:
+            ValueError: If every loss term is ignored, or if a loss whose normaliser
+                ``curvops`` does not know gets targets with different entries per datum.
+        """
+        if self.normaliser <= 0 and self.num_data > 0:
+            raise ValueError(
+                f"{self.loss.name}(reduction='mean') has nothing to average over: every loss "
+                "term of the data is ignored (e.g. all targets equal ignore_index)."
+            )
+        terms = sorted({t for s in summaries for t in s["terms_per_datum"]})
+        if len(terms) > 1:
+            raise ValueError(
+                f"{self.loss.name}(reduction='mean'): curvops does not know this loss's "
+                "normaliser and weights batches by their number of data, which is exact only if "
+                "every datum has the same number of loss terms; but the targets have "
+                f"{terms} entries per datum in different batches. Use reduction='sum' and scale "
+                "the operator by 1 / (your number of loss terms), e.g. "
+                "`(1 / Z) * HessianLinearOperator(...)`."
+            )
 
     # ---------------------------------------------------------------- binding
     def _bind_params(self, params) -> tuple[list[Tensor], list[str], bool]:
@@ -189,6 +261,7 @@ class EmpiricalRisk:
         return tensors, names, as_dict
 
     def _check_data(self, data: Iterable) -> Iterable:
+        check_data_container(data)
         try:
             with self.rng_isolation():  # iter() of a shuffling DataLoader draws a seed
                 it = iter(data)
@@ -204,7 +277,7 @@ class EmpiricalRisk:
     def batch_size(self, X: Any) -> int:
         """Number of data in the input batch ``X``."""
         if self.batch_size_fn is not None:
-            return int(self.batch_size_fn(X))
+            return check_positive_int(self.batch_size_fn(X), "batch_size_fn(X)", minimum=0)
         if isinstance(X, Mapping):
             raise ValueError(
                 "X is a mapping (e.g. a HuggingFace BatchEncoding): pass batch_size_fn, e.g. "
@@ -215,17 +288,42 @@ class EmpiricalRisk:
         return X.shape[0]
 
     def _unpack(self, batch: Any) -> tuple[Any, Any]:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(
-                f"Each batch must be a pair (X, y); got {type(batch).__name__}"
-                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                + "."
-            )
-        return batch[0], batch[1]
+        X, y = unpack_batch(batch)
+        # NOTE [data dtypes and devices]
+        check_batch_dtypes(X, y, self.dtype, with_targets=self.loss is not None)
+        return X, y
 
-    def _count_data(self) -> int:
+    def _scan_data(self, *, count: bool) -> tuple[int, float, list[int]]:
+        """One pass over the targets: data count, normaliser and entries per datum.
+
+        No forward pass; skipped if neither the count nor the normaliser is needed
+        (NOTE [batch weights]).
+
+        Args:
+            count: Whether the number of data is needed.
+
+        Returns:
+            The number of data (0 if not counted), this shard's normaliser
+            :math:`\\sum_\\mathbb{B} Z_\\mathbb{B}` (0 for ``"sum"``) and the distinct
+            target entries per datum of a loss with unknown normaliser.
+        """
+        mean = self._reduction == "mean"
+        if not (count or mean):
+            return 0, 0.0, []
+        num, normaliser, terms = 0, 0.0, set()
         with self.rng_isolation():
-            return sum(self.batch_size(self._unpack(b)[0]) for b in self.data)
+            for raw in self.data:
+                X, y = self._unpack(raw)
+                n = self.batch_size(X)
+                if n == 0:  # NOTE [empty batches]
+                    continue
+                num += n
+                if mean:
+                    normaliser += self.loss.normaliser(y, n)
+                    t = self.loss.terms_per_datum(y, n)
+                    if t is not None:
+                        terms.add(t)
+        return num, normaliser, sorted(terms)
 
     # ---------------------------------------------------------------- the data loop
     def rng_isolation(self) -> contextlib.AbstractContextManager:
@@ -235,6 +333,13 @@ class EmpiricalRisk:
 
     def batches(self, desc: str = "") -> Iterator[Batch]:
         """Iterate over the data (the one data loop of ``curvops``).
+
+        NOTE [empty batches]: a batch without data (``batch_size(X) == 0``, e.g. the last
+        batch of a filtered loader) is skipped: it has no loss terms, so it contributes
+        nothing to any matrix, while evaluating it would give a ``nan`` mean loss.
+
+        The pass holds the process-wide lock of NOTE [threads] and restores the model's
+        buffers after every batch (NOTE [module buffers]).
 
         Args:
             desc: Description shown in the progress bar.
@@ -246,21 +351,38 @@ class EmpiricalRisk:
             ValueError: If a pass yields a different number of data than counted.
         """
         total = len(self.data) if hasattr(self.data, "__len__") else None
-        seen = 0
-        with self.rng_isolation():
+        mean = self._reduction == "mean"
+        seen, seen_normaliser = 0, 0.0
+        with DATA_PASS_LOCK, self.rng_isolation(), BufferGuard(self.module) as buffers:
             for raw in tqdm(
                 self.data, desc=desc, total=total, disable=not self.progressbar, leave=False
             ):
                 X, y = self._unpack(raw)
                 n = self.batch_size(X)
+                if n == 0:  # NOTE [empty batches]
+                    continue
                 seen += n
-                weight = n / self.num_data if self._reduction == "mean" else 1.0
+                weight = 1.0
+                if mean:  # NOTE [batch weights]
+                    z = self.loss.normaliser(y, n)
+                    seen_normaliser += z
+                    if z == 0:  # every loss term ignored: contributes nothing
+                        continue
+                    weight = z / self.normaliser
                 yield Batch(_to_device(X, self.device), _to_device(y, self.device), n, weight)
+                buffers.restore()
         if seen != self.local_num_data:
             raise ValueError(
                 f"A pass over the data yielded {seen} data, but num_data says "
                 f"{self.local_num_data}. Pass num_data matching the data (or leave it None), "
                 "and avoid loaders with drop_last=True and random sampling."
+            )
+        if mean and abs(seen_normaliser - self.local_normaliser) > 1e-9 * self.local_normaliser:
+            raise ValueError(
+                f"A pass over the data gave the loss normaliser {seen_normaliser:g} (e.g. the "
+                f"number of non-ignored targets), but the first pass counted "
+                f"{self.local_normaliser:g}: the data changed between passes. Pass the same data "
+                "every time (no random sampling or augmentation of the targets)."
             )
 
     @property
@@ -332,21 +454,29 @@ class EmpiricalRisk:
         Returns:
             The risk (a scalar tensor) and its gradient as a tensor list shaped like the
             parameters. Does not touch ``.grad``.
+
+        Raises:
+            FloatingPointError: If the risk or the gradient contains NaN or Inf (NOTE
+                [non-finite values]).
         """
         if self.loss is None:
             raise ValueError("This operator has no loss function.")
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grads = [torch.zeros_like(p) for p in self.params]
-        with self.partial_sums([total, *grads], what="The loss and gradient"):
-            for batch in self.batches(desc="gradient"):
+        batches = contextlib.closing(self.batches(desc="gradient"))  # ends on errors too
+        with self.partial_sums([total, *grads], what="The loss and gradient"), batches as loop:
+            for batch in loop:
                 g, loss = self._grad_and_value(batch)
                 total += batch.weight * loss.detach()
                 for acc, gi in zip(grads, g):
                     acc.add_(gi, alpha=batch.weight)
+        require_finite([total], owner=self.owner, what="the loss")  # NOTE [non-finite values]
+        require_finite(grads, owner=self.owner, what="the gradient")
         return total, grads
 
     def _grad_and_value(self, batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
         params = [p.detach() for p in self.params]
-        return torch.func.grad_and_value(
-            lambda *p: self.batch_loss(p, batch), argnums=tuple(range(len(params)))
-        )(*params)
+        with explained_buffer_updates(self.owner):
+            return torch.func.grad_and_value(
+                lambda *p: self.batch_loss(p, batch), argnums=tuple(range(len(params)))
+            )(*params)

@@ -1,7 +1,8 @@
 """Ground truths for verifying operators: dense ``torch.func`` references and a checker.
 
-``dense_hessian``, ``dense_ggn``, ``dense_ef`` and ``dense_jacobian`` build the dense
-matrices of the same risk the operators represent, independently of the operators' code;
+``dense_hessian``, ``dense_ggn``, ``dense_ef``, ``dense_jacobian`` (and
+``dense_gradient_and_loss``) build the dense matrices of the same risk the operators
+represent, independently of the operators' code;
 ``assert_operator_matches`` checks an operator against a dense matrix through every entry
 point.
 """
@@ -11,6 +12,7 @@ from curvops.testing.dense import (
     dense_block_diagonal,
     dense_ef,
     dense_ggn,
+    dense_gradient_and_loss,
     dense_hessian,
     dense_jacobian,
 )
@@ -20,6 +22,7 @@ __all__ = [
     "dense_block_diagonal",
     "dense_ef",
     "dense_ggn",
+    "dense_gradient_and_loss",
     "dense_hessian",
     "dense_jacobian",
 ]

@@ -7,21 +7,24 @@ operators and to let users verify them. They are deliberately written without th
 ``curvops`` (no data loop, no loss knowledge), so that they stay an independent check.
 
 NOTE [risk scaling]: following Dangel et al. (2025), eqs. (1) and (7), the empirical risk
-on data :math:`\mathbb{D}` with per-datum losses :math:`\ell_n` is
+on data :math:`\mathbb{D}` is the loss module's reduction applied to *all* loss terms at once,
 
 .. math::
 
-    \mathcal{L}_\mathbb{D}(\theta) = R_\mathbb{D} \sum_{n \in \mathbb{D}} \ell_n(\theta)
-    = \sum_\mathbb{B} \frac{R_\mathbb{D}}{R_\mathbb{B}} \mathcal{L}_\mathbb{B}(\theta),
+    \mathcal{L}_\mathbb{D}(\theta) = \frac{1}{Z_\mathbb{D}} \sum_\mathbb{B}
+    \mathcal{L}^\text{sum}_\mathbb{B}(\theta),
+    \qquad Z_\mathbb{D} = \sum_\mathbb{B} Z_\mathbb{B},
 
-where a batch :math:`\mathbb{B}` with :math:`N_\mathbb{B}` data has the batch loss
-:math:`\mathcal{L}_\mathbb{B} = R_\mathbb{B} \sum_{n \in \mathbb{B}} \ell_n` returned by the
-loss module. For ``reduction="sum"`` :math:`R_\mathbb{D} / R_\mathbb{B} = 1`; for
-``reduction="mean"`` :math:`R_\mathbb{D} / R_\mathbb{B} = N_\mathbb{B} / N` with
-:math:`N = \sum_\mathbb{B} N_\mathbb{B}`. The datum loss :math:`\ell_n` sums over all loss
-terms of datum :math:`n` (the leading axis of the model output indexes data), e.g. over the
-positions of a sequence, and :math:`R_\mathbb{D} = 1 / (\text{number of loss terms})` for
-``"mean"``.
+where :math:`\mathcal{L}^\text{sum}_\mathbb{B}` is the batch's loss with ``reduction="sum"``
+(a weighted sum of its loss terms) and :math:`Z_\mathbb{B}` the denominator PyTorch's
+``reduction="mean"`` divides that sum by. The references read :math:`Z_\mathbb{B}` off
+PyTorch itself, as the ratio :math:`\mathcal{L}^\text{sum}_\mathbb{B} /
+\mathcal{L}^\text{mean}_\mathbb{B}` of the loss module evaluated with both reductions (the
+number of entries, of non-ignored targets, the sum of their class weights, ...; ``0`` for a
+batch whose mean is ``nan`` because all its terms are ignored), without any knowledge of the
+loss. For ``reduction="sum"``, :math:`Z_\mathbb{D} = 1`. Every matrix is built from the
+batches' *sum*-reduced losses and divided by :math:`Z_\mathbb{D}` once, so it is the matrix of
+the mean over all loss terms, however the data are batched, padded or weighted.
 
 NOTE [parameter order]: all matrices are indexed by the flattened parameters
 :math:`\theta = \mathrm{cat}(\mathrm{vec}\,\theta_1, \dots, \mathrm{vec}\,\theta_L)` in the
@@ -51,9 +54,6 @@ from torch.func import functional_call, hessian, jacrev
 
 Params = Sequence[Tensor] | Mapping[str, Tensor]
 Data = Iterable[tuple[Any, Tensor]]
-
-# losses whose "mean" reduction factor R_D the empirical Fisher reference knows
-_EF_MEAN_LOSSES = ("MSELoss", "BCEWithLogitsLoss", "CrossEntropyLoss")
 
 
 # ==================================================================== input handling
@@ -198,47 +198,57 @@ def _reduction(loss_func: nn.Module) -> str:
     return reduction
 
 
-def _check_mean_is_per_datum(loss_func: nn.Module, y: Tensor) -> None:
-    """Refuse mean-reduced cross-entropy whose normaliser is not the number of loss terms."""
-    if type(loss_func).__name__ != "CrossEntropyLoss" or loss_func.reduction != "mean":
-        return
-    if loss_func.weight is not None:
-        raise ValueError(
-            "CrossEntropyLoss(reduction='mean') with class weights normalises by the summed "
-            "weights, not by the number of data: use reduction='sum' or no weights."
-        )
-    if not y.is_floating_point() and bool((y == loss_func.ignore_index).any()):
-        raise ValueError(
-            f"Targets contain ignore_index={loss_func.ignore_index}, so "
-            f"CrossEntropyLoss(reduction='mean') does not average over all data: remove "
-            f"those targets or use reduction='sum'."
-        )
+def _with_reduction(loss_func: nn.Module, reduction: str) -> nn.Module:
+    """A shallow copy of ``loss_func`` with another reduction (the caller's module is untouched)."""
+    copied = copy.copy(loss_func)
+    copied.reduction = reduction
+    return copied
 
 
-def _batch_factors(loss_func: nn.Module, batches: list[tuple[Any, Tensor, int]]) -> list[float]:
-    r"""The factors :math:`R_\mathbb{D} / R_\mathbb{B}` of NOTE [risk scaling]."""
-    reduction = _reduction(loss_func)
-    for _, y, _ in batches:
-        _check_mean_is_per_datum(loss_func, y)
-    if reduction == "sum":
-        return [1.0] * len(batches)
-    total = sum(n for _, _, n in batches)
-    return [n / total for _, _, n in batches]
+def _batch_normaliser(loss_func: nn.Module, output: Tensor, y: Tensor, index: int) -> float:
+    r"""PyTorch's ``"mean"`` denominator :math:`Z_\mathbb{B}` of one batch (NOTE [risk scaling])."""
+    with torch.no_grad():
+        total = _with_reduction(loss_func, "sum")(output, y)
+        mean = _with_reduction(loss_func, "mean")(output, y)
+    if bool(torch.isnan(mean)) and not bool(torch.isnan(total)):
+        return 0.0  # all of the batch's loss terms are ignored: 0 / 0
+    if float(mean) == 0.0:
+        raise ValueError(
+            f"Batch {index}: the loss is zero, so its 'mean' normaliser cannot be read off "
+            "PyTorch as sum / mean. Use data with a non-zero loss, or reduction='sum'."
+        )
+    return float(total / mean)
+
+
+def _total_normaliser(
+    loss_func: nn.Module, model: _FlatModel, batches: list[tuple[Any, Tensor, int]]
+) -> float:
+    r""":math:`Z_\mathbb{D}` of NOTE [risk scaling] (``1`` for ``reduction="sum"``)."""
+    if _reduction(loss_func) == "sum":
+        return 1.0
+    Z = sum(
+        _batch_normaliser(loss_func, model(model.theta, X).detach(), y, i)
+        for i, (X, y, _) in enumerate(batches)
+    )
+    if Z <= 0:
+        raise ValueError("Every loss term of the data is ignored: the mean is undefined.")
+    return Z
 
 
 def _risk_weighted_sum(
-    batch_matrix: Callable[[_FlatModel, Any, Tensor], Tensor],
+    batch_matrix: Callable[[_FlatModel, Any, Tensor, nn.Module], Tensor],
     model_func: nn.Module | Callable,
     loss_func: nn.Module,
     params: Params,
     data: Data,
     batch_size_fn: Callable[[Any], int] | None,
 ) -> Tensor:
-    r"""Sum of per-batch ``[D, D]`` matrices scaled by the factors of NOTE [risk scaling].
+    r"""Sum of per-batch ``[D, D]`` matrices of the sum-reduced losses over :math:`Z_\mathbb{D}`.
 
     Args:
-        batch_matrix: Maps the flat model, a batch's inputs and labels to the batch's matrix
-            (e.g. the Hessian of the batch loss).
+        batch_matrix: Maps the flat model, a batch's inputs and labels, and the loss module
+            with ``reduction="sum"`` to the batch's matrix (e.g. the Hessian of the batch's
+            summed loss).
         model_func: See :func:`dense_hessian`.
         loss_func: See :func:`dense_hessian`.
         params: See :func:`dense_hessian`.
@@ -246,16 +256,18 @@ def _risk_weighted_sum(
         batch_size_fn: See :func:`dense_hessian`.
 
     Returns:
-        :math:`\sum_\mathbb{B} (R_\mathbb{D} / R_\mathbb{B}) M_\mathbb{B}`, ``[D, D]``.
+        :math:`\frac{1}{Z_\mathbb{D}} \sum_\mathbb{B} M_\mathbb{B}`, ``[D, D]``
+        (NOTE [risk scaling]).
     """
     model = _FlatModel(model_func, params)
     batches = _batches(data, batch_size_fn, model.device)
-    factors = _batch_factors(loss_func, batches)
+    Z = _total_normaliser(loss_func, model, batches)
+    loss_sum = _with_reduction(loss_func, "sum")
     D = model.theta.numel()
     total = torch.zeros(D, D, dtype=model.dtype, device=model.device)
-    for (X, y, _), c in zip(batches, factors):
-        total = total + c * batch_matrix(model, X, y)
-    return total
+    for X, y, _ in batches:
+        total = total + batch_matrix(model, X, y, loss_sum)
+    return total / Z
 
 
 # ==================================================================== references
@@ -273,10 +285,10 @@ def dense_hessian(
 
     .. math::
 
-        H = \sum_\mathbb{B} \frac{R_\mathbb{D}}{R_\mathbb{B}} \nabla^2_\theta
-        \mathcal{L}_\mathbb{B}(\theta),
+        H = \frac{1}{Z_\mathbb{D}} \sum_\mathbb{B} \nabla^2_\theta
+        \mathcal{L}^\text{sum}_\mathbb{B}(\theta),
 
-    with the factors of NOTE [risk scaling] (Dangel et al. (2025), eqs. (2) and (7)).
+    with the normaliser of NOTE [risk scaling] (Dangel et al. (2025), eqs. (2) and (7)).
 
     Args:
         model_func: An ``nn.Module`` (``params`` must be among its parameters; the others
@@ -301,13 +313,49 @@ def dense_hessian(
         torch.Size([8, 8])
     """
 
-    def batch_hessian(model: _FlatModel, X: Any, y: Tensor) -> Tensor:
+    def batch_hessian(model: _FlatModel, X: Any, y: Tensor, loss_sum: nn.Module) -> Tensor:
         def batch_loss(theta: Tensor) -> Tensor:
-            return loss_func(model(theta, X), y)
+            return loss_sum(model(theta, X), y)
 
         return hessian(batch_loss)(model.theta)
 
     return _risk_weighted_sum(batch_hessian, model_func, loss_func, params, data, batch_size_fn)
+
+
+def dense_gradient_and_loss(
+    model_func: nn.Module | Callable,
+    loss_func: nn.Module,
+    params: Params,
+    data: Data,
+    *,
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Gradient and value of the empirical risk :math:`\mathcal{L}_\mathbb{D}`.
+
+    :math:`\mathcal{L}_\mathbb{D} = \frac{1}{Z_\mathbb{D}} \sum_\mathbb{B}
+    \mathcal{L}^\text{sum}_\mathbb{B}` (NOTE [risk scaling]); the gradient by
+    ``torch.func.grad``.
+
+    Args:
+        model_func: See :func:`dense_hessian`.
+        loss_func: See :func:`dense_hessian`.
+        params: See :func:`dense_hessian`.
+        data: See :func:`dense_hessian`.
+        batch_size_fn: See :func:`dense_hessian`.
+
+    Returns:
+        The flat gradient ``[D]`` (NOTE [parameter order]) and the risk (a 0-dim tensor).
+    """
+    model = _FlatModel(model_func, params)
+    batches = _batches(data, batch_size_fn, model.device)
+    Z = _total_normaliser(loss_func, model, batches)
+    loss_sum = _with_reduction(loss_func, "sum")
+
+    def risk(theta: Tensor) -> Tensor:
+        return sum(loss_sum(model(theta, X), y) for X, y, _ in batches) / Z
+
+    grad, value = torch.func.grad_and_value(risk)(model.theta)
+    return grad, value.detach()
 
 
 def dense_ggn(
@@ -322,8 +370,8 @@ def dense_ggn(
 
     .. math::
 
-        G = \sum_\mathbb{B} \frac{R_\mathbb{D}}{R_\mathbb{B}} J_\mathbb{B}^\top
-        \left(\nabla^2_{f} \mathcal{L}_\mathbb{B}\right) J_\mathbb{B},
+        G = \frac{1}{Z_\mathbb{D}} \sum_\mathbb{B} J_\mathbb{B}^\top
+        \left(\nabla^2_{f} \mathcal{L}^\text{sum}_\mathbb{B}\right) J_\mathbb{B},
 
     where :math:`J_\mathbb{B}` is the Jacobian of the batch's stacked model outputs
     :math:`f` w.r.t. :math:`\theta` (``torch.func.jacrev``) and
@@ -343,39 +391,62 @@ def dense_ggn(
         The ``[D, D]`` GGN on the parameters' device and in their dtype.
     """
 
-    def batch_ggn(model: _FlatModel, X: Any, y: Tensor) -> Tensor:
+    def batch_ggn(model: _FlatModel, X: Any, y: Tensor, loss_sum: nn.Module) -> Tensor:
         output = model(model.theta, X).detach()
         J = jacrev(model)(model.theta, X).reshape(output.numel(), model.theta.numel())
-        H_out = hessian(lambda out: loss_func(out, y))(output)
+        H_out = hessian(lambda out: loss_sum(out, y))(output)
         H_out = H_out.reshape(output.numel(), output.numel())
         return J.T @ H_out @ J
 
     return _risk_weighted_sum(batch_ggn, model_func, loss_func, params, data, batch_size_fn)
 
 
-def _datum_loss_sum(loss_func: nn.Module) -> nn.Module:
-    """A copy of ``loss_func`` with ``reduction="sum"`` (the caller's module is untouched)."""
-    loss_sum = copy.copy(loss_func)
-    loss_sum.reduction = "sum"
-    return loss_sum
+# losses whose reduction="none" gives per-entry (element-wise) or per-position (class axis 1)
+# losses, so that the references can form one loss per loss term
+_ELEMENTWISE_LOSSES = ("MSELoss", "BCEWithLogitsLoss", "BCELoss", "L1Loss", "HuberLoss")
+_CLASS_LOSSES = ("CrossEntropyLoss", "NLLLoss")
+_GRADIENT_OF = ("loss-term", "datum")
 
 
-def _num_loss_terms(loss_func: nn.Module, output: Tensor) -> int:
-    """Number of terms a mean-reduced known loss averages over in a batch."""
-    name = type(loss_func).__name__
-    if name not in _EF_MEAN_LOSSES:
+def _check_classes(loss_func: nn.Module, output: Tensor) -> None:
+    if type(loss_func).__name__ in _CLASS_LOSSES and output.ndim < 2:
         raise ValueError(
-            f"dense_ef knows the 'mean' reduction factor only for {', '.join(_EF_MEAN_LOSSES)}; "
-            f"got {name}. Use reduction='sum' for other losses."
+            f"{type(loss_func).__name__} needs outputs [N, C, ...] with a leading data axis, "
+            f"got shape {tuple(output.shape)}."
         )
-    if name == "CrossEntropyLoss":
-        if output.ndim < 2:
-            raise ValueError(
-                f"CrossEntropyLoss needs outputs [N, C, ...] with a leading data axis, got "
-                f"shape {tuple(output.shape)}."
-            )
-        return output.numel() // output.shape[1]
-    return output.numel()
+
+
+def _term_losses(loss_func: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-loss-term losses ``[N, P]``: one per position of every datum (summing features)."""
+    name = type(loss_func).__name__
+    if name not in _ELEMENTWISE_LOSSES + _CLASS_LOSSES:
+        raise ValueError(
+            f"dense_ef(gradient_of='loss-term') knows the loss terms of "
+            f"{', '.join(_ELEMENTWISE_LOSSES + _CLASS_LOSSES)} only; got {name}. Use "
+            "gradient_of='datum' for other losses."
+        )
+    none = _with_reduction(loss_func, "none")
+
+    def terms(output: Tensor, y: Tensor) -> Tensor:
+        losses = none(output, y)  # class losses: [N, *positions]; element-wise: like output
+        if name in _ELEMENTWISE_LOSSES and losses.ndim >= 2:
+            losses = losses.sum(dim=-1)  # the features of a position form one loss term
+        return losses.reshape(output.shape[0], -1)
+
+    return terms
+
+
+def _datum_losses(loss_func: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-datum losses ``[N, 1]``: the sum-reduced loss of each row of the batch."""
+    loss_sum = _with_reduction(loss_func, "sum")
+
+    def datums(output: Tensor, y: Tensor) -> Tensor:
+        n = output.shape[0]
+        return torch.stack([loss_sum(output[j : j + 1], y[j : j + 1]) for j in range(n)])[
+            :, None
+        ]
+
+    return datums
 
 
 def dense_ef(
@@ -385,46 +456,52 @@ def dense_ef(
     data: Data,
     *,
     batch_size_fn: Callable[[Any], int] | None = None,
+    gradient_of: str = "loss-term",
 ) -> Tensor:
-    r"""Dense empirical Fisher, the un-centered covariance of per-datum loss gradients.
+    r"""Dense empirical Fisher, the un-centered covariance of per-term or per-datum gradients.
 
     .. math::
 
-        E = R_\mathbb{D} \sum_{n \in \mathbb{D}} \nabla_\theta \ell_n
-        \left(\nabla_\theta \ell_n\right)^\top
+        E = \frac{1}{Z_\mathbb{D}} \sum_{i} \nabla_\theta \ell_i
+        \left(\nabla_\theta \ell_i\right)^\top
 
-    (Dangel et al. (2025), eq. (6); Kunstner et al. (2019)). The datum loss
-    :math:`\ell_n` is the loss module with ``reduction="sum"`` on row ``n`` of the batch
-    output (so it sums the datum's loss terms, e.g. over sequence positions), and its
-    gradient comes from ``torch.func.jacrev`` of all of a batch's datum losses.
-    :math:`R_\mathbb{D} = 1` for ``"sum"``; for ``"mean"`` it is one over the total number
-    of loss terms: output entries for ``MSELoss`` and ``BCEWithLogitsLoss``, data times
-    extra output positions for ``CrossEntropyLoss`` (class axis 1).
+    (Dangel et al. (2025), eq. (6); Kunstner et al. (2019)), with the normaliser
+    :math:`Z_\mathbb{D}` of NOTE [risk scaling]. For ``gradient_of="loss-term"``,
+    :math:`i` runs over the loss terms of all data: the loss module with
+    ``reduction="none"``, summed over the last (feature) axis for element-wise losses
+    (``MSELoss``, ``BCEWithLogitsLoss``, ...; class-axis losses such as
+    ``CrossEntropyLoss`` already give one loss per position), one gradient per entry
+    (position) of each datum. For ``gradient_of="datum"``, :math:`i` runs over the data: the
+    loss module with ``reduction="sum"`` on row ``n`` of the batch output (summing the
+    datum's loss terms, e.g. over sequence positions). The gradients come from
+    ``torch.func.jacrev`` of all of a batch's term (or datum) losses.
 
     Args:
         model_func: See :func:`dense_hessian`.
-        loss_func: See :func:`dense_hessian`. Any twice-differentiable loss works with
-            ``reduction="sum"``; ``"mean"`` is supported for ``MSELoss``,
-            ``BCEWithLogitsLoss`` and ``CrossEntropyLoss``.
+        loss_func: See :func:`dense_hessian`. ``gradient_of="loss-term"`` needs a PyTorch
+            loss with a per-entry or per-position ``reduction="none"``; ``"datum"`` accepts
+            any loss.
         params: See :func:`dense_hessian`.
         data: See :func:`dense_hessian`.
         batch_size_fn: See :func:`dense_hessian`.
+        gradient_of: ``"loss-term"`` (default) or ``"datum"``.
 
     Returns:
         The ``[D, D]`` empirical Fisher on the parameters' device and in their dtype.
 
     Raises:
-        ValueError: For ``reduction="mean"`` with a loss whose number of terms is unknown, or
-            if a batch's model output does not have the batch size as leading axis.
+        ValueError: For an unknown ``gradient_of``, a loss whose loss terms are unknown
+            (``"loss-term"``), or if a batch's model output does not have the batch size as
+            leading axis.
     """
+    if gradient_of not in _GRADIENT_OF:
+        raise ValueError(f"gradient_of must be one of {_GRADIENT_OF}, got {gradient_of!r}.")
     model = _FlatModel(model_func, params)
     batches = _batches(data, batch_size_fn, model.device)
-    reduction = _reduction(loss_func)
-    _batch_factors(loss_func, batches)  # input checks
-    loss_sum = _datum_loss_sum(loss_func)
+    _reduction(loss_func)
+    losses = _term_losses(loss_func) if gradient_of == "loss-term" else _datum_losses(loss_func)
     D = model.theta.numel()
     E = torch.zeros(D, D, dtype=model.dtype, device=model.device)
-    num_terms = 0
     for i, (X, y, n) in enumerate(batches):
         output = model(model.theta, X).detach()
         if output.ndim == 0 or output.shape[0] != n:
@@ -432,16 +509,14 @@ def dense_ef(
                 f"Batch {i}: the model output has shape {tuple(output.shape)}, but the batch "
                 f"has {n} data; the empirical Fisher needs the data on the output's leading axis."
             )
-        if reduction == "mean":
-            num_terms += _num_loss_terms(loss_func, output)
+        _check_classes(loss_func, output)
 
-        def datum_losses(theta: Tensor, X=X, y=y, n=n) -> Tensor:
-            out = model(theta, X)
-            return torch.stack([loss_sum(out[j : j + 1], y[j : j + 1]) for j in range(n)])
+        def batch_losses(theta: Tensor, X=X, y=y) -> Tensor:
+            return losses(model(theta, X), y).reshape(-1)
 
-        grads = jacrev(datum_losses)(model.theta)  # [N_B, D]
+        grads = jacrev(batch_losses)(model.theta)  # [N_B * terms, D]
         E = E + grads.T @ grads
-    return E / num_terms if reduction == "mean" else E
+    return E / _total_normaliser(loss_func, model, batches)
 
 
 def dense_jacobian(

@@ -1,0 +1,95 @@
+r"""``CrossEntropyLoss`` as a categorical likelihood per position.
+
+The output is ``[N, C, *positions]`` (class axis 1). Per position,
+:math:`\nabla_f^2 \ell = \mathrm{diag}(p) - p p^\top` with :math:`p = \mathrm{softmax}(f)`,
+whose square root :math:`\mathrm{diag}(\sqrt p) - p \sqrt{p}^\top` has ``C`` columns; would-be
+labels :math:`\hat y \sim \mathrm{Cat}(p)` give gradients :math:`p - e_{\hat y}`.
+
+* ``ignore_index`` marks padding: ignored positions are no loss terms (zero factors, no
+  samples drawn there) and do not count in the normaliser.
+* ``label_smoothing`` :math:`\varepsilon` replaces the one-hot target by
+  :math:`q = (1 - \varepsilon) e_y + \varepsilon / C`. The loss :math:`-\sum_c q_c \log p_c`
+  has the same Hessian :math:`\mathrm{diag}(p) - p p^\top` (as :math:`\sum_c q_c = 1`): the
+  model's likelihood is still :math:`\mathrm{Cat}(p)`, so type-2 and MC factors are unchanged,
+  and the empirical Fisher uses the smoothed loss' gradient :math:`p - q`.
+* Class weights ``weight=`` scale each term by :math:`w_y` and enter the normaliser; they
+  have no likelihood reading, so Fisher-type quantities refuse them (the exact operators
+  accept them). Class probabilities as targets are refused for Fisher types too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.functional import one_hot
+
+from curvops.losses.base import ClassIndexLossSpec
+from curvops.losses.likelihood import LikelihoodLossSpec
+
+
+class CrossEntropyLossSpec(LikelihoodLossSpec, ClassIndexLossSpec):
+    """``nn.CrossEntropyLoss`` (class axis 1)."""
+
+    def feature_axis(self, output_ndim: int) -> int | None:  # noqa: D102
+        return 1
+
+    def check_target(self, output: Tensor, y: Tensor) -> None:  # noqa: D102
+        if y.dtype.is_floating_point:
+            raise NotImplementedError(
+                "Fisher-type quantities with CrossEntropyLoss need integer class labels; "
+                "got floating-point targets (class probabilities)."
+            )
+        if output.ndim < 2:
+            raise ValueError(
+                f"CrossEntropyLoss: Fisher-type quantities need outputs [N, C, ...] with a "
+                f"leading data axis, got shape {tuple(output.shape)}."
+            )
+        expected = (output.shape[0], *output.shape[2:])
+        if tuple(y.shape) != expected:
+            raise ValueError(
+                f"CrossEntropyLoss: targets of shape {tuple(y.shape)} do not match outputs of "
+                f"shape {tuple(output.shape)} (expected targets {expected})."
+            )
+
+    def _one_hot(self, y: Tensor, C: int, dtype: torch.dtype) -> Tensor:
+        """One-hot targets ``[N, C, *]`` (zero at ignored positions)."""
+        mask = y != self.loss_func.ignore_index
+        safe = torch.where(mask, y, torch.zeros_like(y))
+        return (one_hot(safe, C).movedim(-1, 1) * mask.unsqueeze(1)).to(dtype)
+
+    def term_gradients(self, output: Tensor, y: Tensor) -> Tensor:  # noqa: D102
+        C = output.shape[1]
+        target = self._one_hot(y, C, output.dtype)
+        eps = self.loss_func.label_smoothing
+        if eps:
+            target = (1 - eps) * target + eps / C
+        return output.softmax(dim=1) - target
+
+    def sampled_gradients(  # noqa: D102
+        self, output: Tensor, y: Tensor, mc_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        C = output.shape[1]
+        probs = output.softmax(dim=1)
+        rows = probs.movedim(1, -1)  # [N, *positions, C]
+        flat = rows.reshape(-1, C)  # one row per position
+        keep = (y != self.loss_func.ignore_index).reshape(-1)
+        # draws at the kept positions only: padding neither gets nor shifts samples
+        kept = flat[keep]
+        # rows with NaN (from non-finite outputs) are sampled from a uniform instead (which
+        # multinomial accepts); their factors stay NaN through `probs` and the operator
+        # reports them (NOTE [non-finite values] in curvops.risk.finite)
+        kept = torch.where(kept.isfinite().all(dim=1, keepdim=True), kept, torch.ones_like(kept))
+        labels = torch.multinomial(kept, mc_samples, replacement=True, generator=generator)
+        onehot = torch.zeros(mc_samples, flat.shape[0], C, dtype=output.dtype, device=output.device)
+        onehot[:, keep] = one_hot(labels.T, C).to(output.dtype)  # [S, M, C]
+        grads = flat.unsqueeze(0) * keep.unsqueeze(-1).to(output.dtype) - onehot
+        return grads.reshape(mc_samples, *rows.shape).movedim(-1, 2)
+
+    def hessian_sqrt_columns(self, output: Tensor) -> Tensor:  # noqa: D102
+        C = output.shape[1]
+        p = output.softmax(dim=1)
+        sp = p.sqrt()
+        # S = diag(sqrt p) - p sqrt(p)^T  satisfies S S^T = diag(p) - p p^T
+        eye = torch.eye(C, dtype=output.dtype, device=output.device)
+        e = eye.reshape((C, 1, C) + (1,) * (output.ndim - 2))  # column index k, class index i
+        return e * sp.unsqueeze(0) - p.unsqueeze(0) * sp.movedim(1, 0).unsqueeze(2)

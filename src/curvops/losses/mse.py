@@ -1,0 +1,37 @@
+r"""``MSELoss`` as a Gaussian likelihood.
+
+Per position, :math:`\ell_{n,p} = \sum_i (f_{n,p,i} - y_{n,p,i})^2`: a Gaussian with covariance
+:math:`\frac{1}{2} I`, so :math:`\nabla_f^2 \ell_{n,p} = 2 I` with square root
+:math:`\sqrt{2} I`, and would-be gradients :math:`\sqrt{2}\,\varepsilon`,
+:math:`\varepsilon \sim \mathcal{N}(0, I)`. The features are the last axis of the output.
+"""
+
+from __future__ import annotations
+
+from math import sqrt
+
+import torch
+from torch import Tensor
+
+from curvops.losses.base import ElementwiseLossSpec
+from curvops.losses.likelihood import LikelihoodLossSpec, identity_columns
+
+
+class MSELossSpec(LikelihoodLossSpec, ElementwiseLossSpec):
+    """``nn.MSELoss``: normaliser = number of entries."""
+
+    def feature_axis(self, output_ndim: int) -> int | None:  # noqa: D102
+        return output_ndim - 1 if output_ndim >= 2 else None
+
+    def term_gradients(self, output: Tensor, y: Tensor) -> Tensor:  # noqa: D102
+        return 2 * (output - y)
+
+    def sampled_gradients(  # noqa: D102
+        self, output: Tensor, y: Tensor, mc_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        shape = (mc_samples, *output.shape)
+        eps = torch.randn(shape, generator=generator, dtype=output.dtype, device=output.device)
+        return sqrt(2.0) * eps
+
+    def hessian_sqrt_columns(self, output: Tensor) -> Tensor:  # noqa: D102
+        return sqrt(2.0) * identity_columns(output, self.feature_axis(output.ndim))

@@ -1,0 +1,107 @@
+"""The model's own state during data passes: no BatchNorm in train mode, buffers untouched.
+
+NOTE [module buffers]: an operator represents a fixed matrix of the *caller's* model, so no
+pass over the data may change the model. Two things could:
+
+* BatchNorm in training mode normalises with statistics of the current batch, so a datum's
+  output depends on the other data of its batch: the curvature then depends on how the data
+  are batched, and the per-datum structure every operator assumes (KFAC's factors, the
+  Fishers' per-datum gradients) does not exist. Every operator refuses it at construction
+  (:func:`refuse_batchnorm_in_training`) and asks for ``model.eval()``.
+* A forward pass may update buffers in place: running statistics of normalisation layers in
+  training mode (e.g. ``InstanceNorm`` with ``track_running_stats=True``), step counters or
+  moving averages of custom modules. :class:`BufferGuard` snapshots the module's buffers when
+  a pass starts and restores any buffer a batch changed (detected by its version counter,
+  so a pass that changes nothing copies nothing), so every batch sees the caller's buffers
+  and the caller gets them back unchanged. Inside ``torch.func`` transforms PyTorch forbids
+  such updates; :func:`explained_buffer_updates` turns its message into one that names the
+  cause.
+
+``model.training`` is never changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def refuse_batchnorm_in_training(module: nn.Module | None, owner: str) -> None:
+    """Raise if a BatchNorm layer of ``module`` is in training mode (NOTE [module buffers]).
+
+    Args:
+        module: The model (``None`` for a plain function, which cannot be inspected).
+        owner: The operator, for the message.
+
+    Raises:
+        ValueError: Naming the first BatchNorm layer in training mode.
+    """
+    if module is None:
+        return
+    for name, sub in module.named_modules():
+        if isinstance(sub, _BatchNorm) and sub.training:
+            raise ValueError(
+                f"{type(sub).__name__} '{name or '<root>'}' is in training mode, which couples "
+                f"the data of a batch; {owner} assumes independent data. Call model.eval() "
+                "first."
+            )
+
+
+class BufferGuard:
+    """Context that snapshots a module's buffers on entry and restores them on exit.
+
+    See NOTE [module buffers]. Entering copies every buffer once; :meth:`restore` (also run
+    on exit) copies back only buffers whose version counter moved since the snapshot or the
+    last restore.
+
+    Args:
+        module: The model, or ``None`` (then the guard does nothing).
+    """
+
+    def __init__(self, module: nn.Module | None):
+        self._module = module
+        self._entries: list[tuple[Tensor, Tensor, int]] = []
+
+    def __enter__(self) -> BufferGuard:
+        buffers = [] if self._module is None else list(self._module.buffers())
+        self._entries = [(b, b.detach().clone(), b._version) for b in buffers]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Copy back every buffer changed since the snapshot (or the last restore)."""
+        for i, (buffer, saved, version) in enumerate(self._entries):
+            if buffer._version != version:
+                buffer.detach().copy_(saved)
+                self._entries[i] = (buffer, saved, buffer._version)
+
+
+@contextmanager
+def explained_buffer_updates(owner: str) -> Iterator[None]:
+    """Explain PyTorch's refusal to update a buffer inside a ``torch.func`` transform.
+
+    Args:
+        owner: The operator, for the message.
+
+    Raises:
+        RuntimeError: Naming the cause and the fix (NOTE [module buffers]); other errors pass
+            unchanged.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if "mutate a captured Tensor" not in str(e):
+            raise
+        raise RuntimeError(
+            f"{owner}: the model updates a tensor in place during its forward pass (e.g. a "
+            "counter or moving-average buffer of a custom module), which the autodiff "
+            "transforms of curvops (torch.func) forbid. Call model.eval() if the update "
+            "happens only in training mode, or make the forward pass free of in-place updates "
+            "of buffers (curvops restores buffers after every batch anyway, NOTE [module "
+            "buffers])."
+        ) from e
