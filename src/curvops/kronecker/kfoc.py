@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from curvops._integer_options import check_positive_int
+from curvops.curvature.fisher import GradientOf
 from curvops.kronecker.collection import BatchStatistics, statistics_pass
 from curvops.kronecker.factors import LayerFactors
 from curvops.kronecker.gram import add_gram_upper_, mirror_upper_
@@ -44,6 +46,8 @@ from curvops.kronecker.rearrangement import (
     TokenGradients,
     choose_layout,
 )
+from curvops.kronecker.staleness import OnStale
+from curvops.risk.finite import require_finite
 
 _Statistics = RowGradients | MatrixGradients | TokenGradients
 
@@ -63,12 +67,6 @@ class BlockConvergence:
     converged: bool
 
 
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return value
-
-
 class KFOCLinearOperator(KFACLinearOperator):
     r"""Per layer, the Kronecker product nearest in Frobenius norm to the exact curvature block.
 
@@ -83,7 +81,9 @@ class KFOCLinearOperator(KFACLinearOperator):
     on the row-major weight matrix (NOTE [Kronecker order] of
     :mod:`curvops.structured.kronecker`), where :math:`C^{(l)}` is the layer's *exact* block
     of the GGN (``fisher_type="type-2"``, the default), the MC Fisher (``"mc"``, with the same
-    seeded would-be labels in every pass) or the empirical Fisher (``"empirical"``). It is
+    seeded would-be labels in every pass; :class:`~curvops.FisherMCLinearOperator`) or the
+    empirical Fisher (``"empirical"``; :class:`~curvops.EFLinearOperator` with the same
+    ``gradient_of``). It is
     the top singular pair of the rearranged block (Van Loan & Pitsianis (1993); the KFOC of
     Koroko et al. (2023)), found matrix-free by a power iteration with batched per-datum
     products (NOTE [rearranged block] of :mod:`curvops.kronecker.rearrangement`, NOTE [KFOC
@@ -114,8 +114,14 @@ class KFOCLinearOperator(KFACLinearOperator):
         params: The parameters (a list of the model's tensors, any order, or a dict).
         data: A re-iterable of ``(X, y)`` batches.
         fisher_type: ``"type-2"`` (the GGN), ``"mc"`` or ``"empirical"``: the curvature
-            whose blocks are approximated.
+            whose blocks are approximated. ``"type-2"`` backpropagates one column per class
+            *and output position* (``C · T`` columns for cross-entropy on ``[N, C, T]``, as
+            the exact block has no cross-position terms): use ``"mc"`` for long sequences and
+            large vocabularies.
         mc_samples: Number of would-be labels per datum (``"mc"`` only).
+        gradient_of: ``"empirical"`` only: ``"loss-term"`` (default; one gradient per
+            output position) or ``"datum"`` (the gradient of a datum's summed loss), as for
+            :class:`~curvops.EFLinearOperator`.
         separate_weight_and_bias: Whether weight and bias of a layer get separate blocks.
         max_iterations: Maximum number of power iterations; each multiplies every
             unconverged block once with its rearrangement (the first one is a pass over the
@@ -132,11 +138,15 @@ class KFOCLinearOperator(KFACLinearOperator):
         fallback: ``None`` (raise for parameters of unsupported layers) or ``"diagonal"``
             (the exact diagonal of the same curvature for them).
         process_group: See :class:`curvops.risk.EmpiricalRisk`.
+        on_stale: What products do after a parameter changed in place, as for
+            :class:`~curvops.kronecker.kfac.KFACLinearOperator`.
 
     Raises:
         ValueError: For ``fisher_type="forward-only"`` (it has no curvature block to
-            approximate), bad iteration options, and everything
+            approximate), ``gradient_of`` with another type than ``"empirical"``, bad
+            iteration options, and everything
             :class:`~curvops.kronecker.kfac.KFACLinearOperator` raises.
+        TypeError: If ``max_iterations`` or ``max_cache_bytes`` is not an integer.
 
     Examples:
         >>> import torch
@@ -159,6 +169,7 @@ class KFOCLinearOperator(KFACLinearOperator):
         *,
         fisher_type: str | FisherType = FisherType.TYPE2,
         mc_samples: int = 1,
+        gradient_of: str | GradientOf | None = None,
         separate_weight_and_bias: bool = True,
         max_iterations: int = 20,
         tolerance: float = 1e-3,
@@ -170,6 +181,7 @@ class KFOCLinearOperator(KFACLinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         fallback: str | FallbackType | None = None,
         process_group: Any = None,
+        on_stale: str | OnStale = OnStale.RAISE,
     ):
         fisher_type = parse_enum(fisher_type, FisherType, "fisher_type")
         if fisher_type == FisherType.FORWARD_ONLY:
@@ -178,19 +190,17 @@ class KFOCLinearOperator(KFACLinearOperator):
                 "fisher_type='forward-only' does not define (it computes no gradients). Use "
                 "'type-2', 'mc' or 'empirical', or KFACLinearOperator for forward-only KFAC."
             )
-        self._max_iterations = _positive_int(max_iterations, "max_iterations")
+        if gradient_of is not None and fisher_type != FisherType.EMPIRICAL:
+            raise ValueError(
+                f"gradient_of={gradient_of!r} only applies to fisher_type='empirical', but "
+                f"fisher_type='{fisher_type.value}'. Leave gradient_of unset."
+            )
+        self._gradient_of = parse_enum(gradient_of or "loss-term", GradientOf, "gradient_of")
+        self._max_iterations = check_positive_int(max_iterations, "max_iterations")
         if isinstance(tolerance, bool) or not isinstance(tolerance, Real) or not tolerance > 0:
             raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}.")
         self._tolerance = float(tolerance)
-        if (
-            isinstance(max_cache_bytes, bool)
-            or not isinstance(max_cache_bytes, int)
-            or max_cache_bytes < 0
-        ):
-            raise ValueError(
-                f"max_cache_bytes must be a non-negative integer, got {max_cache_bytes!r}."
-            )
-        self._max_cache_bytes = max_cache_bytes
+        self._max_cache_bytes = check_positive_int(max_cache_bytes, "max_cache_bytes", minimum=0)
         self._convergence: dict[str, BlockConvergence] = {}
         super().__init__(
             model_func,
@@ -208,6 +218,7 @@ class KFOCLinearOperator(KFACLinearOperator):
             batch_size_fn=batch_size_fn,
             fallback=fallback,
             process_group=process_group,
+            on_stale=on_stale,
         )
         # the statistics come from the model's layers; the blocks (the KFAC machinery's
         # "layers") split a layer's separate bias into a block of its own
@@ -254,10 +265,31 @@ class KFOCLinearOperator(KFACLinearOperator):
         super().load_state_dict(state)
         self._convergence = {}
 
+    @property
+    def gradient_of(self) -> GradientOf | None:
+        """Whose gradients the empirical Fisher sums (``None`` for the other types)."""
+        return self._gradient_of if self._fisher_type == FisherType.EMPIRICAL else None
+
     def _config(self) -> dict[str, Any]:
         config = super()._config()
         del config["kfac_approx"], config["num_per_example_loss_terms"]
+        if self._fisher_type == FisherType.EMPIRICAL:
+            config["gradient_of"] = self._gradient_of.value
         return config
+
+    @property
+    def _squares_per_position(self) -> bool:
+        """Whether the per-datum gradients come from output factors split per position.
+
+        The exact blocks of the GGN and of the loss-term empirical Fisher have no
+        cross-position terms (NOTE [output factors] of :mod:`curvops.losses.likelihood`).
+        """
+        if self._fisher_type == FisherType.TYPE2:
+            return True
+        return (
+            self._fisher_type == FisherType.EMPIRICAL
+            and self._gradient_of == GradientOf.LOSS_TERM
+        )
 
     # ---------------------------------------------------------------- factors
     def compute_factors(self) -> None:
@@ -283,8 +315,7 @@ class KFOCLinearOperator(KFACLinearOperator):
                     self._cached_products(cache, iterations, products, f"{what} ({step})")
                 else:
                     self._pass_products(iterations, products, f"{what} ({step})")
-            for name in active:
-                iterations[name].update(products[name])
+            self._update(iterations, products)
         del cache
 
         factors = {}
@@ -342,6 +373,8 @@ class KFOCLinearOperator(KFACLinearOperator):
             nonlocal cache, cached_bytes
             w = stats.batch.weight
             for layer, inputs, grad in zip(layers, stats.inputs, stats.grad_outputs):
+                if grad is None:  # a chunk with fallback gradients only
+                    continue
                 g = layer.grad_rows(grad)  # [K, N, T, m]
                 if layer.name in bias_sums:
                     add_gram_upper_(bias_sums[layer.name], g.sum(dim=2), alpha=w)
@@ -363,9 +396,20 @@ class KFOCLinearOperator(KFACLinearOperator):
         sums = [*products.values(), *bias_sums.values(), *diagonals]
         with risk.partial_sums(sums, what=what):
             self._statistics_pass(layers, consume, fallback=True, desc=f"{what} (1)")
-        for name, it in iterations.items():
-            it.update(products[name])
+        self._update(iterations, products)
         return bias_sums, diagonals, cache
+
+    def _update(
+        self, iterations: dict[str, NearestKroneckerIteration], products: dict[str, Tensor]
+    ) -> None:
+        """Hand the summed products to their iterations, refusing NaN or Inf at once."""
+        for name, product in products.items():
+            what = f"the factors of {self._layer_type(name)} '{name}' (power iteration)"
+            require_finite([product], owner=type(self).__name__, what=what)
+            iterations[name].update(product)
+
+    def _layer_type(self, name: str) -> str:
+        return next(layer.type_name for layer in self._stat_layers if layer.name == name)
 
     def _statistics_pass(self, layers, consume, *, fallback: bool, desc: str) -> None:
         statistics_pass(
@@ -376,8 +420,7 @@ class KFOCLinearOperator(KFACLinearOperator):
             mc_samples=self._mc_samples,
             seed=self._seed,
             fallback_indices=self._fallback_indices if fallback else None,
-            # the exact block needs each type-2 column on one position (no cross terms)
-            separate_positions=self._fisher_type == FisherType.TYPE2,
+            split_positions=self._squares_per_position,
             desc=desc,
         )
 
@@ -429,6 +472,8 @@ class KFOCLinearOperator(KFACLinearOperator):
 
         def consume(stats: BatchStatistics) -> None:
             for layer, inputs, grad in zip(layers, stats.inputs, stats.grad_outputs):
+                if grad is None:
+                    continue
                 g = layer.grad_rows(grad)
                 st = self._statistics(layer, inputs, g, stats.batch.weight, rows, stats.new_batch)
                 products[layer.name].add_(_apply(st, iterations[layer.name]))
