@@ -365,3 +365,12 @@ def test_bad_options_raise():
         KFOCLinearOperator(model, loss, params, data, fisher_type="empirical", gradient_of="sample")
     with pytest.raises(ValueError, match="Unknown fisher_type='gauss'"):
         KFOCLinearOperator(model, loss, params, data, fisher_type="gauss")
+
+
+def test_progressbar_over_passes_and_cached_iterations(capsys):
+    model, loss, params, data = mlp_problem()
+    K = KFOCLinearOperator(model, loss, params, data, progressbar=True, check_deterministic=False)
+    K.compute_factors()
+    err = capsys.readouterr().err
+    assert "KFOCLinearOperator factors (1)" in err  # the pass over the data
+    assert "KFOCLinearOperator factors (2)" in err  # the first cached iteration
