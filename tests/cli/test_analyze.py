@@ -10,6 +10,8 @@ from torch import nn
 from curvops.cli.analyze import parse_what, run_analyses
 from curvops.cli.errors import CLIError
 from curvops.cli.main import main
+from curvops.linear_operator import LinearOperator
+from curvops.structured import TensorLinearOperator
 from curvops.testing import dense_ggn, dense_hessian
 
 
@@ -136,7 +138,7 @@ def test_analyze_accepts_module_colon_factory(factories, tmp_path, monkeypatch):
     assert code == 0
 
 
-def test_analyze_kfac(factories, tmp_path):
+def test_analyze_kfac_uses_its_exact_trace(factories, tmp_path):
     code = main(
         [
             "analyze",
@@ -147,15 +149,39 @@ def test_analyze_kfac(factories, tmp_path):
             "--curvature",
             "kfac",
             "--what",
-            "top-eig",
+            "top-eig,trace,diag",
             "--out",
             str(tmp_path),
             "--no-progress",
         ]
     )
     assert code == 0
-    evals = json.loads((tmp_path / "results.json").read_text())["analyses"]["top-eig"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    # KFAC is PSD: an exact diagonal has no negative entry, an estimated one none that is
+    # significantly negative
+    diag = results["analyses"]["diag"]
+    if diag["exact"]:
+        assert diag["min"] >= -1e-12
+    else:
+        assert diag["min"] + 6 * diag["min_standard_error"] >= 0
+    evals = results["analyses"]["top-eig"]
     assert all(e >= -1e-12 for e in evals["eigenvalues"])
+    # KFAC's trace is a closed form: exact, no products, no error bar
+    from curvops.kronecker import KFACLinearOperator
+
+    tiny = _factories_module(factories)
+    model = tiny.model()
+    K = KFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        tiny.classification_data(),
+        fisher_type="type-2",
+    )
+    trace = results["analyses"]["trace"]
+    assert trace["exact"] and trace["num_matvecs"] == 0 and trace["standard_error"] is None
+    assert trace["estimate"] == pytest.approx(float(K.to_dense().trace()), rel=1e-10)
+    assert "(exact, from KFACLinearOperator.trace();" in (tmp_path / "report.md").read_text()
 
 
 def _run_error(capsys, args):
@@ -287,13 +313,24 @@ def test_parse_what_keeps_order_and_drops_duplicates():
         parse_what("eig")
 
 
+class _ProductsOnly(LinearOperator):
+    """A symmetric matrix that offers nothing but products (no trace(), no diagonal())."""
+
+    is_self_adjoint = True
+
+    def __init__(self, M):
+        super().__init__([(M.shape[1],)], [(M.shape[0],)], dtype=M.dtype, device=M.device)
+        self._M = M
+
+    def _matmat(self, X):
+        return [self._M @ X[0]]
+
+
 def test_run_analyses_caps_budgets_at_the_dimension():
     # Hutch++'s capped sketch spans all 5 directions, so its trace is exact
     M = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
-    from curvops.structured import TensorLinearOperator
-
     out = run_analyses(
-        TensorLinearOperator(M),
+        _ProductsOnly(M),
         parse_what("top-eig,trace,diag,density"),
         top_k=10,
         num_matvecs=1000,
@@ -302,18 +339,103 @@ def test_run_analyses_caps_budgets_at_the_dimension():
         progressbar=False,
     )
     assert out["trace"]["num_matvecs"] == 15 and out["trace"]["estimate"] == pytest.approx(15.0)
+    assert not out["trace"]["exact"] and out["trace"]["standard_error"] >= 0
     assert out["diag"]["num_matvecs"] == 10 and out["_diagonal"].shape == (5,)
+    assert out["_diagonal_error"].shape == (5,) and not out["diag"]["exact"]
     assert out["top-eig"]["eigenvalues"] == pytest.approx([5.0, 4.0, 3.0, 2.0])
+    assert out["top-eig"]["residual_norms"] == pytest.approx([0.0] * 4, abs=1e-8)
     assert out["density"]["lanczos_steps"] == 5
 
 
-def test_analyze_shows_a_progress_bar_on_stderr(factories, tmp_path, capsys):
+def test_run_analyses_uses_exact_trace_and_diagonal_where_offered():
+    # a structured operator has trace() and diagonal(): no products, no error bars
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    M = B @ B.T
+    out = run_analyses(
+        TensorLinearOperator(M),
+        parse_what("trace,diag"),
+        top_k=2,
+        num_matvecs=12,
+        lanczos_steps=4,
+        seed=0,
+        progressbar=False,
+    )
+    assert out["trace"]["exact"] and out["trace"]["num_matvecs"] == 0
+    assert out["trace"]["estimate"] == pytest.approx(float(M.trace()), rel=1e-12)
+    assert out["diag"]["exact"] and "_diagonal_error" not in out
+    torch.testing.assert_close(out["_diagonal"], M.diagonal())
+    assert out["_products"] == 0
+
+
+def test_analyze_progress_is_clean_when_redirected(factories, tmp_path, capsys):
+    # stderr captured by pytest is not a terminal, as in `curvops analyze ... 2> log`: one
+    # bar with the analysis and its product count, no nested per-batch bars, whose
+    # cursor-up escape sequences would end up in the log
     args = [
         "analyze",
         "--model",
         f"{factories}:model",
         "--data",
-        f"{factories}:classification_data",
+        f"{factories}:classification_data",  # two batches
+        "--curvature",
+        "hessian",  # estimated trace and diagonal: many products over the batches
     ]
-    assert main([*args, "--what", "trace", "--out", str(tmp_path)]) == 0
-    assert "curvops analyze" in capsys.readouterr().err
+    assert main([*args, "--what", "trace,diag", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "curvops analyze" in err and "2/2" in err
+    assert "\x1b[" not in err
+    assert "products)" in err
+
+
+def test_analyze_report_has_an_error_bar_next_to_every_estimate(factories, tmp_path):
+    from curvops.cli.report import fmt
+
+    out = tmp_path / "analysis"
+    # the Hessian has neither an exact trace nor an exact diagonal: everything is estimated
+    args = ["--model", f"{factories}:model", "--data", f"{factories}:classification_data"]
+    code = main(
+        ["analyze", *args, "--curvature", "hessian", "--num-matvecs", "12", "--top-k", "3"]
+        + ["--out", str(out), "--no-progress"]
+    )
+    assert code == 0
+    a = json.loads((out / "results.json").read_text())["analyses"]
+    report = (out / "report.md").read_text()
+    assert not a["trace"]["exact"] and not a["diag"]["exact"]
+    assert f"{fmt(a['trace']['estimate'])} ± {fmt(a['trace']['standard_error'])}" in report
+    d = a["diag"]
+    assert f"{fmt(d['min'])} ± {fmt(d['min_standard_error'])}" in report
+    assert f"{fmt(d['max'])} ± {fmt(d['max_standard_error'])}" in report
+    assert d["largest_standard_error"] >= max(d["min_standard_error"], d["max_standard_error"])
+    top = a["top-eig"]
+    for value, residual in zip(top["eigenvalues"], top["residual_norms"]):
+        assert f"{fmt(value)} ± {fmt(residual)}" in report
+    # the diagonal's sum is not shown for an estimate (its error is not the entries' errors)
+    assert "sum" not in report.split("## Diagonal")[1].split("##")[0]
+
+
+def test_analyze_figures_have_no_clipped_text_and_integer_index_ticks(
+    factories, tmp_path, monkeypatch
+):
+    from helpers.figure_checks import record_clipping
+
+    from curvops.cli import plots
+
+    clipping = record_clipping(monkeypatch)
+    figures = {}
+    save = plots._save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    args = ["--model", f"{factories}:model", "--data", f"{factories}:classification_data"]
+    assert main(["analyze", *args, "--out", str(tmp_path), "--no-progress"]) == 0
+    assert set(clipping) == {"top_eigenvalues.png", "diagonal.png", "spectral_density.png"}
+    for name, clipped in clipping.items():
+        assert clipped == [], name
+    for name in ("top_eigenvalues.png", "diagonal.png"):
+        (ax,) = [a for a in figures[name].axes if a.get_xlabel()]
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (name, ticks)

@@ -24,7 +24,9 @@ def test_error_curves_shapes_and_exact_limits():
     np.testing.assert_allclose(errors[1], 0.0, atol=1e-12)
     np.testing.assert_allclose(trace["XTrace"][1][1], 0.0, atol=1e-12)
     assert (trace["Hutchinson"][1] > 0).all()
-    diag = diagonal_errors(M, M.diagonal(), [4, 8], 2, generator=gen)
+    steps = []
+    diag = diagonal_errors(M, M.diagonal(), [4, 8], 2, generator=gen, on_step=steps.append)
+    assert steps == ["Hutchinson", "XDiag"]
     assert set(diag) == {"Hutchinson", "XDiag"} and diag["XDiag"][1].shape == (2, 2)
     assert (diag["Hutchinson"][1] > 0).all() and np.isfinite(diag["XDiag"][1]).all()
 
@@ -34,3 +36,16 @@ def test_error_curves_progressbar_option():
     M = torch.eye(6, dtype=torch.float64)
     out = trace_errors(M, 6.0, [6], 1, generator=gen, progressbar=True)
     assert out["Hutchinson"][1][0, 0] == pytest.approx(0.0)
+
+
+def test_dense_matrix_is_checked_for_symmetry_once(monkeypatch):
+    # the symmetry check of a dense matrix costs more than a small estimate: wrap it once
+    from curvops.structured import _dense_linalg, tensor
+
+    calls = []
+    original = _dense_linalg.is_symmetric
+    monkeypatch.setattr(tensor, "is_symmetric", lambda M: calls.append(1) or original(M))
+    gen = torch.Generator().manual_seed(0)
+    M = power_law_matrix(12, 1.0, generator=gen)
+    trace_errors(M, float(M.trace()), [6, 12], 3, generator=gen)
+    assert len(calls) == 1

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from curvops.cli.main import build_parser, main, resolve_device
+from curvops.cli.device import resolve_device
+from curvops.cli.main import build_parser, main
 
 
 def test_no_command_prints_help_and_returns_2(capsys):

@@ -11,10 +11,18 @@ from curvops.cli.training import train
 def test_train_decreases_the_loss_and_clears_grads(optimizer, lr):
     X, y = load_digits_tensors(num_data=128, generator=torch.Generator().manual_seed(0))
     model = make_digits_mlp(hidden=8)
+    calls = []
     history = train(
-        model, nn.CrossEntropyLoss(), make_batches(X, y, 32), epochs=5, lr=lr, optimizer=optimizer
+        model,
+        nn.CrossEntropyLoss(),
+        make_batches(X, y, 32),
+        epochs=5,
+        lr=lr,
+        optimizer=optimizer,
+        on_epoch=lambda epoch, loss: calls.append((epoch, loss)),
     )
     assert len(history) == 5 and history[-1] < 0.8 * history[0]
+    assert calls == list(zip(range(1, 6), history))
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -3,10 +3,16 @@
 Imports ``--model`` and ``--data`` factories, checks that model, data and loss fit (a probe
 forward pass), builds the requested curvature operator and runs the requested analyses:
 
-* ``top-eig``: the largest eigenvalues by thick-restart Lanczos (:func:`curvops.linalg.eigsh`);
-* ``trace``: Hutch++ (Meyer et al. (2021)) with a standard error;
-* ``diag``: XDiag (Epperly, Tropp, Webber (2024));
+* ``top-eig``: the largest eigenvalues by thick-restart Lanczos (:func:`curvops.linalg.eigsh`),
+  each with its residual norm (a bound on its error);
+* ``trace``: the operator's exact ``trace()`` where it has one (KFAC, EKFAC), else Hutch++
+  (Meyer et al. (2021)) with a standard error;
+* ``diag``: the operator's exact ``diagonal()`` where it has one, else XDiag (Epperly, Tropp,
+  Webber (2024)) with entrywise standard errors;
 * ``density``: the spectral density by stochastic Lanczos quadrature (Papyan (2020)).
+
+The model comes from a factory or a saved file, with trained weights from a state-dict file
+(NOTE [loading checkpoints safely] in :mod:`curvops.cli.checkpoints`).
 
 It writes ``report.md``, ``results.json`` and one figure per analysis into ``--out``.
 """
@@ -20,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from curvops.cli.curvatures import TITLES, Curvature, build_curvature, parse_curvature
+from curvops.cli.device import resolve_device
 from curvops.cli.errors import CLIError
-from curvops.cli.main import resolve_device
+from curvops.cli.exact import exact_diagonal, exact_trace
 from curvops.cli.models import layer_sizes
+from curvops.cli.progress import CountedOperator, StepBar, is_interactive
 from curvops.cli.timing import timed
 from curvops.cli.user_setup import prepare
 from curvops.curvature import NonDeterministicError
@@ -89,6 +96,24 @@ def _round_down(value: int, multiple: int, minimum: int) -> int:
     return max(minimum, value - value % multiple)
 
 
+def _top_eigenvalues(A: LinearOperator, k: int, gen: torch.Generator) -> dict[str, Any]:
+    r"""Top eigenvalues by Lanczos, each with the residual norm of its Ritz pair.
+
+    For a symmetric :math:`A` and a unit vector :math:`v`, some eigenvalue of :math:`A` lies
+    within :math:`\|A v - \theta v\|` of :math:`\theta` (Parlett (1998). The Symmetric
+    Eigenvalue Problem, Thm. 4.5.1): the residual norm is a rigorous error bar. It costs
+    one product with the ``k`` eigenvectors.
+    """
+    from curvops.linalg import eigsh
+
+    evals, evecs = eigsh(A, k=k, which="LA", generator=gen)
+    residuals = torch.linalg.vector_norm(A @ evecs - evecs * evals, dim=0)
+    return {
+        "eigenvalues": evals.flip(0).tolist(),
+        "residual_norms": residuals.flip(0).tolist(),
+    }
+
+
 def run_analyses(
     A: LinearOperator,
     what: list[Analysis],
@@ -101,6 +126,12 @@ def run_analyses(
 ) -> dict[str, Any]:
     """Run the analyses on an operator.
 
+    Trace and diagonal are exact where the operator offers them (e.g. KFAC's closed-form
+    trace, a structured operator's diagonal; :mod:`curvops.cli.exact`), and estimated
+    otherwise, with an error estimate next to every estimated number: Hutch++'s standard
+    error, XDiag's entrywise standard errors, and the residual norm of every Lanczos
+    eigenvalue (a rigorous bound on its distance to an eigenvalue).
+
     Args:
         A: A symmetric curvature operator.
         what: The analyses.
@@ -109,31 +140,51 @@ def run_analyses(
             estimator needs, and capped by the dimension).
         lanczos_steps: Lanczos steps of the spectral density (capped by the dimension).
         seed: Seed of the CPU generator of every random vector.
-        progressbar: Show a progress bar over the analyses.
+        progressbar: Show a progress bar over the analyses, with the number of products
+            so far (NOTE [command-line progress] in :mod:`curvops.cli.progress`).
 
     Returns:
-        Analysis name -> its numbers (tensors for diagonal and density are kept under the
-        keys ``"_diagonal"`` and ``"_density"`` for plotting).
+        Analysis name -> its numbers; tensors for plotting are kept under the keys
+        ``"_diagonal"``, ``"_diagonal_error"`` (estimates only) and ``"_density"``, and the
+        number of product columns of all analyses under ``"_products"``.
     """
-    from curvops.linalg import eigsh, hutchpp_trace, lanczos_approximate_spectrum, xdiag
+    from curvops.linalg import hutchpp_trace, lanczos_approximate_spectrum, xdiag
 
     D = A.shape[1]
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {}
+    bar = StepBar(len(what), "curvops analyze", enabled=progressbar)
+    label = ""
+
+    def show(columns: int) -> None:
+        bar.label(f"{label} ({counted.columns} products)")
+
+    counted = CountedOperator(A, show)
 
     def top_eig() -> None:
-        (evals, _), seconds = timed(
-            eigsh, A.device, A, k=min(top_k, D - 1), which="LA", generator=gen
-        )
-        out["top-eig"] = {"eigenvalues": evals.flip(0).tolist(), "seconds": seconds}
+        before = counted.columns
+        result, seconds = timed(_top_eigenvalues, A.device, counted, min(top_k, D - 1), gen)
+        out["top-eig"] = {**result, "products": counted.columns - before, "seconds": seconds}
 
     def trace() -> None:
+        exact, seconds = timed(exact_trace, A.device, A)
+        if exact is not None:
+            out["trace"] = {
+                "method": f"{type(A).__name__}.trace()",
+                "exact": True,
+                "estimate": float(exact),
+                "standard_error": None,
+                "num_matvecs": 0,
+                "seconds": seconds,
+            }
+            return
         m = min(_round_down(num_matvecs, 3, 6), 3 * D)
         (estimate, error), seconds = timed(
-            hutchpp_trace, A.device, A, m, generator=gen, return_error=True
+            hutchpp_trace, A.device, counted, m, generator=gen, return_error=True
         )
         out["trace"] = {
             "method": "Hutch++",
+            "exact": False,
             "estimate": float(estimate),
             "standard_error": float(error),
             "num_matvecs": m,
@@ -141,24 +192,38 @@ def run_analyses(
         }
 
     def diag() -> None:
-        m = min(_round_down(num_matvecs, 2, 4), 2 * D)
-        diagonal, seconds = timed(xdiag, A.device, A, m, generator=gen)
+        diagonal, seconds = timed(exact_diagonal, A.device, A)
+        if diagonal is not None:
+            errors, method, m = None, f"{type(A).__name__}.diagonal()", 0
+        else:
+            m = min(_round_down(num_matvecs, 2, 4), 2 * D)
+            (diagonal, errors), seconds = timed(
+                xdiag, A.device, counted, m, generator=gen, return_error=True
+            )
+            method = "XDiag"
+        lo, hi = int(diagonal.argmin()), int(diagonal.argmax())
         out["diag"] = {
-            "method": "XDiag",
+            "method": method,
+            "exact": errors is None,
             "num_matvecs": m,
             "seconds": seconds,
             "sum": float(diagonal.sum()),
-            "min": float(diagonal.min()),
-            "max": float(diagonal.max()),
+            "min": float(diagonal[lo]),
+            "max": float(diagonal[hi]),
+            "min_standard_error": None if errors is None else float(errors[lo]),
+            "max_standard_error": None if errors is None else float(errors[hi]),
+            "largest_standard_error": None if errors is None else float(errors.max()),
         }
         out["_diagonal"] = diagonal
+        if errors is not None:
+            out["_diagonal_error"] = errors
 
     def density() -> None:
         ncv = min(lanczos_steps, D)
         (grid, values), seconds = timed(
             lanczos_approximate_spectrum,
             A.device,
-            A,
+            counted,
             ncv=ncv,
             generator=gen,
             num_points=512,
@@ -177,11 +242,13 @@ def run_analyses(
         Analysis.DIAG: diag,
         Analysis.DENSITY: density,
     }
-    with tqdm(total=len(what), desc="curvops analyze", disable=not progressbar) as bar:
-        for analysis in what:
-            bar.set_postfix_str(analysis.value)
+    with bar:
+        for i, analysis in enumerate(what):
+            label = f"{analysis.value} {i + 1}/{len(what)}"
+            bar.label(label, force=True)
             run[analysis]()
-            bar.update(1)
+            bar.step()
+    out["_products"] = counted.columns
     return out
 
 
@@ -208,7 +275,16 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     progressbar = not args.no_progress
 
-    setup = prepare(args.model, args.data, args.loss, dtype=dtype, device=device)
+    setup = prepare(
+        args.model,
+        args.data,
+        args.loss,
+        dtype=dtype,
+        device=device,
+        weights=getattr(args, "weights", None),
+        weights_key=getattr(args, "weights_key", None),
+        trust_pickle=getattr(args, "trust_pickle", False),
+    )
     try:
         A, t_build = timed(
             build_curvature,
@@ -218,7 +294,9 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
             setup.loss_func,
             setup.params,
             setup.data,
-            progressbar=progressbar,
+            # the operators' per-batch bars only on a terminal: tqdm closes a nested bar with
+            # a cursor-up escape sequence that would end up in a redirected log
+            progressbar=progressbar and is_interactive(),
             seed=args.seed,
         )
     except (ValueError, TypeError, NotImplementedError, NonDeterministicError) as e:
@@ -242,14 +320,19 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     files: dict[str, str] = {}
     title = TITLES[curvature]
     if "top-eig" in analyses:
+        top = analyses["top-eig"]
         files["top-eig"] = plots.plot_eigenvalues(
-            {title: torch.tensor(analyses["top-eig"]["eigenvalues"])}, out / "top_eigenvalues.png"
+            {title: torch.tensor(top["eigenvalues"])},
+            out / "top_eigenvalues.png",
+            errors={title: torch.tensor(top["residual_norms"])},
         ).name
     if "_diagonal" in analyses:
+        method = "exact" if analyses["diag"]["exact"] else analyses["diag"]["method"]
         files["diag"] = plots.plot_diagonal(
-            {f"{title} diagonal (XDiag)": analyses.pop("_diagonal")},
+            {f"{title} diagonal ({method})": analyses.pop("_diagonal")},
             layer_sizes(setup.model),
             out / "diagonal.png",
+            errors=analyses.pop("_diagonal_error", None),
         ).name
     if "_density" in analyses:
         grid, density = analyses.pop("_density")
@@ -259,6 +342,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
         ).name
     results = {
         "model": args.model,
+        "weights": getattr(args, "weights", None),
         "data": args.data,
         "loss": args.loss,
         "curvature": curvature.value,
@@ -268,6 +352,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(device),
         "seed": args.seed,
         "construct_s": t_build,
+        "products": analyses.pop("_products"),
         "analyses": analyses,
         "files": files,
     }

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from curvops.linalg import hutchinson_diag, hutchinson_trace, hutchpp_trace, xdiag, xtrace
 from curvops.linear_operator import LinearOperator
+from curvops.structured import TensorLinearOperator
 
 TRACE_ESTIMATORS: dict[str, Callable] = {
     "Hutchinson": hutchinson_trace,
@@ -65,8 +66,13 @@ def _error_table(
     runs: int,
     generator: torch.Generator,
     progressbar: bool,
+    on_step: Callable[[str], None] | None,
 ) -> dict[str, tuple[list[int], np.ndarray]]:
     """Errors of every estimator for every budget and run (estimators, then budgets, then runs).
+
+    A dense tensor is wrapped into a :class:`~curvops.structured.TensorLinearOperator` once
+    (its symmetry check costs more than a small estimate, and would otherwise run in every
+    call).
 
     Args:
         estimators: Name -> estimator called as ``estimator(A, budget, generator=generator)``.
@@ -76,10 +82,13 @@ def _error_table(
         runs: Independent runs per budget.
         generator: Generator of every test vector.
         progressbar: Show a progress bar over the budgets.
+        on_step: Called with the estimator's name after all its runs.
 
     Returns:
         Estimator name -> ``(budgets, errors [len(budgets), runs])``.
     """
+    if isinstance(A, Tensor):
+        A = TensorLinearOperator(A)
     out = {}
     for name, estimator in estimators.items():
         errors = np.zeros((len(budgets), runs))
@@ -87,6 +96,8 @@ def _error_table(
             for r in range(runs):
                 errors[i, r] = error(estimator(A, m, generator=generator))
         out[name] = (list(budgets), errors)
+        if on_step is not None:
+            on_step(name)
     return out
 
 
@@ -98,6 +109,7 @@ def trace_errors(
     *,
     generator: torch.Generator,
     progressbar: bool = False,
+    on_step: Callable[[str], None] | None = None,
 ) -> dict[str, tuple[list[int], np.ndarray]]:
     """Relative errors of the trace estimators.
 
@@ -108,6 +120,8 @@ def trace_errors(
         runs: Independent runs per budget.
         generator: Generator of every test vector.
         progressbar: Show a progress bar over the budgets.
+        on_step: Called with each estimator's name after all its runs (e.g. to drive an
+            outer progress bar).
 
     Returns:
         Estimator name -> ``(budgets, errors [len(budgets), runs])``.
@@ -116,7 +130,9 @@ def trace_errors(
     def error(estimate: Tensor) -> float:
         return abs(float(estimate) - exact_trace) / abs(exact_trace)
 
-    return _error_table(TRACE_ESTIMATORS, A, error, budgets, runs, generator, progressbar)
+    return _error_table(
+        TRACE_ESTIMATORS, A, error, budgets, runs, generator, progressbar, on_step
+    )
 
 
 def diagonal_errors(
@@ -127,6 +143,7 @@ def diagonal_errors(
     *,
     generator: torch.Generator,
     progressbar: bool = False,
+    on_step: Callable[[str], None] | None = None,
 ) -> dict[str, tuple[list[int], np.ndarray]]:
     """Relative max-norm errors of the diagonal estimators.
 
@@ -137,6 +154,8 @@ def diagonal_errors(
         runs: Independent runs per budget.
         generator: Generator of every test vector.
         progressbar: Show a progress bar over the budgets.
+        on_step: Called with each estimator's name after all its runs (e.g. to drive an
+            outer progress bar).
 
     Returns:
         Estimator name -> ``(budgets, errors [len(budgets), runs])``.
@@ -146,4 +165,6 @@ def diagonal_errors(
     def error(estimate: Tensor) -> float:
         return float((estimate - exact_diagonal).abs().max()) / scale
 
-    return _error_table(DIAGONAL_ESTIMATORS, A, error, budgets, runs, generator, progressbar)
+    return _error_table(
+        DIAGONAL_ESTIMATORS, A, error, budgets, runs, generator, progressbar, on_step
+    )

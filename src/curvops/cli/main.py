@@ -18,20 +18,14 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see `{self.prog} --help`)", prog=self.prog)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, threads: int | None, threads_help: str) -> None:
     parser.add_argument(
         "--device",
         default=None,
         help="device to compute on, e.g. cpu or cuda (default: cuda if available, else cpu)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="number of CPU threads for PyTorch (default: PyTorch's choice; 1 is fastest on a "
-        "busy machine)",
-    )
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars (on stderr)"
     )
@@ -63,18 +57,48 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a smaller net, less data and fewer estimator runs (well under a minute)",
     )
-    _add_common(tour)
+    _add_common(
+        tour,
+        threads=1,
+        threads_help="number of CPU threads for PyTorch (default: %(default)s; the tour's "
+        "matrices are small, and on a shared machine more threads wait for each other)",
+    )
 
     analyze = sub.add_parser(
         "analyze",
         help="analyse the curvature of your own model and data",
-        description="Import your model and data factories and analyse a curvature matrix: "
-        "top eigenvalues, trace, diagonal, spectral density.",
+        description="Import your model and data factories, load trained weights, and analyse "
+        "a curvature matrix: top eigenvalues, trace, diagonal, spectral density.",
+        epilog="Trained weights: save them with torch.save(model.state_dict(), 'weights.pt') and "
+        "pass --model MODULE:FACTORY --weights weights.pt; they are read with "
+        "torch.load(weights_only=True), which loads only tensors and cannot run code from the "
+        "file. A whole model saved with torch.save(model, 'model.pt') can be passed as --model "
+        "model.pt, but loading it unpickles arbitrary objects (weights_only=False), which can "
+        "run any code in the file: it needs --trust-pickle, for files you made or trust.",
     )
     analyze.add_argument(
         "--model",
         required=True,
-        help="MODULE:FACTORY or FILE.py:FACTORY of a function returning an nn.Module",
+        help="MODULE:FACTORY or FILE.py:FACTORY of a function returning an nn.Module, or a "
+        "whole model saved with torch.save(model, FILE.pt) (needs --trust-pickle)",
+    )
+    analyze.add_argument(
+        "--weights",
+        default=None,
+        help="a state dict saved with torch.save(model.state_dict(), FILE.pt) (or a checkpoint "
+        "dictionary holding one) to load into the model; read safely (weights_only=True)",
+    )
+    analyze.add_argument(
+        "--weights-key",
+        default=None,
+        help="entry of the --weights checkpoint dictionary that holds the state dict "
+        "(default: the file itself, or its 'state_dict', 'model_state_dict' or 'model' entry)",
+    )
+    analyze.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow --model FILE.pt, a whole pickled model: unpickling can run arbitrary code, "
+        "use only for files you made or trust",
     )
     analyze.add_argument(
         "--data",
@@ -116,31 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="float64",
         help="float32|float64: model and data are cast to it (default: %(default)s)",
     )
-    _add_common(analyze)
+    _add_common(
+        analyze,
+        threads=None,
+        threads_help="number of CPU threads for PyTorch (default: PyTorch's choice; 1 is "
+        "fastest on a busy machine)",
+    )
     return parser
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """Turn ``--device`` into a device (default: CUDA if available, else the CPU).
-
-    Args:
-        name: The option's value.
-
-    Returns:
-        The device.
-
-    Raises:
-        CLIError: For an unknown or unavailable device.
-    """
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"unknown device {name!r}; use e.g. cpu or cuda.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"device {name!r} is not available here (no CUDA); use --device cpu.")
-    return device
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 Figures are built with :class:`matplotlib.figure.Figure` directly (rendered by the Agg
 backend), never through ``pyplot``: no global backend switch, no figure registry, nothing left
-open in the caller's session.
+open in the caller's session. Every figure uses matplotlib's constrained layout, which makes
+room for titles, axis labels, tick labels and colorbars, so that no text is clipped at the
+canvas edge (tested by rendering every figure). Axes over indices get integer ticks.
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator
+from matplotlib.ticker import (
+    FixedFormatter,
+    FixedLocator,
+    MaxNLocator,
+    NullFormatter,
+    NullLocator,
+)
 from torch import Tensor
 
 _DPI = 110
-_PANEL_MARGINS = {"left": 0.08, "right": 0.98, "bottom": 0.1, "top": 0.93, "hspace": 0.45}
 
 
 def _subplots(nrows: int, ncols: int, figsize: tuple[float, float]):
-    fig = Figure(figsize=figsize)
+    fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
@@ -37,7 +44,6 @@ def _panel_grid(
     panel_size: tuple[float, float],
     *,
     padding: tuple[float, float] = (0.0, 0.0),
-    **spacing: float,
 ) -> tuple[Figure, list]:
     """A figure with ``num_panels`` panels in rows of ``ncols``; spare cells switched off.
 
@@ -46,7 +52,6 @@ def _panel_grid(
         ncols: Panels per row (at most ``num_panels`` are used).
         panel_size: Width and height of one panel in inches.
         padding: Extra width and height of the figure in inches.
-        **spacing: Margins and gaps, passed to ``Figure.subplots_adjust``.
 
     Returns:
         The figure and its first ``num_panels`` axes, row by row.
@@ -55,7 +60,6 @@ def _panel_grid(
     nrows = -(-num_panels // ncols)
     figsize = (panel_size[0] * ncols + padding[0], panel_size[1] * nrows + padding[1])
     fig, axes = _subplots(nrows, ncols, figsize)
-    fig.subplots_adjust(**spacing)
     for ax in list(axes.flat)[num_panels:]:
         ax.axis("off")
     return fig, list(axes.flat)[:num_panels]
@@ -90,18 +94,7 @@ def plot_heatmaps(
     Returns:
         ``path``.
     """
-    fig, axes = _panel_grid(
-        len(matrices),
-        ncols,
-        (3.6, 3.7),
-        padding=(0.8, 0.4),
-        left=0.02,
-        right=0.86,
-        bottom=0.02,
-        top=0.9,
-        wspace=0.08,
-        hspace=0.15,
-    )
+    fig, axes = _panel_grid(len(matrices), ncols, (3.6, 3.7), padding=(0.8, 0.4))
     bounds = _boundaries(layer_sizes)
     image = None
     for ax, (title, M) in zip(axes, matrices.items()):
@@ -122,9 +115,7 @@ def plot_heatmaps(
         ax.set_yticks([])
     if image is not None:
         fig.colorbar(
-            image,
-            cax=fig.add_axes((0.89, 0.1, 0.02, 0.75)),
-            label=r"$\log_{10}(|A_{ij}| / \max |A|)$",
+            image, ax=axes, shrink=0.8, label=r"$\log_{10}(|A_{ij}| / \max |A|)$"
         )
     if suptitle:
         fig.suptitle(suptitle)
@@ -159,7 +150,7 @@ def plot_densities(panels: Mapping[str, DensityPanel], path: Path, *, ncols: int
     Returns:
         ``path``.
     """
-    fig, axes = _panel_grid(len(panels), ncols, (5.0, 3.4), wspace=0.25, **_PANEL_MARGINS)
+    fig, axes = _panel_grid(len(panels), ncols, (5.0, 3.4))
     for ax, (title, panel) in zip(axes, panels.items()):
         dens = panel.density.detach().cpu().numpy()
         top = float(dens.max())
@@ -205,7 +196,7 @@ def plot_error_curves(panels: Mapping[str, ErrorPanel], path: Path, *, ncols: in
     Returns:
         ``path``.
     """
-    fig, axes = _panel_grid(len(panels), ncols, (4.6, 3.4), wspace=0.3, **_PANEL_MARGINS)
+    fig, axes = _panel_grid(len(panels), ncols, (4.6, 3.4))
     for ax, (title, panel) in zip(axes, panels.items()):
         budgets: list[int] = []
         for name, (ms, errors) in panel.curves.items():
@@ -227,7 +218,11 @@ def plot_error_curves(panels: Mapping[str, ErrorPanel], path: Path, *, ncols: in
 
 
 def plot_diagonal(
-    diagonals: Mapping[str, Tensor], layer_sizes: Sequence[tuple[str, int]], path: Path
+    diagonals: Mapping[str, Tensor],
+    layer_sizes: Sequence[tuple[str, int]],
+    path: Path,
+    *,
+    errors: Tensor | None = None,
 ) -> Path:
     """Diagonal entries against their flat index, with layer separators.
 
@@ -235,29 +230,51 @@ def plot_diagonal(
         diagonals: Label -> diagonal ``[D]`` (e.g. an estimate and the exact diagonal).
         layer_sizes: ``(layer name, number of parameters)`` in parameter order.
         path: PNG file to write.
+        errors: Standard errors ``[D]`` of the first diagonal (an estimate), drawn as a band
+            of plus or minus one standard error.
 
     Returns:
         ``path``.
     """
     fig, axes = _subplots(1, 1, (8, 3.4))
     ax = axes[0, 0]
-    for label, d in diagonals.items():
-        ax.plot(d.detach().cpu().numpy(), lw=0.8, label=label)
+    for i, (label, d) in enumerate(diagonals.items()):
+        values = d.detach().cpu().double().numpy()
+        (line,) = ax.plot(values, lw=0.8, label=label)
+        if i == 0 and errors is not None:
+            e = errors.detach().cpu().double().numpy()
+            index = np.arange(len(values))
+            ax.fill_between(
+                index,
+                values - e,
+                values + e,
+                color=line.get_color(),
+                alpha=0.25,
+                lw=0,
+                label="± one standard error",
+            )
     for b in _boundaries(layer_sizes):
         ax.axvline(b, color="0.6", lw=0.6, ls="--")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("parameter index")
     ax.set_ylabel("diagonal entry")
     ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.95)
     return _save(fig, path)
 
 
-def plot_eigenvalues(eigenvalues: Mapping[str, Tensor], path: Path) -> Path:
-    """Top eigenvalues as a stem plot (descending), one series per label.
+def plot_eigenvalues(
+    eigenvalues: Mapping[str, Tensor],
+    path: Path,
+    *,
+    errors: Mapping[str, Tensor] | None = None,
+) -> Path:
+    """Top eigenvalues (descending) against their index, one series per label.
 
     Args:
         eigenvalues: Label -> eigenvalues.
         path: PNG file to write.
+        errors: Label -> error bars of the eigenvalues in the same order (e.g. Lanczos
+            residual norms), drawn as vertical bars.
 
     Returns:
         ``path``.
@@ -265,10 +282,15 @@ def plot_eigenvalues(eigenvalues: Mapping[str, Tensor], path: Path) -> Path:
     fig, axes = _subplots(1, 1, (5, 3.4))
     ax = axes[0, 0]
     for i, (label, ev) in enumerate(eigenvalues.items()):
-        values = np.sort(ev.detach().cpu().numpy())[::-1]
-        ax.plot(np.arange(1, len(values) + 1) + 0.1 * i, values, "o", label=label)
+        values = ev.detach().cpu().double().numpy()
+        order = np.argsort(values)[::-1]
+        index = np.arange(1, len(values) + 1) + 0.1 * i
+        bars = None
+        if errors is not None and label in errors:
+            bars = errors[label].detach().cpu().double().numpy()[order]
+        ax.errorbar(index, values[order], yerr=bars, fmt="o", capsize=3, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("index (descending)")
     ax.set_ylabel("eigenvalue")
     ax.legend(fontsize=8)
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.15, top=0.95)
     return _save(fig, path)

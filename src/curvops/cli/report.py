@@ -89,11 +89,15 @@ def tour_report(results: dict[str, Any]) -> str:
     rows = []
     for key, s in results["spectra"].items():
         est = results.get("trace_estimates", {}).get(key, {})
+        estimate = (
+            f"{fmt(est['estimate'])} ± {fmt(est['standard_error'])}" if "estimate" in est else None
+        )
         rows.append(
             [
                 _NAMES[key],
                 s["exact_trace"],
-                est.get("estimate"),
+                s.get("operator_trace"),
+                estimate,
                 est.get("relative_error"),
                 ", ".join(fmt(v) for v in s["exact_top_eigenvalues"]),
                 ", ".join(fmt(v) for v in s.get("eigsh_top_eigenvalues", [])) or "-",
@@ -105,7 +109,8 @@ def tour_report(results: dict[str, Any]) -> str:
             [
                 "matrix",
                 "exact trace",
-                "estimated trace",
+                "operator's trace()",
+                "estimated trace ± standard error",
                 "relative error",
                 "top eigenvalues (exact, eigh)",
                 "top eigenvalues (eigsh on the operator)",
@@ -119,7 +124,8 @@ def tour_report(results: dict[str, Any]) -> str:
     any_key = next(iter(te))
     parts += [
         f"Estimated traces: Hutch++ with {te[any_key]['num_matvecs']} matrix-vector products on "
-        "the operator (exact traces from the dense matrices). Top eigenvalues by thick-restart "
+        "the operator (exact traces from the dense matrices; the operator's own `trace()` where "
+        "it has a closed form, e.g. KFAC and EKFAC). Top eigenvalues by thick-restart "
         "Lanczos (`curvops.linalg.eigsh`) on the Hessian and GGN operators agree with `eigh` of "
         "the dense matrices.",
         "",
@@ -153,13 +159,15 @@ def tour_report(results: dict[str, Any]) -> str:
             "",
         ]
     t = results["timings"]
+    products = results.get("products", {})
     parts += [
         "## Timings",
         "",
         f"One gradient over the curvature data took {fmt(t['gradient_s'])} s; the cost of a "
         "product is also given in multiples of it (absolute times on shared machines are "
         "noise). The first product includes lazy set-up (KFAC factors, warm-up); the dense "
-        "matrix is materialised with blocks of columns.",
+        "matrix is materialised with blocks of columns. The last column counts all columns the "
+        "tour multiplied each operator with (materialisation, eigsh, Hutch++, Lanczos).",
         "",
         table(
             [
@@ -169,6 +177,7 @@ def tour_report(results: dict[str, Any]) -> str:
                 "product [s]",
                 "product / gradient",
                 "dense [s]",
+                "products (columns)",
             ],
             [
                 [
@@ -178,6 +187,7 @@ def tour_report(results: dict[str, Any]) -> str:
                     v["matvec_s"],
                     v["matvec_s"] / t["gradient_s"],
                     v["dense_s"],
+                    products.get(k),
                 ]
                 for k, v in t["operators"].items()
             ],
@@ -205,10 +215,11 @@ def analysis_report(results: dict[str, Any]) -> str:
         f"# curvops analyze: {name}",
         "",
         table(
-            ["model", "data", "loss", "D", "N", "dtype", "device", "seed"],
+            ["model", "weights", "data", "loss", "D", "N", "dtype", "device", "seed"],
             [
                 [
                     f"`{results['model']}`",
+                    f"`{results['weights']}`" if results.get("weights") else "-",
                     f"`{results['data']}`",
                     results["loss"],
                     results["num_params"],
@@ -222,36 +233,49 @@ def analysis_report(results: dict[str, Any]) -> str:
         "",
     ]
     if "top-eig" in a:
-        ev = a["top-eig"]["eigenvalues"]
+        top = a["top-eig"]
+        pairs = ", ".join(
+            f"{fmt(v)} ± {fmt(r)}" for v, r in zip(top["eigenvalues"], top["residual_norms"])
+        )
         parts += [
             "## Top eigenvalues",
             "",
-            f"Thick-restart Lanczos ({fmt(a['top-eig']['seconds'])} s): "
-            + ", ".join(fmt(v) for v in ev),
+            f"Thick-restart Lanczos ({top['products']} products, {fmt(top['seconds'])} s): "
+            f"{pairs}.",
+            "",
+            "Each ± is the residual norm ||A v - λ v|| of the Ritz pair: an eigenvalue of the "
+            "matrix lies within it (Parlett, 1998, Thm. 4.5.1).",
             "",
             f"![top eigenvalues]({files['top-eig']})",
             "",
         ]
     if "trace" in a:
         t = a["trace"]
-        parts += [
-            "## Trace",
-            "",
-            f"{t['method']} with {t['num_matvecs']} products: {fmt(t['estimate'])} "
-            f"(standard error {fmt(t['standard_error'])}; {fmt(t['seconds'])} s).",
-            "",
-        ]
+        if t["exact"]:
+            line = f"{fmt(t['estimate'])} (exact, from {t['method']}; {fmt(t['seconds'])} s)."
+        else:
+            line = (
+                f"{fmt(t['estimate'])} ± {fmt(t['standard_error'])} (estimate ± standard error; "
+                f"{t['method']} with {t['num_matvecs']} products, {fmt(t['seconds'])} s)."
+            )
+        parts += ["## Trace", "", line, ""]
     if "diag" in a:
         d = a["diag"]
-        parts += [
-            "## Diagonal",
-            "",
-            f"{d['method']} with {d['num_matvecs']} products ({fmt(d['seconds'])} s): entries "
-            f"from {fmt(d['min'])} to {fmt(d['max'])}, sum {fmt(d['sum'])}.",
-            "",
-            f"![diagonal]({files['diag']})",
-            "",
-        ]
+        if d["exact"]:
+            line = (
+                f"Exact, from {d['method']} ({fmt(d['seconds'])} s): entries from "
+                f"{fmt(d['min'])} to {fmt(d['max'])}, sum {fmt(d['sum'])}."
+            )
+        else:
+            line = (
+                f"{d['method']} with {d['num_matvecs']} products ({fmt(d['seconds'])} s), "
+                "estimate ± standard error: smallest entry "
+                f"{fmt(d['min'])} ± {fmt(d['min_standard_error'])}, largest entry "
+                f"{fmt(d['max'])} ± {fmt(d['max_standard_error'])}; the largest standard error "
+                f"of any entry is {fmt(d['largest_standard_error'])}. The figure shows the "
+                "estimate with a band of one standard error."
+            )
+        parts += ["## Diagonal", "", line, "", f"![diagonal]({files['diag']})", ""]
     if "density" in a:
         parts += [
             "## Spectral density",

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from curvops.cli.curvatures import TITLES, Curvature, build_curvature
 from curvops.cli.data import load_digits_tensors, make_batches
-from curvops.cli.main import resolve_device
+from curvops.cli.device import resolve_device
+from curvops.cli.exact import dense_matrix, exact_trace, has_own_to_dense
 from curvops.cli.models import layer_sizes, make_digits_cnn
+from curvops.cli.progress import CountedOperator, StepBar
 from curvops.cli.timing import timed
 from curvops.cli.training import train
 from curvops.linear_operator import LinearOperator
@@ -45,7 +46,8 @@ class TourConfig:
         batch_size: Training batch size.
         num_curvature_data: Training images the curvature matrices are defined on.
         curvature_batch_size: Batch size of the operators' data loop.
-        dense_chunk: Columns per product when materialising an operator.
+        dense_chunk: Columns of the identity per product when materialising an operator
+            (the progress bar moves after each block; the default makes four blocks).
         damping: Damping :math:`\\delta` of the inverses.
         top_k: Number of top eigenvalues in the report.
         lanczos_steps: Lanczos iterations per spectral density estimate.
@@ -84,7 +86,7 @@ QUICK = TourConfig(
     batch_size=128,
     num_curvature_data=64,
     curvature_batch_size=64,
-    dense_chunk=128,
+    dense_chunk=82,
     damping=1e-3,
     top_k=5,
     lanczos_steps=30,
@@ -103,7 +105,7 @@ FULL = TourConfig(
     batch_size=64,
     num_curvature_data=256,
     curvature_batch_size=128,
-    dense_chunk=64,
+    dense_chunk=180,
     damping=1e-3,
     top_k=10,
     lanczos_steps=60,
@@ -117,6 +119,8 @@ FULL = TourConfig(
 DTYPE = torch.float64
 EXACT = (Curvature.HESSIAN, Curvature.GGN, Curvature.EF, Curvature.MC)
 KRONECKER = (Curvature.KFAC, Curvature.EKFAC)
+DENSITY_MATRICES = (Curvature.HESSIAN, Curvature.GGN)
+NUM_ESTIMATORS = 5  # Hutchinson, Hutch++, XTrace traces; Hutchinson, XDiag diagonals
 
 
 def materialize(A: LinearOperator, chunk: int) -> Tensor:
@@ -129,9 +133,46 @@ def materialize(A: LinearOperator, chunk: int) -> Tensor:
     Returns:
         The dense ``[D_out, D_in]`` matrix.
     """
-    D = A.shape[1]
-    eye = torch.eye(D, dtype=A.dtype, device=A.device)
-    return torch.cat([A @ eye[:, i : i + chunk] for i in range(0, D, chunk)], dim=1)
+    return dense_matrix(A, chunk)
+
+
+def num_params(config: TourConfig) -> int:
+    """Number of parameters :math:`D` of the tour's CNN for a configuration.
+
+    Args:
+        config: The configuration.
+
+    Returns:
+        :math:`D`.
+    """
+    return sum(p.numel() for p in make_digits_cnn(channels=config.channels).parameters())
+
+
+def count_steps(config: TourConfig) -> dict[str, int]:
+    """Steps of each stage of a tour run, as counted by its progress bar.
+
+    NOTE [command-line progress] in :mod:`curvops.cli.progress`: one step is one epoch, one
+    block of columns of a dense matrix, one estimate or one figure.
+
+    Args:
+        config: The configuration.
+
+    Returns:
+        Stage name -> number of steps.
+    """
+    D = num_params(config)
+    dense_blocks = -(-D // config.dense_chunk)
+    return {
+        "train": config.epochs,
+        # per exact operator: set-up and timed products, then the dense blocks; per
+        # Kronecker operator one step; then gradient timing and the heatmaps
+        "operators": len(EXACT) * (1 + dense_blocks) + len(KRONECKER) + 1,
+        "inverses": 1,
+        # every matrix's eigenvalues and trace estimate, eigsh on Hessian and GGN
+        "eigenvalues": len(EXACT) + len(KRONECKER) + len(DENSITY_MATRICES),
+        "densities": 2 * len(DENSITY_MATRICES) + 1,
+        "estimators": (1 + len(config.power_law_exponents)) * NUM_ESTIMATORS + 1,
+    }
 
 
 @dataclass
@@ -143,18 +184,45 @@ class _Tour:
     seed: int
     device: torch.device
     gen: torch.Generator
+    bar: StepBar | None = None
     results: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     model: nn.Module | None = None
     loss_func: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     data: list = field(default_factory=list)
     operators: dict[Curvature, LinearOperator] = field(default_factory=dict)
+    counted: dict[Curvature, list[CountedOperator]] = field(default_factory=dict)
     dense: dict[Curvature, Tensor] = field(default_factory=dict)
     eigenvalues: dict[Curvature, Tensor] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    def label(self, text: str, *, force: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.label(text, force=force)
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.step(n)
+
+    def count_products(self, c: Curvature, what: str) -> CountedOperator:
+        """The operator of ``c``, counting its products and showing them in the label."""
+        stage_columns = 0
+
+        def show(k: int) -> None:
+            nonlocal stage_columns
+            stage_columns += k
+            self.label(f"{what} ({stage_columns} products)")
+
+        counted = CountedOperator(self.operators[c], show)
+        self.counted.setdefault(c, []).append(counted)
+        return counted
+
+    def products(self) -> dict[str, int]:
+        """Columns multiplied with each operator so far."""
+        return {c.value: sum(op.columns for op in ops) for c, ops in self.counted.items()}
 
 
 def _accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
@@ -173,8 +241,20 @@ def _train_stage(t: _Tour) -> None:
     model = make_digits_cnn(channels=cfg.channels, seed=t.seed, dtype=torch.float32)
     model = model.to(t.device)
     batches = make_batches(Xtr.float(), ytr, cfg.batch_size)
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        t.label(f"train: epoch {epoch}/{cfg.epochs}, loss {loss:.3f}")
+        t.step()
+
     history, seconds = timed(
-        train, t.device, model, t.loss_func, batches, epochs=cfg.epochs, lr=cfg.lr
+        train,
+        t.device,
+        model,
+        t.loss_func,
+        batches,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        on_epoch=on_epoch,
     )
     t.model = model.to(DTYPE).eval()
     t.results["training"] = {
@@ -199,7 +279,9 @@ def _operators_stage(t: _Tour) -> None:
     params = list(t.model.parameters())
     probe = torch.randn(t.dim, generator=t.gen, dtype=DTYPE).to(t.device)
     timings: dict[str, dict[str, float]] = {}
+    dense_blocks = -(-t.dim // t.config.dense_chunk)
     for c in EXACT + KRONECKER:
+        t.label(f"operators: {TITLES[c]} set-up", force=True)
         op, t_build = timed(
             build_curvature,
             t.device,
@@ -211,17 +293,39 @@ def _operators_stage(t: _Tour) -> None:
             check_deterministic=False,
             seed=t.seed,
         )
-        _, t_first = timed(op.__matmul__, t.device, probe)  # includes lazy set-up
-        _, t_matvec = timed(op.__matmul__, t.device, probe)
-        chunk = t.config.dense_chunk if c in EXACT else t.dim
-        t.dense[c], t_dense = timed(materialize, t.device, op, chunk)
         t.operators[c] = op
+        counted = t.count_products(c, f"operators: {TITLES[c]} products")
+        _, t_first = timed(counted.__matmul__, t.device, probe)  # includes lazy set-up
+        _, t_matvec = timed(counted.__matmul__, t.device, probe)
+        planned = dense_blocks if c in EXACT else 0
+        if c in EXACT:
+            t.step()
+        done = 0
+
+        def on_block(i: int, total: int, c: Curvature = c, planned: int = planned) -> None:
+            nonlocal done
+            t.label(f"operators: {TITLES[c]} dense {i}/{total}", force=True)
+            target = planned * i // total
+            t.step(target - done)
+            done = target
+
+        # an operator whose class materialises itself (structured operators, or a faster
+        # to_dense() of its own) does so in one step, outside the product count
+        own = has_own_to_dense(op)
+        chunk = t.config.dense_chunk if c in EXACT else t.dim
+        t.dense[c], t_dense = timed(
+            dense_matrix, t.device, op if own else counted, chunk, on_block
+        )
+        if c in KRONECKER:
+            t.step()
         timings[c.value] = {
             "construct_s": t_build,
             "first_matvec_s": t_first,
             "matvec_s": t_matvec,
             "dense_s": t_dense,
+            "dense_method": "to_dense()" if own else f"blocks of {min(chunk, t.dim)} columns",
         }
+    t.label("operators: gradient and heatmaps", force=True)
     for _ in range(2):  # the second call is the warm one
         _, t_grad = timed(t.operators[Curvature.GGN].gradient_and_loss, t.device)
     t.results["timings"] = {"gradient_s": t_grad, "operators": timings}
@@ -232,6 +336,7 @@ def _operators_stage(t: _Tour) -> None:
         suptitle=f"Curvature matrices of a CNN on digits (D={t.dim}, "
         f"N={t.config.num_curvature_data})",
     ).name
+    t.step()
 
 
 def _inverses_stage(t: _Tour) -> None:
@@ -240,6 +345,7 @@ def _inverses_stage(t: _Tour) -> None:
     from curvops.kronecker import EKFACInverseLinearOperator, KFACInverseLinearOperator
 
     delta = t.config.damping
+    t.label("inverses: damped inverses", force=True)
     eye = torch.eye(t.dim, dtype=DTYPE, device=t.device)
     inverses = {
         Curvature.GGN: torch.linalg.inv(t.dense[Curvature.GGN] + delta * eye),
@@ -268,6 +374,7 @@ def _inverses_stage(t: _Tour) -> None:
         }
         for c, M in inverses.items()
     }
+    t.step()
 
 
 def _spectra_stage(t: _Tour) -> None:
@@ -278,24 +385,33 @@ def _spectra_stage(t: _Tour) -> None:
     spectra: dict[str, Any] = {}
     estimates: dict[str, Any] = {}
     for c, M in t.dense.items():
+        t.label(f"eigenvalues: {TITLES[c]} eigh", force=True)
         t.eigenvalues[c] = torch.linalg.eigvalsh(M)
-        exact_trace = float(M.trace())
+        exact_trace_value = float(M.trace())
         entry = {
-            "exact_trace": exact_trace,
+            "exact_trace": exact_trace_value,
             "exact_top_eigenvalues": t.eigenvalues[c].flip(0)[: cfg.top_k].tolist(),
             "min_eigenvalue": float(t.eigenvalues[c][0]),
         }
-        if c in (Curvature.HESSIAN, Curvature.GGN):
+        # the operator's own trace (KFAC, EKFAC: closed forms), where it offers one
+        own = exact_trace(t.operators[c])
+        if own is not None:
+            entry["operator_trace"] = float(own)
+        if c in DENSITY_MATRICES:
+            A = t.count_products(c, f"eigenvalues: {TITLES[c]} eigsh")
             (evals, _), seconds = timed(
-                eigsh, t.device, t.operators[c], k=cfg.top_k, which="LA", generator=t.gen
+                eigsh, t.device, A, k=cfg.top_k, which="LA", generator=t.gen
             )
             entry["eigsh_top_eigenvalues"] = evals.flip(0).tolist()
             entry["eigsh_s"] = seconds
+            entry["eigsh_products"] = A.columns
+            t.step()
         spectra[c.value] = entry
+        A = t.count_products(c, f"eigenvalues: {TITLES[c]} Hutch++")
         (estimate, error), seconds = timed(
             hutchpp_trace,
             t.device,
-            t.operators[c],
+            A,
             cfg.trace_matvecs,
             generator=t.gen,
             return_error=True,
@@ -303,10 +419,11 @@ def _spectra_stage(t: _Tour) -> None:
         estimates[c.value] = {
             "estimate": float(estimate),
             "standard_error": float(error),
-            "relative_error": abs(float(estimate) - exact_trace) / abs(exact_trace),
+            "relative_error": abs(float(estimate) - exact_trace_value) / abs(exact_trace_value),
             "num_matvecs": cfg.trace_matvecs,
             "seconds": seconds,
         }
+        t.step()
     t.results["spectra"] = spectra
     t.results["trace_estimates"] = estimates
 
@@ -327,12 +444,15 @@ def _densities_stage(t: _Tour) -> None:
         "kappa": 8.0,
     }
     panels, seconds = {}, {}
-    for c in (Curvature.HESSIAN, Curvature.GGN):
-        op = t.operators[c]
+    for c in DENSITY_MATRICES:
+        op = t.count_products(c, f"densities: {TITLES[c]} Lanczos")
         (grid, density), t_density = timed(lanczos_approximate_spectrum, t.device, op, **kwargs)
+        t.step()
+        op = t.count_products(c, f"densities: {TITLES[c]} log-spectrum Lanczos")
         (log_grid, log_density), t_log = timed(
             lanczos_approximate_log_spectrum, t.device, op, epsilon=epsilon, **kwargs
         )
+        t.step()
         exact = t.eigenvalues[c]
         panels[f"{TITLES[c]}: spectral density"] = plots.DensityPanel(grid, density, exact)
         panels[f"{TITLES[c]}: log-spectral density"] = plots.DensityPanel(
@@ -342,9 +462,11 @@ def _densities_stage(t: _Tour) -> None:
             xlabel=r"$\nu = \log(|\lambda| + 10^{-5})$",
         )
         seconds[c.value] = {"density_s": t_density, "log_density_s": t_log}
+    t.label("densities: figure", force=True)
     t.files["spectral_densities"] = plots.plot_densities(
         panels, t.out / "spectral_densities.png"
     ).name
+    t.step()
     t.results["densities"] = {
         "lanczos_steps": ncv,
         "runs": t.config.lanczos_runs,
@@ -356,18 +478,39 @@ def _estimators_stage(t: _Tour) -> None:
     """Accuracy of trace and diagonal estimators on the GGN and power-law matrices."""
     from curvops.cli import plots
     from curvops.cli.estimator_accuracy import diagonal_errors, power_law_matrix, trace_errors
+    from curvops.structured import TensorLinearOperator
 
     cfg = t.config
-    matrices = {f"GGN of the CNN (D={t.dim})": t.dense[Curvature.GGN]}
+    G = t.dense[Curvature.GGN]
+    matrices = {f"GGN of the CNN (D={t.dim})": (G + G.T) / 2}
     for p in cfg.power_law_exponents:
         matrices[f"power law $i^{{-{p:g}}}$ (D={cfg.power_law_dim})"] = power_law_matrix(
             cfg.power_law_dim, p, generator=t.gen, dtype=DTYPE, device=t.device
         )
     budgets, runs = cfg.estimator_matvecs, cfg.estimator_runs
     trace, diagonal = {}, {}
-    for name, M in matrices.items():
-        trace[name] = trace_errors(M, float(M.trace()), budgets, runs, generator=t.gen)
-        diagonal[name] = diagonal_errors(M, M.diagonal(), budgets, runs, generator=t.gen)
+    for i, (name, M) in enumerate(matrices.items()):
+        what = f"estimators: matrix {i + 1}/{len(matrices)}"
+
+        def on_step(estimator: str, what: str = what, kind: str = "trace") -> None:
+            t.label(f"{what}, {kind} {estimator} done", force=True)
+            t.step()
+
+        # the matrices are symmetric by construction: one operator for all estimator runs
+        A = TensorLinearOperator(M, symmetric=True)
+        t.label(f"{what}, traces", force=True)
+        trace[name] = trace_errors(
+            A, float(M.trace()), budgets, runs, generator=t.gen, on_step=on_step
+        )
+        t.label(f"{what}, diagonals", force=True)
+        diagonal[name] = diagonal_errors(
+            A,
+            M.diagonal(),
+            budgets,
+            runs,
+            generator=t.gen,
+            on_step=lambda e, what=what: on_step(e, what, "diagonal"),
+        )
     panels = {
         f"trace: {name}": plots.ErrorPanel(curves, r"$|\hat t - t| / |t|$")
         for name, curves in trace.items()
@@ -375,9 +518,11 @@ def _estimators_stage(t: _Tour) -> None:
     diagonal_label = r"$\max_i |a_i - \hat a_i| / \max_j |a_j|$"
     for name, curves in diagonal.items():
         panels[f"diagonal: {name}"] = plots.ErrorPanel(curves, diagonal_label)
+    t.label("estimators: figure", force=True)
     t.files["estimator_accuracy"] = plots.plot_error_curves(
         panels, t.out / "estimator_accuracy.png", ncols=len(matrices)
     ).name
+    t.step()
 
     def medians(curves_by_matrix):
         return {
@@ -419,7 +564,8 @@ def run_tour_pipeline(
         seed: Seed of data split, initialisation and every estimator (a private CPU
             generator; the global RNG is not touched).
         device: Device to compute on.
-        progressbar: Show a progress bar over the stages.
+        progressbar: Show one progress bar over the steps of all stages (NOTE
+            [command-line progress] in :mod:`curvops.cli.progress`).
 
     Returns:
         The results also written to ``results.json``.
@@ -430,13 +576,15 @@ def run_tour_pipeline(
     tour = _Tour(out, config, seed, device, torch.Generator().manual_seed(seed))
     tour.results.update({"config": asdict(config), "seed": seed, "device": str(device)})
     seconds: dict[str, float] = {}
-    with tqdm(total=len(_STAGES), desc="curvops tour", disable=not progressbar) as bar:
+    steps = count_steps(config)
+    with StepBar(sum(steps.values()), "curvops tour", enabled=progressbar) as bar:
+        tour.bar = bar
         for name, stage in _STAGES:
-            bar.set_postfix_str(name)
             _, seconds[name] = timed(stage, device, tour)
-            bar.update(1)
     tour.results["files"] = tour.files
     tour.results["stage_seconds"] = seconds
+    tour.results["steps"] = steps
+    tour.results["products"] = tour.products()
     (out / "results.json").write_text(json.dumps(tour.results, indent=2))
     (out / "report.md").write_text(report.tour_report(tour.results))
     return tour.results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 
 import torch
@@ -32,6 +33,7 @@ def train(
     lr: float = 1e-2,
     optimizer: str | Optimizer = Optimizer.ADAM,
     progressbar: bool = False,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place over ``batches`` (in their given order).
 
@@ -44,6 +46,8 @@ def train(
         lr: Learning rate.
         optimizer: ``"adam"`` or ``"sgd"``.
         progressbar: Show a progress bar over epochs.
+        on_epoch: Called as ``on_epoch(epoch, mean_loss)`` after each epoch (counting from 1),
+            e.g. to drive an outer progress bar.
 
     Returns:
         The mean training loss of every epoch.
@@ -61,7 +65,7 @@ def train(
     opt_class = torch.optim.Adam if optimizer == Optimizer.ADAM else torch.optim.SGD
     opt = opt_class(params, lr=lr)
     history = []
-    for _ in tqdm(range(epochs), desc="training", disable=not progressbar, leave=False):
+    for epoch in tqdm(range(epochs), desc="training", disable=not progressbar, leave=False):
         total, count = 0.0, 0
         for X, y in batches:
             opt.zero_grad(set_to_none=True)
@@ -71,6 +75,8 @@ def train(
             total += loss.item() * X.shape[0]
             count += X.shape[0]
         history.append(total / count)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history[-1])
     for p in params:
         p.grad = None
     return history

@@ -10,6 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops.cli.checkpoints import (
+    apply_state_dict,
+    is_model_file,
+    load_model_file,
+    load_state_dict,
+)
 from curvops.cli.errors import CLIError
 from curvops.cli.loading import call_factory, load_factory
 
@@ -204,6 +210,47 @@ def probe(model: nn.Module, loss_func: nn.Module, data: Iterable) -> None:
             ) from e
 
 
+def load_model(
+    model_spec: str,
+    *,
+    weights: str | None = None,
+    weights_key: str | None = None,
+    trust_pickle: bool = False,
+) -> nn.Module:
+    """Build the model of ``--model`` and load ``--weights`` into it.
+
+    Args:
+        model_spec: ``MODULE:FACTORY`` or ``FILE.py:FACTORY`` of a function returning an
+            ``nn.Module``, or a file with a whole model saved by ``torch.save(model, path)``
+            (loaded only with ``trust_pickle``; NOTE [loading checkpoints safely] in
+            :mod:`curvops.cli.checkpoints`).
+        weights: A file with a state dict (or a checkpoint dictionary holding one) to load
+            into the model, read safely with ``torch.load(weights_only=True)``.
+        weights_key: Entry of the checkpoint dictionary that holds the state dict.
+        trust_pickle: Allow loading a whole pickled model.
+
+    Returns:
+        The model (not yet cast or moved).
+
+    Raises:
+        CLIError: For every problem with the factory or the files.
+    """
+    if weights_key is not None and weights is None:
+        raise CLIError("--weights-key needs --weights (the file the key refers to).")
+    if is_model_file(model_spec):
+        model = load_model_file(model_spec, trust_pickle=trust_pickle)
+    else:
+        model = call_factory(load_factory(model_spec, "model"), model_spec)
+        if not isinstance(model, nn.Module):
+            raise CLIError(
+                f"{model_spec!r} returned a {type(model).__name__}, not a torch.nn.Module. The "
+                "model factory must return the model."
+            )
+    if weights is not None:
+        apply_state_dict(model, load_state_dict(weights, weights_key), weights)
+    return model
+
+
 def prepare(
     model_spec: str,
     data_spec: str,
@@ -211,29 +258,33 @@ def prepare(
     *,
     dtype: torch.dtype,
     device: torch.device,
+    weights: str | None = None,
+    weights_key: str | None = None,
+    trust_pickle: bool = False,
 ) -> Setup:
     """Import the user's factories, build model and data, and check that they fit the loss.
 
     Args:
-        model_spec: ``MODULE:FACTORY`` of a function returning an ``nn.Module``.
+        model_spec: ``MODULE:FACTORY`` of a function returning an ``nn.Module``, or a saved
+            whole model (see :func:`load_model`).
         data_spec: ``MODULE:FACTORY`` of a function returning a re-iterable of ``(X, y)``.
         loss: ``"mse"``, ``"ce"`` or ``"bce"``.
         dtype: Floating-point type of the analysis.
         device: Device of the analysis.
+        weights: A state-dict file to load into the model (see :func:`load_model`).
+        weights_key: Entry of a checkpoint dictionary that holds the state dict.
+        trust_pickle: Allow loading a whole pickled model.
 
     Returns:
         The checked set-up.
 
     Raises:
-        CLIError: For every problem with the factories or their fit.
+        CLIError: For every problem with the factories, the files or their fit.
     """
     loss_func = parse_loss(loss)
-    model = call_factory(load_factory(model_spec, "model"), model_spec)
-    if not isinstance(model, nn.Module):
-        raise CLIError(
-            f"{model_spec!r} returned a {type(model).__name__}, not a torch.nn.Module. The model "
-            "factory must return the model."
-        )
+    model = load_model(
+        model_spec, weights=weights, weights_key=weights_key, trust_pickle=trust_pickle
+    )
     raw = call_factory(load_factory(data_spec, "data"), data_spec)
     try:
         iterator = iter(raw)
