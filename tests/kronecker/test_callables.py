@@ -133,3 +133,14 @@ def test_layer_block_copies_keep_the_weight_without_a_module():
     assert (bias_block.name, bias_block.weight_index, bias_block.bias_index) == ("0.bias", None, 1)
     assert bias_block.weight_shape == (5, 4) and bias_block.kinds == layer.kinds
     assert (layer.name, layer.weight_index) == ("0", 0)
+
+
+def test_kfoc_of_a_callable_is_the_modules():
+    from curvops.kronecker import KFOCLinearOperator
+
+    model = build(mlp_module)
+    params = list(model.parameters())
+    data, loss = mlp_data(), nn.CrossEntropyLoss()
+    K_fn = KFOCLinearOperator(mlp, loss, params, data, fisher_type="type-2")
+    K_mod = KFOCLinearOperator(model, loss, params, data, fisher_type="type-2")
+    torch.testing.assert_close(K_fn.to_dense(), K_mod.to_dense(), rtol=1e-12, atol=1e-15)

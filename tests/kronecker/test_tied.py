@@ -386,3 +386,18 @@ def test_nearest_kronecker_of_sum_is_exact_for_proportional_factors():
     torch.testing.assert_close(Qc.trace(), Q.trace())
     P, Qc = nearest_kronecker_of_sum([(P1, Q), (d, torch.zeros_like(Q))])
     torch.testing.assert_close(torch.kron(P, Qc), torch.kron(P1, Q))
+
+
+def test_kfoc_of_calls_as_positions_and_refused_tied_embedding():
+    """KFOC approximates the exact block, whose per-datum gradients sum over the calls: the
+    same for a layer called per position and once; a tied embedding/head is refused."""
+    from curvops.kronecker import KFOCLinearOperator
+
+    one, per = twins()
+    data, loss = mse_data(), nn.MSELoss()
+    K_one = KFOCLinearOperator(one, loss, list(one.parameters()), data)
+    K_per = KFOCLinearOperator(per, loss, list(per.parameters()), data)
+    torch.testing.assert_close(K_per.to_dense(), K_one.to_dense(), rtol=1e-10, atol=1e-13)
+    tied, _, data, loss = gpt_problem()
+    with pytest.raises(NotImplementedError, match="Embedding\\+Linear 'wte': KFOC does not"):
+        KFOCLinearOperator(tied, loss, list(tied.parameters()), data)

@@ -47,6 +47,7 @@ from curvops.kronecker.rearrangement import (
     choose_layout,
 )
 from curvops.kronecker.staleness import OnStale
+from curvops.kronecker.tied import TiedEmbeddingLinearLayer
 from curvops.risk.finite import require_finite
 
 _Statistics = RowGradients | MatrixGradients | TokenGradients
@@ -147,6 +148,9 @@ class KFOCLinearOperator(KFACLinearOperator):
             iteration options, and everything
             :class:`~curvops.kronecker.kfac.KFACLinearOperator` raises.
         TypeError: If ``max_iterations`` or ``max_cache_bytes`` is not an integer.
+        NotImplementedError: For a weight tied between an embedding and a linear layer
+            (KFAC's layers otherwise: tied weights, layers applied several times and
+            callables as in :class:`~curvops.kronecker.kfac.KFACLinearOperator`).
 
     Examples:
         >>> import torch
@@ -223,6 +227,14 @@ class KFOCLinearOperator(KFACLinearOperator):
         # the statistics come from the model's layers; the blocks (the KFAC machinery's
         # "layers") split a layer's separate bias into a block of its own
         self._stat_layers = self._layers
+        for layer in self._stat_layers:
+            if isinstance(layer, TiedEmbeddingLinearLayer):
+                raise NotImplementedError(
+                    f"{layer.type_name} '{layer.name}': KFOC does not support a weight tied "
+                    "between an embedding and a linear layer (its two kinds of calls have no "
+                    "common rows; NOTE [tied embedding and output layer]). Use "
+                    "KFACLinearOperator or EKFACLinearOperator, or remove it from `params`."
+                )
         self._layers = [block for layer in self._stat_layers for block in self._blocks_of(layer)]
 
     def _joint(self, layer: KFACLayer) -> bool:
@@ -237,9 +249,9 @@ class KFOCLinearOperator(KFACLinearOperator):
         blocks = []
         if layer.weight_index is not None:
             bias = layer.bias_index if self._joint(layer) else None
-            blocks.append(type(layer)(layer.name, layer.module, layer.weight_index, bias))
+            blocks.append(layer.block(layer.name, layer.weight_index, bias))
         if layer.bias_index is not None and not self._joint(layer):
-            blocks.append(type(layer)(_bias_key(layer.name), layer.module, None, layer.bias_index))
+            blocks.append(layer.block(_bias_key(layer.name), None, layer.bias_index))
         return blocks
 
     # ---------------------------------------------------------------- options
@@ -435,9 +447,10 @@ class KFOCLinearOperator(KFACLinearOperator):
     ) -> _Statistics:
         """One batch's per-datum statistics of a layer's weight block, in the cheaper layout."""
         if layer.diagonal_input:
-            m = layer.module
             ids = layer.input_rows(inputs)
-            return TokenGradients.from_ids(ids, g, m.num_embeddings, m.padding_idx, weight)
+            return TokenGradients.from_ids(
+                ids, g, layer.num_embeddings, layer.padding_idx, weight
+            )
         if new_batch or layer.name not in rows:  # input rows are shared by a batch's chunks
             x = layer.input_rows(inputs)
             if self._joint(layer):
