@@ -323,3 +323,26 @@ def example_distributed_ggn(ctx: Ctx) -> None:
     exact = dense.trace().item()
     # Hutchinson: a fixed seed, so deterministic; 4 standard errors bound the estimate
     assert abs(out["trace_estimate"] - exact) < 4 * out["trace_std_error"], (out, exact)
+
+
+@check(2, 3)
+def kfoc_factors(ctx: Ctx) -> None:
+    """KFOC on shards = KFOC on the union, cached, uncached, and with caching on rank 0 only."""
+    from curvops.kronecker import KFOCLinearOperator
+
+    case = make_case("seq-ce-mean")  # linear layers shared over T = 3 positions
+    options = {"tolerance": 1e-10, "max_iterations": 300}
+    union = KFOCLinearOperator(
+        case.model_func, case.loss_func, case.params, case.data, process_group=False, **options
+    ).to_dense()
+    for budget in (2**30, 0, 2**30 if ctx.rank == 0 else 0):
+        K = KFOCLinearOperator(
+            case.model_func,
+            case.loss_func,
+            case.params,
+            ctx.shard(case.data),
+            max_cache_bytes=budget,
+            **options,
+        )
+        assert_operator_matches(K, union, **TOL)
+        assert all(c.converged for c in K.convergence.values())

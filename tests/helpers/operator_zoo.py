@@ -19,11 +19,12 @@ from curvops import (
     HessianLinearOperator,
     JacobianLinearOperator,
     KFACLinearOperator,
+    KFOCLinearOperator,
 )
 
 DTYPE = torch.float64
 
-OPERATOR_KINDS = ("hessian", "ggn", "ef", "mc-fisher", "jacobian", "kfac", "ekfac")
+OPERATOR_KINDS = ("hessian", "ggn", "ef", "mc-fisher", "jacobian", "kfac", "ekfac", "kfoc")
 """One entry per data-dependent operator type."""
 
 _CLASSES = {
@@ -33,17 +34,18 @@ _CLASSES = {
     "mc-fisher": FisherMCLinearOperator,
     "kfac": KFACLinearOperator,
     "ekfac": EKFACLinearOperator,
+    "kfoc": KFOCLinearOperator,
 }
 
 
 def build_operator(kind: str, model, loss_func, params, data, **kwargs):
     """Build the operator ``kind`` (one of :data:`OPERATOR_KINDS`); the Jacobian has no loss.
 
-    KFAC and EKFAC default to ``fisher_type="type-2"`` with the diagonal fallback.
+    KFAC, EKFAC and KFOC default to ``fisher_type="type-2"`` with the diagonal fallback.
     """
     if kind == "jacobian":
         return JacobianLinearOperator(model, params, data, **kwargs)
-    if kind in ("kfac", "ekfac"):
+    if kind in ("kfac", "ekfac", "kfoc"):
         kwargs = {"fisher_type": "type-2", "fallback": "diagonal"} | kwargs
     return _CLASSES[kind](model, loss_func, params, data, **kwargs)
 

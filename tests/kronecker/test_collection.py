@@ -12,7 +12,8 @@ from curvops.kronecker import KFACLinearOperator
 
 
 def test_layer_whose_weights_are_used_without_calling_it_is_refused():
-    """nn.MultiheadAttention uses out_proj.weight without calling out_proj."""
+    """nn.MultiheadAttention uses out_proj.weight without calling out_proj: the error names
+    the parameter and the function; with a fallback the parameters use it."""
 
     class Attention(nn.Module):
         def __init__(self):
@@ -25,17 +26,19 @@ def test_layer_whose_weights_are_used_without_calling_it_is_refused():
     model = build(Attention)
     X = torch.randn(3, 2, 4, dtype=DTYPE)
     params = list(model.attn.out_proj.parameters())
-    K = KFACLinearOperator(
-        model,
-        nn.MSELoss(),
-        params,
-        [(X, torch.randn(3, 2, 4, dtype=DTYPE))],
-        check_deterministic=False,
-    )
+    data = [(X, torch.randn(3, 2, 4, dtype=DTYPE))]
+    K = KFACLinearOperator(model, nn.MSELoss(), params, data, check_deterministic=False)
     with pytest.raises(
-        ValueError, match="'attn.out_proj' holds parameters in `params` but was not called"
+        ValueError,
+        match=r"'attn.out_proj.weight' is used by torch.nn.functional.multi_head_attention_"
+        r"forward, which KFAC has no Kronecker factors for.*fallback='diagonal'",
     ):
         K.compute_factors()
+    K = KFACLinearOperator(
+        model, nn.MSELoss(), params, data, check_deterministic=False, fallback="diagonal"
+    )
+    assert K._layers == [] and K._fallback_indices == [0, 1]
+    K.compute_factors()
 
 
 def test_one_batched_backward_per_batch(monkeypatch):

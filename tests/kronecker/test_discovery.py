@@ -7,7 +7,7 @@ import torch
 from helpers.kronecker_problems import DTYPE, build
 from torch import nn
 
-from curvops.kronecker import KFACLinearOperator
+from curvops.kronecker import FallbackType, KFACLinearOperator
 
 
 def data(in_dim: int = 3, out_dim: int = 2):
@@ -46,7 +46,10 @@ def test_raw_parameter_without_fallback_is_refused():
     assert [K.param_names[i] for i in K._fallback_indices] == ["gain"]
 
 
-def test_tied_parameters_are_refused():
+def test_weight_tied_between_two_modules_is_one_layer():
+    """One weight used by two nn.Linear with their own biases: a weight layer with both
+    calls, and a bias-only layer per bias (a bias is used by one call each)."""
+
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -58,8 +61,16 @@ def test_tied_parameters_are_refused():
             return self.b(torch.tanh(self.a(x)))[:, :2]
 
     model = build(Tied)
-    with pytest.raises(ValueError, match=r"shared by several places.*'a.weight', 'b.weight'"):
-        kfac(model)
+    K = kfac(model, fisher_type="type-2")
+    structure = [(layer.name, layer.weight_index, layer.bias_index) for layer in K._layers]
+    index = {name: i for i, name in enumerate(K.param_names)}
+    assert structure == [
+        ("a", index["b.weight"], None),
+        ("a.bias", None, index["a.bias"]),
+        ("b", None, index["b.bias"]),
+    ]
+    assert K.factors["a"].input_factor.shape == (3, 3)
+    assert K.factors["b"].bias_input_factor is not None
 
 
 def test_batchnorm_in_training_mode_is_refused():
@@ -82,12 +93,28 @@ def test_subset_of_parameters_and_layer_order():
     assert K.shape == (2 + 9, 2 + 9)
 
 
-def test_discovery_needs_a_module():
+def test_discovery_of_a_callable_and_its_unsupported_uses():
     from curvops.kronecker.discovery import discover_layers
     from curvops.risk import EmpiricalRisk
 
     model = build(lambda: nn.Sequential(nn.Linear(3, 2)))
     params = list(model.parameters())
+    risk = EmpiricalRisk(
+        lambda p, X: torch.nn.functional.linear(X, p[0], p[1]), nn.MSELoss(), params, data()
+    )
+    layers, fallback = discover_layers(risk, kfac_approx="expand", fallback=None, what="KFAC")
+    found = [(ly.name, ly.type_name, ly.weight_index, ly.bias_index) for ly in layers]
+    assert found == [("0", "Linear", 0, 1)]
+    assert fallback == []
     risk = EmpiricalRisk(lambda p, X: X @ p[0].T + p[1], nn.MSELoss(), params, data())
-    with pytest.raises(TypeError, match="needs model_func to be an nn.Module"):
+    with pytest.raises(
+        ValueError,
+        match=r"Parameter '0' is used by torch.Tensor.T.__get__, which KFAC has no Kronecker "
+        r"factors for \(supported: the weight \(and bias\) argument of F.linear.*"
+        r"fallback='diagonal'",
+    ):
         discover_layers(risk, kfac_approx="expand", fallback=None, what="KFAC")
+    layers, fallback = discover_layers(
+        risk, kfac_approx="expand", fallback=FallbackType.DIAGONAL, what="KFAC"
+    )
+    assert layers == [] and fallback == [0, 1]

@@ -12,6 +12,7 @@ from curvops.kronecker import (
     EKFACLinearOperator,
     KFACInverseLinearOperator,
     KFACLinearOperator,
+    KFOCLinearOperator,
 )
 
 N, T = 12, 3
@@ -65,6 +66,11 @@ def test_diagonal_matches_dense(cls, separate):
 def test_inverse_diagonal_matches_dense(separate, options):
     inverse = KFACInverseLinearOperator(make(separate_weight_and_bias=separate), **options)
     torch.testing.assert_close(inverse.diagonal(), inverse.to_dense().diagonal(), **TOL)
+
+
+def test_kfoc_diagonal_matches_dense():
+    K = make(KFOCLinearOperator, separate_weight_and_bias=False)
+    torch.testing.assert_close(K.diagonal(), K.to_dense().diagonal(), **TOL)
 
 
 def test_ekfac_inverse_diagonal_matches_dense():

@@ -101,10 +101,20 @@ def test_bad_options(kwargs, error, match):
         KFACLinearOperator(model, nn.MSELoss(), params, data, **options)
 
 
-def test_model_must_be_a_module_and_loss_is_required():
-    model, params, data = embedding_gain_problem()
-    with pytest.raises(TypeError, match="needs model_func to be an nn.Module"):
-        KFACLinearOperator(lambda p, X: model(X), nn.MSELoss(), params, data)
+def test_callable_model_and_loss_is_required():
+    """A callable running the module with the parameters it is given (a dict) gives the
+    module's factors and fallback diagonals, its layers named like the modules."""
+    model, _, data = embedding_gain_problem()
+    params = dict(model.named_parameters())
+
+    def forward(p, X):
+        return torch.func.functional_call(model, p, (X,))
+
+    options = {"fisher_type": "type-2", "fallback": "diagonal"}
+    K = KFACLinearOperator(forward, nn.MSELoss(), params, data, **options)
+    K_module = KFACLinearOperator(model, nn.MSELoss(), params, data, **options)
+    assert list(K.factors) == list(K_module.factors) == ["emb", "lin", "out"]
+    torch.testing.assert_close(K.to_dense(), K_module.to_dense(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs a loss function"):
         KFACLinearOperator(model, None, params, data)
 
@@ -158,20 +168,26 @@ def test_existing_grads_are_untouched(fisher_type):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
 
 
-def test_hooks_are_removed_after_an_error():
-    class Twice(nn.Module):
+def test_recording_mode_is_removed_after_an_error():
+    """A weight used another way than on the first batch: a clear error, and no torch function
+    mode is left behind."""
+
+    class Switch(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(2, 2)
 
         def forward(self, x):
-            return self.lin(self.lin(x))
+            if x.shape[0] == 3:
+                return self.lin(x)
+            return x @ self.lin.weight.T + self.lin.bias
 
-    model = build(Twice)
-    data = [(torch.randn(3, 2, dtype=DTYPE), torch.randn(3, 2, dtype=DTYPE))]
+    model = build(Switch)
+    data = [(torch.randn(n, 2, dtype=DTYPE), torch.randn(n, 2, dtype=DTYPE)) for n in (3, 2)]
     K = KFACLinearOperator(model, nn.MSELoss(), list(model.parameters()), data)
-    with pytest.raises(ValueError, match="called 2 times"):
+    with pytest.raises(ValueError, match=r"'lin.weight' is used by torch.Tensor.T.__get__"):
         K.compute_factors()
+    assert torch._C._len_torch_function_stack() == 0
     assert not model.lin._forward_hooks
 
 

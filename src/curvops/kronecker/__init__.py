@@ -1,4 +1,4 @@
-"""The Kronecker family: KFAC, EKFAC and their damped inverses as linear operators.
+"""The Kronecker family: KFAC, EKFAC, KFOC and their damped inverses as linear operators.
 
 Layer statistics (inputs, output gradients) are collected in one pass over the data
 (:mod:`curvops.kronecker.collection`); per-layer-type math (:mod:`curvops.kronecker.layers`)
@@ -10,6 +10,7 @@ from curvops.kronecker.ekfac import EKFACLinearOperator
 from curvops.kronecker.factors import LayerFactors
 from curvops.kronecker.inverse import EKFACInverseLinearOperator, KFACInverseLinearOperator
 from curvops.kronecker.kfac import KFACLinearOperator
+from curvops.kronecker.kfoc import KFOCLinearOperator
 from curvops.kronecker.options import FallbackType, FisherType, KFACType
 from curvops.kronecker.staleness import OnStale, StaleFactorsError
 
@@ -21,6 +22,7 @@ __all__ = [
     "KFACInverseLinearOperator",
     "KFACLinearOperator",
     "KFACType",
+    "KFOCLinearOperator",
     "LayerFactors",
     "OnStale",
     "StaleFactorsError",

@@ -150,7 +150,7 @@ class CorrectionAccumulator:
         self.weight_sum: Tensor | None = None
         if factors.input_factor is not None:
             shape = (
-                tuple(layer.module.weight.shape)
+                tuple(layer.weight_shape)
                 if factors.diagonal_input
                 else (d_out, factors.input_factor.shape[0])
             )
@@ -192,13 +192,13 @@ class CorrectionAccumulator:
         Positions of one datum with the same token are summed before squaring; the sum
         runs over the distinct (datum, token) pairs only.
         """
-        module = self.layer.module
-        num, dim = module.weight.shape
+        layer = self.layer
+        num, dim = layer.weight_shape
         N, T = ids.shape
         keys = (torch.arange(N, device=ids.device).unsqueeze(1) * num + ids).reshape(-1)
         keep = torch.ones_like(keys, dtype=torch.bool)
-        if module.padding_idx is not None:
-            keep = ids.reshape(-1) != module.padding_idx
+        if layer.padding_idx is not None:
+            keep = ids.reshape(-1) != layer.padding_idx
         unique, inverse = torch.unique(keys[keep], return_inverse=True)
         rows = g.reshape(g.shape[0], N * T, dim)[:, keep]
         summed = torch.zeros(g.shape[0], unique.numel(), dim, dtype=g.dtype, device=g.device)

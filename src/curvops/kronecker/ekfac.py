@@ -13,10 +13,10 @@ from torch import Tensor
 
 from curvops.kronecker.blocks import RowDiagonalKroneckerLinearOperator, WeightBiasStacking
 from curvops.kronecker.collection import statistics_pass
-from curvops.kronecker.corrections import CorrectionAccumulator
 from curvops.kronecker.kfac import KFACLinearOperator
 from curvops.kronecker.options import FisherType, parse_enum
 from curvops.kronecker.product import DiagonalBlock, EigenCore, FactoredBlocks, MatrixBlock
+from curvops.kronecker.tied import correction_accumulator
 from curvops.linear_operator import LinearOperator
 from curvops.risk.concurrency import DATA_PASS_LOCK
 from curvops.risk.finite import require_finite
@@ -95,7 +95,7 @@ class EKFACLinearOperator(KFACLinearOperator):
         accumulators = []
         for layer in self._layers:
             QA, QB = self._bases(layer.name)
-            accumulators.append(CorrectionAccumulator(layer, self._factors[layer.name], QA, QB))
+            accumulators.append(correction_accumulator(layer, self._factors[layer.name], QA, QB))
 
         def consume(stats) -> None:
             for acc, inputs, grad in zip(accumulators, stats.inputs, stats.grad_outputs):
@@ -239,8 +239,9 @@ class EKFACLinearOperator(KFACLinearOperator):
             expected_lam, expected_Q = {}, {"gradient": (d_out, d_out)}
             if f.input_factor is not None:
                 n = f.input_factor.shape[0]
-                num, dim = layer.module.weight.shape
-                expected_lam["weight"] = (num, dim) if f.diagonal_input else (d_out, n)
+                expected_lam["weight"] = (
+                    tuple(layer.weight_shape) if f.diagonal_input else (d_out, n)
+                )
                 if not f.diagonal_input:
                     expected_Q["input"] = (n, n)
             if f.bias_input_factor is not None:

@@ -228,6 +228,42 @@ def input_row_weights(
     return None
 
 
+def layer_row_weights(
+    layer: KFACLayer, inputs: tuple, term_mask: Tensor | None, N: int, dtype: torch.dtype | None
+) -> Tensor | None:
+    """Weights ``[N, T]`` of a layer's input rows, call by call (NOTE [weight sharing]).
+
+    Each call's rows get :func:`input_row_weights` with that call's number of positions, so
+    that the calls of a shared weight map their positions to the loss positions alike; if
+    instead the calls together have as many rows as there are loss positions (e.g. a layer
+    called once per position), the concatenated rows map to the loss positions in order.
+
+    Args:
+        layer: The layer.
+        inputs: Its inputs of the batch.
+        term_mask: ``[N', *positions]`` boolean mask, or ``None`` if every term counts.
+        N: The layer's number of data.
+        dtype: Floating dtype of the weights (``None``: float64 for token counts).
+
+    Returns:
+        The weights of the concatenated rows, or ``None`` if all are one.
+    """
+    if term_mask is None:
+        return None
+    counts = layer.positions_per_call(inputs)
+    total = sum(counts)
+    if term_mask.numel() == N * total and any(term_mask.numel() != N * T for T in counts):
+        # the calls together see the loss positions (e.g. one call per position)
+        return input_row_weights(term_mask, N, total, dtype)
+    parts = [input_row_weights(term_mask, N, T, dtype) for T in counts]
+    if len(parts) == 1 or all(p is None for p in parts):
+        return parts[0] if len(parts) == 1 else None
+    like = next(p for p in parts if p is not None)
+    return torch.cat(
+        [like.new_ones(N, T) if p is None else p for p, T in zip(parts, counts)], dim=1
+    )
+
+
 def _position_means(x: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """KFAC-reduce's rows: each datum's (weighted) mean over its positions, and datum weights.
 
@@ -267,8 +303,7 @@ class FactorAccumulator:
         self.reduce = kfac_approx == "reduce"
         self.loss_terms = loss_terms
         self.backward = backward
-        weight = layer.module.weight
-        like = {"dtype": weight.dtype, "device": weight.device}
+        like = {"dtype": layer.dtype, "device": layer.device}
         d_out, d_in = layer.weight_matrix_shape
         self.has_weight = layer.weight_index is not None
         self.has_bias = layer.bias_index is not None
@@ -325,8 +360,10 @@ class FactorAccumulator:
         else:
             # [N, T, d_in], features possibly permuted (undone in finalize)
             x, self.feature_order = layer.factor_input_rows(inputs)
-        N, T = x.shape[0], x.shape[1]
-        weights = input_row_weights(term_mask, N, T, x.dtype if x.is_floating_point() else None)
+        N = x.shape[0]
+        weights = layer_row_weights(
+            layer, inputs, term_mask, N, x.dtype if x.is_floating_point() else None
+        )
         if layer.diagonal_input:
             self.A_sum.add_(self._token_counts(x, weights))
         else:
@@ -342,6 +379,7 @@ class FactorAccumulator:
                 weighted = rows if weights is None else rows * weights.unsqueeze(-1)
                 self.bias_column_sum.add_(weighted.sum(dim=tuple(range(rows.ndim - 1))))
         # (weighted) numbers of rows and of data
+        T = x.shape[1]
         if weights is None:
             rows_count = N if self.reduce else N * T
             data_count = N
@@ -356,15 +394,15 @@ class FactorAccumulator:
             self._count += data_count * self.loss_terms
 
     def _token_counts(self, ids: Tensor, weights: Tensor | None) -> Tensor:
-        module = self.layer.module
+        layer = self.layer
         flat = ids.reshape(-1)
         w = None if weights is None else weights.reshape(-1)
-        if module.padding_idx is not None:
-            keep = flat != module.padding_idx
+        if layer.padding_idx is not None:
+            keep = flat != layer.padding_idx
             flat = flat[keep]
             w = None if w is None else w[keep]
-        counts = torch.bincount(flat, weights=w, minlength=module.num_embeddings)
-        return counts.to(dtype=module.weight.dtype)
+        counts = torch.bincount(flat, weights=w, minlength=layer.num_embeddings)
+        return counts.to(dtype=layer.dtype)
 
     def flush_counts(self) -> None:
         """Write the counts summed so far into their tensors (before these are reduced)."""

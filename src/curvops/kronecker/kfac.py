@@ -31,7 +31,7 @@ from curvops.kronecker.blocks import EmbeddingKroneckerLinearOperator, WeightBia
 from curvops.kronecker.collection import statistics_pass
 from curvops.kronecker.discovery import discover_layers
 from curvops.kronecker.eigen import factor_eigh
-from curvops.kronecker.factors import FactorAccumulator, LayerFactors
+from curvops.kronecker.factors import LayerFactors
 from curvops.kronecker.layers import KFACLayer
 from curvops.kronecker.options import FallbackType, FisherType, KFACType, parse_enum
 from curvops.kronecker.product import DiagonalBlock, FactoredBlocks, KroneckerCore, MatrixBlock
@@ -48,6 +48,7 @@ from curvops.kronecker.state import (
     factors_from_state,
     fallback_diagonals_from_state,
 )
+from curvops.kronecker.tied import factor_accumulator
 from curvops.linear_operator import LinearOperator
 from curvops.risk import EmpiricalRisk
 from curvops.risk.concurrency import DATA_PASS_LOCK
@@ -63,8 +64,7 @@ from curvops.structured import (
 class KFACLinearOperator(LinearOperator):
     r"""Block-diagonal Kronecker-factored approximation of the GGN or a Fisher.
 
-    Every supported layer (``nn.Linear`` with any number of leading axes,
-    ``nn.Conv1d/2d/3d`` with ``groups=1``, ``nn.Embedding``) gets the block
+    Every layer gets the block
 
     .. math::
         C^{(l)} \approx B^{(l)} \otimes A^{(l)}
@@ -73,9 +73,23 @@ class KFACLinearOperator(LinearOperator):
     :mod:`curvops.structured.kronecker`), with the input factor :math:`A` from the layer
     inputs (unfolded patches for convolutions; token counts, a diagonal, for embeddings) and
     the gradient factor :math:`B` from backpropagated output factors of the loss, scaled as
-    in NOTE [KFAC scaling] of :mod:`curvops.kronecker.factors`. Parameters of other layers
-    use ``fallback``. The statistics of all layers come from ONE pass over the data with one
-    batched backward per batch (:mod:`curvops.kronecker.collection`).
+    in NOTE [KFAC scaling] of :mod:`curvops.kronecker.factors`. The statistics of all layers
+    come from ONE pass over the data with one batched backward per batch
+    (:mod:`curvops.kronecker.collection`).
+
+    A layer is a parameter used as the weight (or bias) of ``F.linear`` (inputs with any
+    number of leading axes), ``F.conv1d/2d/3d`` (``groups=1``) or ``F.embedding``: the calls
+    of ``nn.Linear``, ``nn.Conv*d`` and ``nn.Embedding``, and the same calls in any module or
+    in a callable ``model_func(params, X)``, found by identity of the tensors passed in
+    (NOTE [weight uses] of :mod:`curvops.kronecker.uses`). A weight used by several calls
+    (tied weights, a layer applied twice or once per position) is one block: calls of one
+    kind act as extra shared positions of ``expand``/``reduce`` (NOTE [weight sharing] of
+    :mod:`curvops.kronecker.layers`; Eschenhagen et al., 2023), and an embedding tied to a
+    linear output layer (GPT-2) gets the Kronecker product nearest to the sum of both kinds'
+    blocks (NOTE [tied embedding and output layer] of :mod:`curvops.kronecker.tied`). A
+    weight and a bias share a block if every call uses them together. Parameters used in any
+    other way (``x @ W.T``, ``F.layer_norm``, ...) use ``fallback``, or an error names them
+    and the function.
 
     The factors are computed on first use (a product, :attr:`factors`, a closed form) or by
     :meth:`compute_factors`; :meth:`load_state_dict` sets them without a data pass. They
@@ -90,7 +104,12 @@ class KFACLinearOperator(LinearOperator):
     [threads] in :mod:`curvops.risk.concurrency`.
 
     Args:
-        model_func: The model, an ``nn.Module`` (forward hooks read the layer inputs).
+        model_func: The model, an ``nn.Module`` or a callable ``(params, X) -> output``
+            (``params`` as passed: a list or a dict). The layers are found from its calls
+            of the layer functions; a module made only of ``nn.Linear``, ``nn.Conv*d`` and
+            ``nn.Embedding`` parameters needs no forward pass for that, otherwise one
+            forward pass on the first batch finds them (NOTE [layers of standard modules]
+            of :mod:`curvops.kronecker.discovery`).
         loss_func: ``MSELoss``, ``CrossEntropyLoss`` (also with ``ignore_index`` padding and
             ``label_smoothing``, not with class weights) or ``BCEWithLogitsLoss`` (reduction
             ``"mean"`` or ``"sum"``).
@@ -119,8 +138,8 @@ class KFACLinearOperator(LinearOperator):
             :class:`~curvops.curvature.NonDeterministicError` if they differ.
         num_data: Total number of data (counted if ``None``).
         batch_size_fn: Maps ``X`` to its batch size (required for mapping inputs).
-        fallback: :class:`~curvops.kronecker.options.FallbackType` for parameters of
-            unsupported layers: ``None`` (raise an error naming them) or ``"diagonal"`` (the
+        fallback: :class:`~curvops.kronecker.options.FallbackType` for parameters without
+            Kronecker structure: ``None`` (raise an error naming them) or ``"diagonal"`` (the
             exact diagonal of the same curvature for those parameters, see
             :mod:`curvops.kronecker.fallback`).
         process_group: See :class:`curvops.risk.EmpiricalRisk`.
@@ -130,13 +149,13 @@ class KFACLinearOperator(LinearOperator):
             ``"recompute"`` the factors, or ``"ignore"`` the change and use the old factors.
 
     Raises:
-        ValueError: For unknown options, ``mc_samples != 1`` with a non-MC type, tied
-            parameters, parameters of unsupported layers without a fallback, BatchNorm in
-            training mode.
-        TypeError: If the model is not an ``nn.Module``, or an integer option is not an
-            integer.
+        ValueError: For unknown options, ``mc_samples != 1`` with a non-MC type,
+            parameters without Kronecker structure (naming them and the function using
+            them) and no fallback, BatchNorm in training mode.
+        TypeError: If an integer option is not an integer.
         NotImplementedError: For a loss without likelihood interpretation, or an unsupported
-            configuration of a supported layer.
+            configuration of a layer call (grouped convolutions, embeddings with
+            ``max_norm``, a tied embedding with ``kfac_approx="reduce"``).
 
     Examples:
         >>> import torch
@@ -199,12 +218,6 @@ class KFACLinearOperator(LinearOperator):
                 "fallback='diagonal' needs backpropagated gradients, which "
                 "fisher_type='forward-only' does not compute. Use another fisher_type, or "
                 "remove the parameters of unsupported layers from `params`."
-            )
-        if not isinstance(model_func, nn.Module):
-            raise TypeError(
-                f"{name} needs model_func to be an nn.Module (forward hooks read the layer "
-                f"inputs), got {type(model_func).__name__}. Wrap the computation in an "
-                f"nn.Module whose submodules are the layers."
             )
         if loss_func is None:
             raise ValueError(f"{name} needs a loss function; got loss_func=None.")
@@ -395,7 +408,7 @@ class KFACLinearOperator(LinearOperator):
         layers, risk = self._layers, self._risk
         backward = self._fisher_type != FisherType.FORWARD_ONLY
         accumulators = [
-            FactorAccumulator(
+            factor_accumulator(
                 layer, self._kfac_approx.value, self._num_per_example_loss_terms, backward
             )
             for layer in layers

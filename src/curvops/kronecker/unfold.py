@@ -16,13 +16,19 @@ convolution layers. Their input factor is built from these patches.
 from __future__ import annotations
 
 from math import prod
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+Geometry = Any
+"""A convolution module (``nn.Conv1d/2d/3d``) or any object with its attributes
+``kernel_size``, ``stride``, ``padding``, ``dilation`` and ``padding_mode``, e.g. the geometry
+of one ``F.conv*d`` call (:class:`curvops.kronecker.uses.ConvGeometry`)."""
 
-def _padded(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+
+def _padded(module: Geometry, x: Tensor) -> Tensor:
     """The input as the convolution reads it: padded (any padding mode)."""
     if module.padding_mode != "zeros":
         # the module pads explicitly in this case and convolves without padding
@@ -31,14 +37,29 @@ def _padded(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
-def _output_size(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, padded: Tensor) -> list[int]:
+def conv_output_size(module: Geometry, x: Tensor) -> list[int]:
+    """Spatial output size of a convolution on the (unpadded) input ``x``."""
+    if module.padding_mode != "zeros":
+        pads = list(module._reversed_padding_repeated_twice)
+    else:
+        pads = _zero_padding(module)
+    # F.pad's list starts at the last axis
+    widths = [pads[2 * i] + pads[2 * i + 1] for i in reversed(range(len(module.kernel_size)))]
+    sizes = [n + w for n, w in zip(x.shape[2:], widths)]
+    return [
+        (n - d * (k - 1) - 1) // s + 1
+        for n, k, d, s in zip(sizes, module.kernel_size, module.dilation, module.stride)
+    ]
+
+
+def _output_size(module: Geometry, padded: Tensor) -> list[int]:
     return [
         (n - d * (k - 1) - 1) // s + 1
         for n, k, d, s in zip(padded.shape[2:], module.kernel_size, module.dilation, module.stride)
     ]
 
 
-def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+def unfold_conv_input(module: Geometry, x: Tensor) -> Tensor:
     """Extract the input patches a convolution multiplies with its weight.
 
     The (padded) input is viewed with strides that step over kernel offsets (scaled by the
@@ -46,7 +67,7 @@ def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> T
     no convolution or im2col kernel is involved.
 
     Args:
-        module: The convolution (``groups == 1``).
+        module: The convolution (``groups == 1``) or its geometry.
         x: Its input, ``[N, C_in, *spatial]``.
 
     Returns:
@@ -81,7 +102,7 @@ def unfold_conv_input(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> T
     return buffer.reshape(d, N, P).permute(1, 2, 0)
 
 
-def unfold_conv_input_kernel_major(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+def unfold_conv_input_kernel_major(module: Geometry, x: Tensor) -> Tensor:
     """The patches of :func:`unfold_conv_input` with features in *kernel-major* order.
 
     Feature ``k * C_in + c`` is input channel ``c`` at kernel offset ``k`` (offsets
@@ -93,7 +114,7 @@ def unfold_conv_input_kernel_major(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x:
     the cheapest way to the input factor of small convolutions.
 
     Args:
-        module: The convolution (``groups == 1``).
+        module: The convolution (``groups == 1``) or its geometry.
         x: Its input, ``[N, C_in, *spatial]``.
 
     Returns:
@@ -119,21 +140,33 @@ def unfold_conv_input_kernel_major(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x:
     return view.reshape(N, prod(out), prod(kernel) * C)
 
 
-def kernel_major_order(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> Tensor:
+def kernel_major_order(
+    module: nn.Conv1d | nn.Conv2d | nn.Conv3d | int,
+    kernel_size: tuple[int, ...] | None = None,
+    *,
+    device: torch.device | None = None,
+) -> Tensor:
     """Channel-major feature index of every kernel-major feature.
 
     Args:
-        module: The convolution.
+        module: The convolution, or its number of input channels.
+        kernel_size: The kernel size (only with a number of channels).
+        device: Device of the result (default: the convolution's).
 
     Returns:
         ``order`` with ``kernel_major[..., j] == channel_major[..., order[j]]`` for the rows
         of :func:`unfold_conv_input_kernel_major` and :func:`unfold_conv_input`.
     """
-    C, K = module.in_channels, prod(module.kernel_size)
-    return torch.arange(C * K, device=module.weight.device).reshape(C, K).T.reshape(-1)
+    if isinstance(module, nn.Module):
+        C, kernel_size = module.in_channels, module.kernel_size
+        device = module.weight.device if device is None else device
+    else:
+        C = module
+    K = prod(kernel_size)
+    return torch.arange(C * K, device=device).reshape(C, K).T.reshape(-1)
 
 
-def _zero_padding(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
+def _zero_padding(module: Geometry) -> list[int]:
     """Zero padding as an ``F.pad`` argument (last spatial axis first, left then right)."""
     padding = module.padding
     if padding == "valid":

@@ -8,7 +8,7 @@ passes over the data are *serialised*, not run in parallel, because
   ``torch.autograd.forward_ad.dual_level`` at once fail with "Nested forward mode AD is not
   supported"), and GGN, Fisher and Jacobian products use forward mode;
 * a pass uses state of the operator and the model: the Monte-Carlo Fisher re-seeds its
-  generator before each pass, KFAC installs forward hooks on the model's layers, and the
+  generator before each pass, KFAC records the calls of its layers in the model, and the
   buffer guard (NOTE [module buffers]) restores the model's buffers after every batch.
 
 So a pass holds :data:`DATA_PASS_LOCK` from before its first batch to after its last. The
