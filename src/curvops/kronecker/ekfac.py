@@ -67,8 +67,9 @@ class EKFACLinearOperator(KFACLinearOperator):
         return {k: dict(v) for k, v in self._corrections.items()}
 
     def _set_factors(self, factors, diagonals) -> None:
-        super()._set_factors(factors, diagonals)
+        # first: no thread may pair the new factors with the old corrections (NOTE [threads])
         self._corrections = None
+        super()._set_factors(factors, diagonals)
 
     def _ensure_factors(self) -> None:
         """Compute factors and corrections if missing, or apply ``on_stale`` if stale."""

@@ -457,11 +457,12 @@ class KFACLinearOperator(LinearOperator):
             require_finite(f.tensors().values(), owner=owner, what=what)
         for name, d in diagonals.items():
             require_finite([d], owner=owner, what=f"the fallback diagonal of '{name}'")
-        self._factor_versions = parameter_versions(self._risk.params)  # NOTE [stale factors]
-        self._factors, self._fallback_diagonals = factors, diagonals
         self._operator = None
         self._product = None
         self._eigen_cache = {}
+        self._factors, self._fallback_diagonals = factors, diagonals
+        # last: a thread that sees fresh versions sees the new factors (NOTE [threads])
+        self._factor_versions = parameter_versions(self._risk.params)  # NOTE [stale factors]
 
     def _layer_items(self) -> list[tuple[KFACLayer, LayerFactors]]:
         self._ensure_factors()
@@ -570,10 +571,13 @@ class KFACLinearOperator(LinearOperator):
 
     def _factored_blocks(self) -> FactoredBlocks:
         """The product's blocks, built on first use (computing the factors if needed)."""
-        self._ensure_factors()  # NOTE [stale factors]
-        product = self._product  # a local reference: another thread may reset the attribute
-        if product is None:
-            product = self._product = self._build_product()
+        # under the lock (NOTE [threads]): factors, corrections and the product built from
+        # them are replaced together, so no thread combines parts of two states
+        with DATA_PASS_LOCK:
+            self._ensure_factors()  # NOTE [stale factors]
+            product = self._product
+            if product is None:
+                product = self._product = self._build_product()
         return product
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
