@@ -85,7 +85,13 @@ def _child(request: dict, conn) -> None:
         conn.close()
 
 
-def _context():
+def timeout_text(seconds: float) -> str:
+    """The error text of a task that ran out of time (the report shows it as "timeout")."""
+    return f"timeout (> {seconds:g} s)"
+
+
+def fork_context():
+    """The ``multiprocessing`` fork-server context whose server has imported the libraries."""
     global _CONTEXT
     if _CONTEXT is None:
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
@@ -125,7 +131,7 @@ def peak_memory(
     Returns:
         ``{"peak_bytes": float, "method": str}`` or ``{"error": str}``.
     """
-    ctx = _context()
+    ctx = fork_context()
     receiver, sender = ctx.Pipe(duplex=False)
     request = {
         "problem": problem,
@@ -138,12 +144,14 @@ def peak_memory(
     proc = ctx.Process(target=_child, args=(request, sender))
     proc.start()
     sender.close()
-    result = {"error": "the child process did not answer (crashed or timed out)"}
+    result = {"error": "the child process crashed without an answer"}
     if receiver.poll(timeout):
         try:
             result = receiver.recv()
         except EOFError:
             pass
+    else:
+        result = {"error": timeout_text(timeout)}
     proc.join(5)
     if proc.is_alive():
         proc.kill()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.runner import Measurement, Results
+from benchmarks.runner import Measurement, Results, is_timeout
 from benchmarks.tasks import TASKS
 
 
@@ -14,6 +14,10 @@ def _num(x: float | None, digits: int = 2) -> str:
     if abs(x) >= 10:
         return f"{x:.1f}"
     return f"{x:.{digits}f}"
+
+
+def _limit(seconds: float | None) -> str:
+    return "none" if not seconds else f"{seconds:g} s"
 
 
 def _targets_text(task) -> str:
@@ -32,7 +36,7 @@ def verdict(task, mine: Measurement | None, compare: bool) -> str:
     if mine is None:
         return "–"
     if mine.error is not None:
-        return "error"
+        return "timeout" if is_timeout(mine) else "error"
     missed, checked = [], False
     for target, value, what in (
         (task.time_target, mine.time, "time"),
@@ -75,20 +79,21 @@ def _table(results: Results, problem: str, compare: bool) -> list[str]:
         if mine is None:
             continue
         theirs = results.get(problem, task.name, "curvlinops")
-        time_cell = _num(mine.time)
+        time_cell = "timeout" if is_timeout(mine) and mine.time is None else _num(mine.time)
         if mine.time_spread is not None and mine.time is not None:
             time_cell += f" ±{_num(mine.time_spread)}"
         row = f"| {task.label} | {time_cell} | {_num(mine.memory)} |"
         if compare:
             if theirs is not None and theirs.error is not None:
-                row += " error | error | – |"
+                word = "timeout" if is_timeout(theirs) else "error"
+                row += f" {word} | {word} | – |"
             else:
                 t = None if theirs is None else theirs.time
                 m = None if theirs is None else theirs.memory
                 row += f" {_num(t)} | {_num(m)} | {_num(mine.vs_curvlinops)} |"
         cell = verdict(task, mine, compare)
         if mine.error is not None:
-            cell = f"error: {mine.error[:80]}"
+            cell = mine.error if is_timeout(mine) else f"error: {mine.error[:80]}"
         row += f" {_targets_text(task)} | {cell} |"
         lines.append(row)
     errors = [
@@ -129,7 +134,9 @@ def markdown(results: Results, notes: list[str] | None = None) -> str:
         f"- curvlinops: {m.get('curvlinops', 'not installed')}",
         f"- clock: {c.get('clock', 'wall')} time; repeats: {c['repeats']} (after "
         f"{c['warmup']} warm-up calls); memory method: "
-        f"{c.get('memory_method', 'not measured')}; quick sizes: {c['quick']}",
+        f"{c.get('memory_method', 'not measured')}; quick sizes: {c['quick']}; time limit per "
+        f"task: {_limit(c.get('task_timeout'))}"
+        + (f"; resumed a run of {c['resumed_from']}" if c.get("resumed_from") else ""),
         f"- run: `{c['command']}` on {c['date']}",
         "",
     ]

@@ -23,10 +23,14 @@ Task definitions (what the closure does):
   empirical and Monte-Carlo Fisher (curvlinops 3.0.1 has no exact diagonal).
 * ``ggn_dense``: ``G.to_dense()`` (``D`` products), only on problems with at most
   :data:`DENSE_MAX_PARAMS` parameters: the reference for the diagonal's cost.
+* ``sleep``: sleeps :data:`SLEEP_SECONDS` per call, run only on request: a task that
+  outlasts ``--task-timeout``, to check (in tests, or by hand) that the suite records it as
+  a timeout and goes on.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +42,7 @@ from benchmarks.problems import Problem
 DAMPING = 1e-3
 NUM_COLUMNS = 32
 DENSE_MAX_PARAMS = 20_000
+SLEEP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ TASKS: list[Task] = [
         max_params=DENSE_MAX_PARAMS,
         in_default_run=False,
     ),
+    # not a measurement: sleeps SLEEP_SECONDS per call (tests and demonstrates --task-timeout)
+    Task("sleep", "sleep (time-limit check)", curvlinops_target=None, in_default_run=False),
 ]
 TASKS_BY_NAME = {t.name: t for t in TASKS}
 
@@ -173,6 +180,8 @@ def _curvops_setup(task: str, problem: Problem) -> Callable[[], Any]:
     }
     if task == "gradient":
         return _gradient(problem)
+    if task == "sleep":
+        return lambda: time.sleep(SLEEP_SECONDS)
     if task in exact:
         return _curvops_exact(problem, exact[task])
     if task == "ggn_mm32":
@@ -244,7 +253,7 @@ def _curvlinops_setup(task: str, problem: Problem) -> Callable[[], Any] | None:
         "mc_mvp": cl.FisherMCLinearOperator,
         "hessian_mvp": cl.HessianLinearOperator,
     }
-    if task in ("gradient", "ggn_diag", "ef_diag", "mc_diag", "ggn_dense"):
+    if task in ("gradient", "sleep", "ggn_diag", "ef_diag", "mc_diag", "ggn_dense"):
         return None  # no exact diagonal in curvlinops 3.0.1; to_dense is not compared
     if task in exact or task == "ggn_mm32":
         op = exact.get(task, cl.GGNLinearOperator)(*args, check_deterministic=False)
