@@ -16,10 +16,13 @@ class HessianLinearOperator(CurvatureLinearOperator):
         H = R_\mathbb{D} \sum_{n} \nabla^2_\theta \ell(f_\theta(x_n), y_n)
 
     Products are exact Hessian-vector products (Pearlmutter, 1994) by reverse-over-reverse
-    autodiff (a gradient with its graph, then one backward pass per column), or by
-    forward-over-reverse (dual tensors through the gradient computation) on request
-    (NOTE [product passes] of :mod:`curvops.curvature.products`; Dagréou et al., 2024).
-    Reverse-over-reverse was faster on every benchmark net (MLP, CNN, ResNet, GPT; CPU).
+    autodiff (a gradient with its graph, then one backward pass per column) or by
+    forward-over-reverse (dual tensors through the gradient computation) (NOTE [product
+    passes] of :mod:`curvops.curvature.products`; Dagréou et al., 2024). By default the mode
+    follows from the operations the model calls, decided once per operator at its first
+    product: forward-over-reverse for models with max-pooling and no normalisation or
+    attention, reverse-over-reverse otherwise (NOTE [Hessian mode by model]); the choice is
+    in ``H.hessian_mode`` afterwards.
     Accepts any twice-differentiable loss module with ``reduction`` ``"mean"`` or ``"sum"``.
 
     The Hessian has no exact :meth:`diagonal` or :meth:`trace` (per-datum factors of the
@@ -34,10 +37,10 @@ class HessianLinearOperator(CurvatureLinearOperator):
         loss_func: Loss module.
         params: List of parameter tensors or dict name -> tensor.
         data: Re-iterable of ``(X, y)`` batches.
-        mode: ``"reverse-over-reverse"`` (default), ``"forward-over-reverse"``, or
-            ``"auto"``: time both on the first batch of the first product and keep the faster
-            one (then products of two operator instances may differ by round-off, as the
-            choice depends on timing).
+        mode: ``"by-model"`` (default: the rule above, the same in every process),
+            ``"reverse-over-reverse"``, ``"forward-over-reverse"``, or ``"auto"``: time both
+            on the first batch of the first product and keep the faster one (then products of
+            two operator instances may differ by round-off, as the choice depends on timing).
         **kwargs: ``progressbar``, ``check_deterministic``, ``num_data``, ``batch_size_fn``,
             ``process_group`` (see :class:`~curvops.curvature.base.CurvatureLinearOperator`).
 
@@ -62,7 +65,7 @@ class HessianLinearOperator(CurvatureLinearOperator):
         params,
         data,
         *,
-        mode: str | HessianMode = HessianMode.REVERSE_OVER_REVERSE,
+        mode: str | HessianMode = HessianMode.BY_MODEL,
         **kwargs,
     ):
         try:
@@ -75,7 +78,7 @@ class HessianLinearOperator(CurvatureLinearOperator):
     def _batch_matmat(
         self, params: list[Tensor], batch: Batch, V: list[Tensor], out: list[Tensor], alpha: float
     ) -> None:
-        plan = self._product_plan  # where "auto" keeps its choice
+        plan = self._product_plan  # where "by-model" and "auto" keep their choice
         hessian_matmat(
             lambda *p: self._risk.batch_loss(p, batch),
             params,
@@ -85,6 +88,16 @@ class HessianLinearOperator(CurvatureLinearOperator):
             out=out,
             alpha=alpha,
         )
+
+    @property
+    def hessian_mode(self) -> HessianMode | None:
+        """The mode products use (``None`` before the first product of a deciding mode).
+
+        The explicit ``mode``, or the one that ``"by-model"`` or ``"auto"`` chose.
+        """
+        if self._mode in (HessianMode.AUTO, HessianMode.BY_MODEL):
+            return self._product_plan.hessian_mode
+        return self._mode
 
     def diagonal(self) -> Tensor:
         """Not available for the Hessian: raises an error naming the alternatives.

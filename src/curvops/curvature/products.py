@@ -18,8 +18,9 @@ benchmarks``; CPU, eager mode), in multiples of one gradient:
   pass, 8 columns at a time (faster than one single-column pass per column, and than
   32-column chunks on convolutional nets; ``torch.func.linearize`` measured slower).
 * Hessian: reverse-over-reverse (a gradient with ``create_graph=True``, then one backward
-  per column through it; the default, faster on every benchmark net) or forward-over-reverse
-  (dual tensors through the gradient computation); ``"auto"`` times both on the first batch
+  per column through it) or forward-over-reverse (dual tensors through the gradient
+  computation); the default ``"by-model"`` picks one from the operations the model calls
+  (NOTE [Hessian mode by model]), ``"auto"`` times both on the first batch
   (:class:`ProductPlan`), with reverse-over-reverse as the fall-back for operations whose
   forward-mode derivative PyTorch lacks or gets wrong.
 * Attention (``F.scaled_dot_product_attention``) keeps PyTorch's fused kernels for output
@@ -63,6 +64,7 @@ class HessianMode(str, Enum):
     """How Hessian-vector products differentiate twice (Dagréou et al., 2024)."""
 
     AUTO = "auto"
+    BY_MODEL = "by-model"
     REVERSE_OVER_REVERSE = "reverse-over-reverse"
     FORWARD_OVER_REVERSE = "forward-over-reverse"
 
@@ -72,8 +74,10 @@ class ProductPlan:
     """Choices an operator learns at its first product and reuses afterwards.
 
     Attributes:
-        hessian_mode: The Hessian strategy picked by the probe (``None``: not probed yet).
+        hessian_mode: The Hessian strategy picked by the rule or the probe (``None``: not
+            decided yet).
         probe_seconds: Time per strategy measured by the probe (for inspection).
+        hessian_reason: Why the rule of ``"by-model"`` picked its mode (for inspection).
         batched_backward: Whether multi-column GGN-type products apply :math:`J^\top` to a
             chunk of columns by one vectorised backward pass (``True``) or by one plain
             backward pass per column through the same graph (``False``); ``None``: not
@@ -82,6 +86,7 @@ class ProductPlan:
 
     hessian_mode: HessianMode | None = None
     probe_seconds: dict[str, float] | None = None
+    hessian_reason: str | None = None
     batched_backward: bool | None = None
 
 
@@ -563,6 +568,114 @@ def _probe_hessian_mode(
     _HESSIAN_PASSES[plan.hessian_mode](loss, params, V, out, alpha)
 
 
+_MAX_POOLING = ("max_pool", "adaptive_max_pool", "fractional_max_pool")
+"""Prefixes of the names of PyTorch's max-pooling functions (1d/2d/3d, with indices)."""
+_NORMALISATION_OR_ATTENTION = (
+    "batch_norm",
+    "layer_norm",
+    "group_norm",
+    "instance_norm",
+    "rms_norm",
+    "local_response_norm",
+    "scaled_dot_product_attention",
+    "multi_head_attention_forward",
+)
+"""Names of the functions that keep a model with max-pooling on reverse-over-reverse."""
+
+
+def hessian_mode_for(functions: set[str]) -> tuple[HessianMode, str]:
+    r"""The Hessian strategy for a model that calls the torch functions named ``functions``.
+
+    NOTE [Hessian mode by model]: forward-over-reverse for a model that calls max-pooling and
+    no normalisation or attention, reverse-over-reverse for every other model. Measured
+    (``python -m benchmarks.hessian_mode``: CPU time, one thread, both modes and curvlinops
+    3.0.1's forward-over-reverse interleaved in one run; numbers in ``benchmarks/NOTES.md``):
+    reverse-over-reverse is clearly faster on the MLP (forward-over-reverse 1.29-1.31x its
+    time), the GPT (1.16x) and the ResNet with BatchNorm (1.10x; on a GPU, ResNet-50 with
+    BatchNorm and a max-pooling stem: reverse-over-reverse 6.84 gradients, the reference's
+    forward-over-reverse 10.4). On plain CNNs with max-pooling the two modes tie within the
+    noise (0.94-1.06x), and there reverse-over-reverse was measured slower than the
+    reference in two of three earlier runs (1.11x, 1.33x): taking the reference's strategy
+    there makes "never slower than the reference" rest on our forward-over-reverse pass being
+    at least as fast as the reference's (0.88-0.96x), not on a tie. The choice is a function
+    of the model's operations only, the same on every call, instance and process, so
+    products stay bitwise reproducible, unlike the timing probe of ``"auto"``.
+
+    Args:
+        functions: Names (``__name__``) of the torch functions the batch loss calls
+            (:func:`called_functions`).
+
+    Returns:
+        The mode and a sentence saying why.
+    """
+    pooling = sorted(f for f in functions if f.startswith(_MAX_POOLING))
+    others = sorted(f for f in functions if f in _NORMALISATION_OR_ATTENTION)
+    if not pooling:
+        return HessianMode.REVERSE_OVER_REVERSE, "the model calls no max-pooling"
+    if others:
+        why = f"the model calls {', '.join(pooling)} but also {', '.join(others)}"
+        return HessianMode.REVERSE_OVER_REVERSE, why
+    why = f"the model calls {', '.join(pooling)} and no normalisation or attention"
+    return HessianMode.FORWARD_OVER_REVERSE, why
+
+
+class _NameSpy(TorchFunctionMode):
+    """Records the names of the torch functions called (and changes nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def called_functions(loss: ParamFn, params: list[Tensor]) -> set[str]:
+    """Names of the torch functions that one evaluation of ``loss`` calls (no autograd graph).
+
+    Args:
+        loss: Maps the parameters (as positional arguments) to the loss.
+        params: Parameter values.
+
+    Returns:
+        The functions' ``__name__`` (e.g. ``"conv2d"``, ``"max_pool2d"``, ``"linear"``).
+    """
+    with torch.no_grad(), _NameSpy() as spy:
+        loss(*[p.detach() for p in params])
+    return spy.names
+
+
+def _hessian_by_model(
+    loss: ParamFn,
+    params: list[Tensor],
+    V: list[Tensor],
+    plan: ProductPlan,
+    out: list[Tensor],
+    alpha: float,
+) -> None:
+    """Decide the mode by :func:`hessian_mode_for`, remember it, add its product to ``out``.
+
+    Forward-over-reverse falls back to reverse-over-reverse (for good: the choice is recorded
+    in ``plan``) if PyTorch lacks a forward-mode derivative the model needs; the error does
+    not depend on the data, so every process makes the same choice.
+    """
+    mode, reason = hessian_mode_for(called_functions(loss, params))
+    if mode == HessianMode.FORWARD_OVER_REVERSE:
+        column = _output_buffers(params, V, None)
+        try:
+            _hessian_forward_over_reverse(loss, params, V, column, alpha)
+        except (RuntimeError, NotImplementedError) as e:
+            mode = HessianMode.REVERSE_OVER_REVERSE
+            reason += f", but forward-over-reverse failed ({type(e).__name__}: {e})"[:300]
+        else:
+            for o, c in zip(out, column):
+                o.add_(c)
+    plan.hessian_mode, plan.hessian_reason = mode, reason
+    if mode == HessianMode.REVERSE_OVER_REVERSE:
+        _hessian_reverse_over_reverse(loss, params, V, out, alpha)
+
+
 def hessian_matmat(
     loss: ParamFn,
     params: list[Tensor],
@@ -579,9 +692,10 @@ def hessian_matmat(
         loss: Maps the parameters (as positional arguments) to a scalar loss.
         params: Parameter values.
         V: Tensor list ``[K, *param_shape]``.
-        mode: ``"reverse-over-reverse"``, ``"forward-over-reverse"``, or ``"auto"``: use
-            ``plan.hessian_mode``, probing both on this batch if it is not set yet.
-        plan: Where ``"auto"`` stores its choice (required for ``"auto"``).
+        mode: ``"reverse-over-reverse"``, ``"forward-over-reverse"``, ``"by-model"`` (use
+            ``plan.hessian_mode``, deciding it by :func:`hessian_mode_for` if it is not set
+            yet), or ``"auto"`` (the same, but probing both modes' time on this batch).
+        plan: Where ``"by-model"`` and ``"auto"`` store their choice (required for them).
         out: Accumulators, see :func:`linearized_matmat`.
         alpha: Scale of the product.
 
@@ -589,19 +703,20 @@ def hessian_matmat(
         ``out`` (tensor list ``[K, *param_shape]``).
 
     Raises:
-        ValueError: For an unknown mode, or ``"auto"`` without a plan.
+        ValueError: For an unknown mode, or ``"auto"`` / ``"by-model"`` without a plan.
     """
     try:
         mode = HessianMode(mode)
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in HessianMode)
         raise ValueError(f"Unknown Hessian mode {mode!r}; use one of {allowed}.") from None
-    if mode == HessianMode.AUTO and plan is None:
-        raise ValueError("mode='auto' needs a ProductPlan to remember its choice in.")
+    if mode in (HessianMode.AUTO, HessianMode.BY_MODEL) and plan is None:
+        raise ValueError(f"mode={mode.value!r} needs a ProductPlan to remember its choice in.")
     out = _output_buffers(params, V, out)
-    if mode == HessianMode.AUTO:
+    if mode in (HessianMode.AUTO, HessianMode.BY_MODEL):
         if plan.hessian_mode is None:
-            _probe_hessian_mode(loss, params, V, plan, out, alpha)
+            decide = _probe_hessian_mode if mode == HessianMode.AUTO else _hessian_by_model
+            decide(loss, params, V, plan, out, alpha)
             return out
         mode = plan.hessian_mode
     _HESSIAN_PASSES[mode](loss, params, V, out, alpha)
