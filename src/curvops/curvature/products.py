@@ -590,16 +590,17 @@ def hessian_mode_for(functions: set[str]) -> tuple[HessianMode, str]:
     no normalisation or attention, reverse-over-reverse for every other model. Measured
     (``python -m benchmarks.hessian_mode``: CPU time, one thread, both modes and curvlinops
     3.0.1's forward-over-reverse interleaved in one run; numbers in ``benchmarks/NOTES.md``):
-    reverse-over-reverse is clearly faster on the MLP (forward-over-reverse 1.29-1.31x its
-    time), the GPT (1.16x) and the ResNet with BatchNorm (1.10x; on a GPU, ResNet-50 with
-    BatchNorm and a max-pooling stem: reverse-over-reverse 6.84 gradients, the reference's
-    forward-over-reverse 10.4). On plain CNNs with max-pooling the two modes tie within the
-    noise (0.94-1.06x), and there reverse-over-reverse was measured slower than the
-    reference in two of three earlier runs (1.11x, 1.33x): taking the reference's strategy
-    there makes "never slower than the reference" rest on our forward-over-reverse pass being
-    at least as fast as the reference's (0.88-0.96x), not on a tie. The choice is a function
-    of the model's operations only, the same on every call, instance and process, so
-    products stay bitwise reproducible, unlike the timing probe of ``"auto"``.
+    reverse-over-reverse is clearly faster on the MLP (forward-over-reverse 1.25-1.29x its
+    time), the GPT (1.14-1.16x) and the ResNet with BatchNorm (1.07-1.08x; and on a GPU,
+    ResNet-50 with BatchNorm and a max-pooling stem: reverse-over-reverse 6.84 gradients, the
+    reference's forward-over-reverse 10.4). On plain CNNs with max-pooling the two modes tie
+    (1.00-1.06x), and there reverse-over-reverse was measured at 1.11x and 1.33x the
+    reference's time in earlier runs (0.87-0.94x in ours). Taking the reference's own
+    strategy where the modes tie makes "not slower than the reference" rest on our
+    forward-over-reverse pass being at least as fast as the reference's (0.86-0.96x in every
+    run), not on a tie. The choice is a function of the model's operations only, the same on
+    every call, instance and process, so products stay bitwise reproducible, unlike the
+    timing probe of ``"auto"``.
 
     Args:
         functions: Names (``__name__``) of the torch functions the batch loss calls
