@@ -116,6 +116,9 @@ def test_called_functions_sees_modules_and_functional_calls():
 
     called = called_functions(loss, params)
     assert {"conv2d", "max_pool2d", "linear", "cross_entropy"} <= called
+    state = torch.get_rng_state()
+    assert "dropout" in called_functions(lambda *p: F.dropout(loss(*p), 0.5), params)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
     assert all(p.grad is None for p in params)
 
 

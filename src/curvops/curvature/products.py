@@ -642,7 +642,9 @@ def called_functions(loss: ParamFn, params: list[Tensor]) -> set[str]:
     Returns:
         The functions' ``__name__`` (e.g. ``"conv2d"``, ``"max_pool2d"``, ``"linear"``).
     """
-    with torch.no_grad(), _NameSpy() as spy:
+    devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+    # the extra evaluation must not draw from the RNG the product's own passes then use
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), _NameSpy() as spy:
         loss(*[p.detach() for p in params])
     return spy.names
 
