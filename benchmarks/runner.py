@@ -188,17 +188,22 @@ def run_suite(
         if not todo:
             continue
         problem = make_problem(name, dev, quick=quick)
-        gradient = setup("gradient", problem, "curvops") if not task_timeout else None
+        num_params = problem.num_params
         results.problems[name] = {
             "description": problem.description,
-            "num_params": problem.num_params,
+            "num_params": num_params,
             "num_kfac_params": sum(p.numel() for p in problem.kfac_params),
             "num_data": problem.num_data,
             **{k: v for k, v in results.problems.get(name, {}).items() if k == "gradient_seconds"},
         }
+        gradient = None
+        if task_timeout:  # the children build their own: free the device for them
+            problem = None
+        else:
+            gradient = setup("gradient", problem, "curvops")
         for task in todo:
-            if task.max_params is not None and problem.num_params > task.max_params:
-                _log(f"[{name}] {task.name}: skipped (D = {problem.num_params:,} parameters)")
+            if task.max_params is not None and num_params > task.max_params:
+                _log(f"[{name}] {task.name}: skipped (D = {num_params:,} parameters)")
                 continue
             if needs_kfac(task.name) and not with_kfac:
                 for impl in impls:
@@ -207,7 +212,7 @@ def run_suite(
                     )
                 continue
             _log(f"[{name}] {task.name}")
-            if task_timeout:
+            if problem is None:
                 rows = _time_in_child(name, task.name, impls, quick, threads, task_timeout, options)
             else:
                 rows = _time_rows(problem, gradient, task.name, impls, **options)
