@@ -46,7 +46,7 @@ def test_bad_inputs_raise():
         hutchinson_squared_fro(M, 5)
     with pytest.raises(ValueError, match="hutchinson_squared_fro.*needs num_matvecs >= 4"):
         hutchinson_squared_fro(M, 2, return_error=True)
-    with pytest.raises(ValueError, match="hutchinson_squared_fro_halved needs num_matvecs >= 2"):
+    with pytest.raises(ValueError, match="hutchinson_squared_fro_halved with an error estimate needs num_matvecs >= 2"):
         hutchinson_squared_fro_halved(M, 1, return_error=True)
     with pytest.raises(ValueError, match="Unknown distribution"):
         hutchinson_squared_fro_halved(M, 3, distribution="sign")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvops.linalg._inputs import as_linear_operator, parse_enum
-from curvops.linalg._sampling import Distribution, random_test_matrix
-from curvops.linalg.estimators._checks import check_num_matvecs
+from curvops.linalg.estimators._adaptive import sample_in_rounds
 from curvops.linalg.estimators._moments import RunningMoments
+from curvops.linalg.estimators._setup import EstimatorRules
+from curvops.linalg.estimators.result import EstimateWithError
 from curvops.linear_operator import LinearOperator
+
+_RULES = EstimatorRules("hutchinson_squared_fro_halved", square=False)
 
 
 def hutchinson_squared_fro_halved(
@@ -19,7 +21,9 @@ def hutchinson_squared_fro_halved(
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,
     return_error: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    target_rel_error: float | None = None,
+    max_matvecs: int | None = None,
+) -> Tensor | EstimateWithError:
     """Estimate :math:`\\|A\\|_F^2` with one product per sample.
 
     Since :math:`\\|A\\|_F^2 = \\operatorname{tr}(A^\\top A) = \\mathbb{E}[\\|A v\\|^2]` for
@@ -32,28 +36,39 @@ def hutchinson_squared_fro_halved(
 
     For the same budget it takes twice as many samples as
     :func:`~curvops.linalg.hutchinson_squared_fro`, so its variance is about half. The error
-    estimate is the standard error of the mean.
+    estimate ``error`` is the standard error of the mean widened by a Student-t factor (NOTE
+    [estimator error bars] in :mod:`curvops.linalg.estimators._error_bars`).
 
     Args:
         A: Any operator (or dense matrix), not necessarily square.
-        num_matvecs: Number of products and samples :math:`N`.
-        distribution: ``"rademacher"`` or ``"normal"`` test vectors.
+        num_matvecs: Number of products and samples :math:`N`; with ``target_rel_error``,
+            the products of each round.
+        distribution: ``"rademacher"``, ``"normal"`` or ``"sphere"`` test vectors.
         generator: Random number generator (NOTE [estimator randomness] in
             :mod:`curvops.linalg._sampling`).
-        return_error: Whether to also return the standard error (needs ``N >= 2``).
+        return_error: Whether to return an :class:`~curvops.linalg.EstimateWithError`
+            (needs ``N >= 2``).
+        target_rel_error: If given, keep adding batches of ``num_matvecs`` products until
+            the error divided by the absolute estimate is at most this.
+        max_matvecs: Budget of products when ``target_rel_error`` is given (required then).
 
     Returns:
-        The estimate (a 0-d tensor), and with ``return_error`` also its standard error.
+        The estimate (a 0-d tensor), or with ``return_error`` the pair ``(estimate,
+        error)`` as an :class:`~curvops.linalg.EstimateWithError`.
 
     Raises:
         ValueError: If an option is invalid.
+
+    Warns:
+        BudgetExhaustedWarning: If ``max_matvecs`` is spent before ``target_rel_error``.
     """
-    A = as_linear_operator(A)
-    distribution = parse_enum(distribution, Distribution, "distribution")
-    num_matvecs = check_num_matvecs(
-        num_matvecs, "hutchinson_squared_fro_halved", minimum=2 if return_error else 1
+    setup = _RULES.setup(
+        A, num_matvecs, distribution, generator, return_error, target_rel_error, max_matvecs
     )
-    V = random_test_matrix(A.shape[1], num_matvecs, distribution, generator, A.dtype, A.device)
-    moments = RunningMoments()
-    moments.update((A @ V).square().sum(0))
-    return moments.result(return_error)
+    rounds = sample_in_rounds(
+        setup,
+        RunningMoments(),
+        lambda stats, V: stats.update((setup.A @ V).square().sum(0)),
+        return_error=return_error,
+    )
+    return rounds.result(setup, return_error)

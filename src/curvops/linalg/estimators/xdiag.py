@@ -8,6 +8,7 @@ from torch import Tensor
 from curvops.linalg.estimators._adaptive import grow_exchangeable_sketch
 from curvops.linalg.estimators._exchangeable_sketch import LeaveOneOutSketch
 from curvops.linalg.estimators._setup import EstimatorRules
+from curvops.linalg.estimators.result import EstimateWithError
 from curvops.linear_operator import LinearOperator
 
 _RULES = EstimatorRules("xdiag", sketch_parts=2, always_estimates_error=True)
@@ -34,7 +35,7 @@ def xdiag(
     return_error: bool = False,
     target_rel_error: float | None = None,
     max_matvecs: int | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | EstimateWithError:
     """Estimate the diagonal of :math:`A` with XDiag.
 
     XDiag (Epperly, Tropp, Webber (2024). XTrace: Making the most of every sample in
@@ -48,33 +49,43 @@ def xdiag(
 
     is unbiased (exact on the sketched range plus the estimator of Bekas et al. (2007) on
     the rest, with :math:`\\omega_i` independent of :math:`Q_{(i)}`). XDiag is the mean of
-    the :math:`d_i`, and its entrywise error estimate is the standard error over the
-    :math:`d_i`. The exact part needs :math:`A^\\top Q`, so the second block product is
-    with the adjoint (NOTE [leave-one-out sketch] in
-    :mod:`curvops.linalg.estimators._exchangeable_sketch`). Adaptive stopping grows the
-    sketch by :math:`N/2` test vectors per round, reusing all previous products.
+    the :math:`d_i`, and its entrywise ``error`` is the standard error over the
+    :math:`d_i` widened by the Student-t factor with :math:`m - 1` degrees of freedom (NOTE
+    [estimator error bars] in :mod:`curvops.linalg.estimators._error_bars`). The exact part
+    needs :math:`A^\\top Q`, so the second block product is with the adjoint (NOTE
+    [leave-one-out sketch] in :mod:`curvops.linalg.estimators._exchangeable_sketch`).
+    Adaptive stopping grows the sketch by :math:`N/2` test vectors per round, reusing all
+    previous products.
 
     Args:
         A: Square operator (or dense matrix).
         num_matvecs: Budget :math:`N`, even, :math:`4 \\leq N` and :math:`N/2 \\leq D`.
-        distribution: ``"rademacher"`` or ``"normal"`` test vectors.
+        distribution: ``"rademacher"`` (default, as published: exact for diagonal
+            matrices), ``"normal"`` or ``"sphere"`` test vectors.
         generator: Random number generator (NOTE [estimator randomness] in
             :mod:`curvops.linalg._sampling`).
-        return_error: Whether to also return the entrywise error estimates.
+        return_error: Whether to return an :class:`~curvops.linalg.EstimateWithError` with
+            the entrywise errors.
         target_rel_error: If given, grow the sketch until
             :math:`\\max_j \\text{err}_j / \\max_j |\\hat{a}_j|` is at most this (or the sketch
             reaches dimension :math:`D`).
         max_matvecs: Budget of products when ``target_rel_error`` is given (required then).
 
     Returns:
-        The estimated diagonal ``[D]`` (flat format), and with ``return_error`` also the
-        error estimates ``[D]``.
+        The estimated diagonal ``[D]`` (flat format), or with ``return_error`` the pair
+        ``(estimate, error)`` (both ``[D]``) as an :class:`~curvops.linalg.EstimateWithError`.
 
     Raises:
         ValueError: If ``A`` is not square or an option is invalid.
+
+    Warns:
+        BudgetExhaustedWarning: If ``max_matvecs`` is spent (or the sketch reaches the
+            dimension) before ``target_rel_error``.
     """
     setup = _RULES.setup(
         A, num_matvecs, distribution, generator, return_error, target_rel_error, max_matvecs
     )
-    estimate, error = grow_exchangeable_sketch(setup, _xdiag_samples, transpose_products=True)
-    return (estimate, error) if return_error else estimate
+    rounds = grow_exchangeable_sketch(
+        setup, lambda sketch: (_xdiag_samples(sketch), None), transpose_products=True
+    )
+    return rounds.result(setup, return_error)
