@@ -54,6 +54,7 @@ class Rounds:
             budget=setup.budget,
             return_error=return_error,
             stopped_at_dimension=self.stopped_at_dimension,
+            stacklevel=3,  # finish <- Rounds.result <- estimator <- caller
         )
 
 

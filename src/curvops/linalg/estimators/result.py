@@ -114,6 +114,7 @@ def finish(
     budget: int,
     return_error: bool,
     stopped_at_dimension: bool = False,
+    stacklevel: int = 2,
 ) -> Tensor | EstimateWithError:
     """Return what an estimator returns, warning if an adaptive run missed its target.
 
@@ -127,6 +128,7 @@ def finish(
         return_error: Whether to return an :class:`EstimateWithError`.
         stopped_at_dimension: Whether a sketch stopped growing at the dimension :math:`D`
             rather than at the budget.
+        stacklevel: ``warnings.warn``'s stacklevel as seen from the caller of this function.
 
     Returns:
         The estimate, or with ``return_error`` an :class:`EstimateWithError`.
@@ -166,6 +168,6 @@ def finish(
                 f"target_rel_error = {target:g}: {why}. The result is flagged with "
                 "target_reached=False when return_error=True."
             ),
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
     return result if return_error else estimate
