@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -25,6 +26,21 @@ from curvops.linalg.estimators.result import EstimateWithError, finish
 def _accurate_enough(error: Tensor, estimate: Tensor, target: float) -> bool:
     """Whether the largest error relative to the largest absolute estimate is at most ``target``."""
     return relative(error.max(), estimate.abs().max()) <= target
+
+
+class SampleStatistics(Protocol):
+    """Accumulated samples of an estimator.
+
+    A :class:`~curvops.linalg.estimators._moments.RunningMoments` or a
+    :class:`~curvops.linalg.estimators._error_bars.QuadraticFormSamples`.
+    """
+
+    @property
+    def mean(self) -> Tensor:
+        """The estimate."""
+
+    def error(self) -> Tensor:
+        """Its error (NOTE [estimator error bars])."""
 
 
 @dataclass
@@ -60,8 +76,8 @@ class Rounds:
 
 def sample_in_rounds(
     setup: EstimatorSetup,
-    statistics,
-    add_samples: Callable[[object, Tensor], None],
+    statistics: SampleStatistics,
+    add_samples: Callable[[SampleStatistics, Tensor], None],
     *,
     return_error: bool,
     products_per_sample: int = 1,
@@ -70,9 +86,7 @@ def sample_in_rounds(
 
     Args:
         setup: Checked inputs of the estimator.
-        statistics: Accumulator of samples with ``mean`` and ``error()`` (a
-            :class:`~curvops.linalg.estimators._moments.RunningMoments` or a
-            :class:`~curvops.linalg.estimators._error_bars.QuadraticFormSamples`).
+        statistics: Accumulator of the samples.
         add_samples: Adds the samples of test vectors ``V`` ``[D, n]`` to ``statistics``
             (computing the products).
         return_error: Whether the caller returns the error.

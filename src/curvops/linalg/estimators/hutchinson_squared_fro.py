@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from curvops.linalg.estimators._adaptive import sample_in_rounds
-from curvops.linalg.estimators._moments import RunningMoments
+from curvops.linalg.estimators._error_bars import QuadraticFormSamples
 from curvops.linalg.estimators._setup import EstimatorRules
 from curvops.linalg.estimators.result import EstimateWithError
 from curvops.linear_operator import LinearOperator
@@ -36,8 +36,10 @@ def hutchinson_squared_fro(
         \\widehat{\\|A\\|_F^2} = \\frac{2}{N} \\sum_{i=1}^{N/2} v_i^\\top A (A^\\top v_i).
 
     :func:`~curvops.linalg.hutchinson_squared_fro_halved` reaches the same accuracy with
-    half the products. Its ``error`` is the standard error of the mean widened by a
-    Student-t factor (NOTE [estimator error bars] in
+    half the products. Its ``error`` is the standard error of the mean from the variance
+    formula of the quadratic form with :math:`B = A A^\\top` (estimated from the products
+    :math:`B v_i`), widened by a Student-t factor, so that ``estimate ± 2 * error`` is an
+    approximate 95% interval (NOTE [estimator error bars] in
     :mod:`curvops.linalg.estimators._error_bars`).
 
     Args:
@@ -69,8 +71,8 @@ def hutchinson_squared_fro(
     A = setup.A
     rounds = sample_in_rounds(
         setup,
-        RunningMoments(),
-        lambda stats, V: stats.update((V * (A @ (A.adjoint() @ V))).sum(0)),
+        QuadraticFormSamples(setup.distribution),
+        lambda stats, V: stats.update(V, A @ (A.adjoint() @ V)),
         return_error=return_error,
         products_per_sample=2,
     )
