@@ -103,4 +103,4 @@ def test_eigenvalue_error_bars_and_diagonal_band(tmp_path, monkeypatch):
     d = torch.tensor([1.0, 2.0, 3.0])
     plots.plot_diagonal({"d": d}, [("a", 3)], tmp_path / "g.png", errors=torch.tensor([0.5] * 3))
     (ax,) = saved["g.png"][0].axes
-    assert "± one standard error" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "± 2 errors (≈ 95% interval)" in [t.get_text() for t in ax.get_legend().get_texts()]

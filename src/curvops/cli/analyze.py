@@ -6,9 +6,9 @@ forward pass), builds the requested curvature operator and runs the requested an
 * ``top-eig``: the largest eigenvalues by thick-restart Lanczos (:func:`curvops.linalg.eigsh`),
   each with its residual norm (a bound on its error);
 * ``trace``: the operator's exact ``trace()`` where it has one (KFAC, EKFAC), else Hutch++
-  (Meyer et al. (2021)) with a standard error;
+  (Meyer et al. (2021)) with an error (a Student-t widened standard error);
 * ``diag``: the operator's exact ``diagonal()`` where it has one, else XDiag (Epperly, Tropp,
-  Webber (2024)) with entrywise standard errors;
+  Webber (2024)) with entrywise errors;
 * ``density``: the spectral density by stochastic Lanczos quadrature (Papyan (2020)).
 
 The model comes from a factory or a saved file, with trained weights from a state-dict file
@@ -128,8 +128,9 @@ def run_analyses(
 
     Trace and diagonal are exact where the operator offers them (e.g. KFAC's closed-form
     trace, a structured operator's diagonal; :mod:`curvops.cli.exact`), and estimated
-    otherwise, with an error estimate next to every estimated number: Hutch++'s standard
-    error, XDiag's entrywise standard errors, and the residual norm of every Lanczos
+    otherwise, with an error estimate next to every estimated number: Hutch++'s error,
+    XDiag's entrywise errors (Student-t widened standard errors, NOTE [estimator error
+    bars]), and the residual norm of every Lanczos
     eigenvalue (a rigorous bound on its distance to an eigenvalue).
 
     Args:

@@ -230,8 +230,9 @@ def plot_diagonal(
         diagonals: Label -> diagonal ``[D]`` (e.g. an estimate and the exact diagonal).
         layer_sizes: ``(layer name, number of parameters)`` in parameter order.
         path: PNG file to write.
-        errors: Standard errors ``[D]`` of the first diagonal (an estimate), drawn as a band
-            of plus or minus one standard error.
+        errors: Errors ``[D]`` of the first diagonal (an estimate; Student-t widened
+            standard errors, NOTE [estimator error bars]), drawn as a band of plus or minus
+            two errors (about a 95% interval).
 
     Returns:
         ``path``.
@@ -246,12 +247,12 @@ def plot_diagonal(
             index = np.arange(len(values))
             ax.fill_between(
                 index,
-                values - e,
-                values + e,
+                values - 2 * e,
+                values + 2 * e,
                 color=line.get_color(),
                 alpha=0.25,
                 lw=0,
-                label="± one standard error",
+                label="± 2 errors (≈ 95% interval)",
             )
     for b in _boundaries(layer_sizes):
         ax.axvline(b, color="0.6", lw=0.6, ls="--")

@@ -110,7 +110,7 @@ def tour_report(results: dict[str, Any]) -> str:
                 "matrix",
                 "exact trace",
                 "operator's trace()",
-                "estimated trace ± standard error",
+                "estimated trace ± error (± 2 errors ≈ 95% interval)",
                 "relative error",
                 "top eigenvalues (exact, eigh)",
                 "top eigenvalues (eigsh on the operator)",
@@ -255,7 +255,8 @@ def analysis_report(results: dict[str, Any]) -> str:
             line = f"{fmt(t['estimate'])} (exact, from {t['method']}; {fmt(t['seconds'])} s)."
         else:
             line = (
-                f"{fmt(t['estimate'])} ± {fmt(t['standard_error'])} (estimate ± standard error; "
+                f"{fmt(t['estimate'])} ± {fmt(t['standard_error'])} (estimate ± error, a "
+                "Student-t widened standard error: ± 2 errors is about a 95% interval; "
                 f"{t['method']} with {t['num_matvecs']} products, {fmt(t['seconds'])} s)."
             )
         parts += ["## Trace", "", line, ""]
@@ -269,11 +270,12 @@ def analysis_report(results: dict[str, Any]) -> str:
         else:
             line = (
                 f"{d['method']} with {d['num_matvecs']} products ({fmt(d['seconds'])} s), "
-                "estimate ± standard error: smallest entry "
+                "estimate ± error (Student-t widened standard errors; ± 2 errors is about a "
+                "95% interval): smallest entry "
                 f"{fmt(d['min'])} ± {fmt(d['min_standard_error'])}, largest entry "
-                f"{fmt(d['max'])} ± {fmt(d['max_standard_error'])}; the largest standard error "
+                f"{fmt(d['max'])} ± {fmt(d['max_standard_error'])}; the largest error "
                 f"of any entry is {fmt(d['largest_standard_error'])}. The figure shows the "
-                "estimate with a band of one standard error."
+                "estimate with a band of ± 2 errors."
             )
         parts += ["## Diagonal", "", line, "", f"![diagonal]({files['diag']})", ""]
     if "density" in a:

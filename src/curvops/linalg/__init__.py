@@ -7,6 +7,8 @@ Everything here sees only the :class:`~curvops.LinearOperator` interface (block 
 from curvops.linalg._sampling import Distribution
 from curvops.linalg.eigsh import Which, eigsh
 from curvops.linalg.estimators import (
+    BudgetExhaustedWarning,
+    EstimateWithError,
     hutchinson_diag,
     hutchinson_squared_fro,
     hutchinson_squared_fro_halved,
@@ -35,9 +37,11 @@ from curvops.linalg.spectral import (
 from curvops.linalg.submatrix import SubmatrixLinearOperator
 
 __all__ = [
+    "BudgetExhaustedWarning",
     "CGInverseLinearOperator",
     "Distribution",
     "ErrorNorm",
+    "EstimateWithError",
     "LanczosApproximateLogSpectrumCached",
     "LanczosApproximateSpectrumCached",
     "LSMRInverseLinearOperator",

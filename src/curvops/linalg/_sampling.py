@@ -16,9 +16,9 @@ from torch import Tensor
 
 
 class Distribution(str, Enum):
-    """Distribution of the entries of the random test vectors.
+    """Distribution of the random test vectors.
 
-    Both have zero mean and unit variance, so :math:`\\mathbb{E}[v v^\\top] = I`.
+    All have zero mean and identity covariance, so :math:`\\mathbb{E}[v v^\\top] = I`.
     """
 
     RADEMACHER = "rademacher"
@@ -26,6 +26,11 @@ class Distribution(str, Enum):
     for Hutchinson's trace estimator, Hutchinson (1989))."""
     NORMAL = "normal"
     """Independent standard normal entries (Girard (1989))."""
+    SPHERE = "sphere"
+    """Uniform on the sphere of radius :math:`\\sqrt{D}` (normalized Gaussian vectors), so
+    :math:`\\mathbb{E}[v v^\\top] = I` still holds. Their direction is uniform, which lets
+    XTrace rescale its deflated test vectors (Epperly, Tropp, Webber (2024). XTrace: Making
+    the most of every sample in stochastic trace estimation. SIAM J. Matrix Anal. Appl.)."""
 
 
 def random_test_matrix(
@@ -54,4 +59,7 @@ def random_test_matrix(
     if distribution == Distribution.RADEMACHER:
         signs = torch.randint(0, 2, shape, generator=generator, device=draw_device)
         return (2 * signs - 1).to(dtype=dtype, device=device)
-    return torch.randn(shape, generator=generator, dtype=dtype, device=draw_device).to(device)
+    V = torch.randn(shape, generator=generator, dtype=dtype, device=draw_device)
+    if distribution == Distribution.SPHERE:
+        V = V * (num_rows**0.5 / torch.linalg.vector_norm(V, dim=0))
+    return V.to(device)

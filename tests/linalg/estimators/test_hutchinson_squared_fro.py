@@ -46,7 +46,33 @@ def test_bad_inputs_raise():
         hutchinson_squared_fro(M, 5)
     with pytest.raises(ValueError, match="hutchinson_squared_fro.*needs num_matvecs >= 4"):
         hutchinson_squared_fro(M, 2, return_error=True)
-    with pytest.raises(ValueError, match="hutchinson_squared_fro_halved needs num_matvecs >= 2"):
+    with pytest.raises(
+        ValueError,
+        match="hutchinson_squared_fro_halved with an error estimate needs num_matvecs >= 2",
+    ):
         hutchinson_squared_fro_halved(M, 1, return_error=True)
     with pytest.raises(ValueError, match="Unknown distribution"):
         hutchinson_squared_fro_halved(M, 3, distribution="sign")
+
+
+@pytest.mark.parametrize("estimator", [hutchinson_squared_fro, hutchinson_squared_fro_halved])
+def test_adaptive_stopping_reaches_target_within_budget(estimator):
+    M = _rectangular()
+    A = counting(M)
+    est, err = estimator(
+        A, 10, generator=generator(5), return_error=True, target_rel_error=0.02, max_matvecs=4000
+    )
+    assert err / est <= 0.02 and 10 < A.num_columns <= 4000 and A.num_columns % 10 == 0
+    assert (est - (M**2).sum()).abs() / (M**2).sum() < 0.06
+    B = counting(M)  # a tight, odd budget: the two-product estimator stops at 24
+    with pytest.warns(UserWarning, match="stopped at a relative error"):
+        estimator(B, 10, generator=generator(5), target_rel_error=1e-9, max_matvecs=25)
+    assert B.num_columns == (24 if estimator is hutchinson_squared_fro else 25)
+
+
+def test_adaptive_options_are_checked():
+    M = _rectangular()
+    with pytest.raises(ValueError, match="target_rel_error needs max_matvecs"):
+        hutchinson_squared_fro(M, 4, target_rel_error=0.1)
+    with pytest.raises(ValueError, match="max_matvecs only applies with target_rel_error"):
+        hutchinson_squared_fro_halved(M, 4, max_matvecs=10)

@@ -11,7 +11,7 @@ from helpers.linalg_problems import (
     power_law_matrix,
 )
 
-from curvops.linalg import hutchinson_trace
+from curvops.linalg import BudgetExhaustedWarning, hutchinson_trace
 from curvops.structured import TensorLinearOperator
 
 NUM_RUNS = 200
@@ -26,10 +26,11 @@ def test_unbiased_and_error_estimate_covers(distribution):
     truth = torch.trace(M)
     # unbiased: the mean of 200 runs lies within 4 of its standard errors of the truth
     assert (estimates.mean() - truth).abs() <= 4 * estimates.std() / NUM_RUNS**0.5
-    # the standard error is the spread of one run: compare with the empirical spread
-    assert 0.8 < errors.mean() / estimates.std() < 1.2
-    # |est - t| <= 2 stderr has probability ~0.94 (t-distribution, 19 dof)
-    assert ((estimates - truth).abs() <= 2 * errors).double().mean() >= 0.85
+    # the error is the spread of one run (times the Student-t factor 1.07 at 20 samples):
+    # compare with the empirical spread
+    assert 0.85 < errors.mean() / estimates.std() < 1.3
+    # NOTE [estimator error bars]: |est - t| <= 2 error in about 95% of runs
+    assert ((estimates - truth).abs() <= 2 * errors).double().mean() >= 0.93
 
 
 def test_rademacher_is_exact_on_diagonal_matrices():
@@ -54,7 +55,8 @@ def test_adaptive_stopping_reaches_target_within_budget():
     assert (est - torch.trace(M)).abs() / torch.trace(M) < 0.04
     # a tight budget stops at the budget
     B = counting(M)
-    hutchinson_trace(B, 10, generator=generator(3), target_rel_error=1e-9, max_matvecs=25)
+    with pytest.warns(BudgetExhaustedWarning):
+        hutchinson_trace(B, 10, generator=generator(3), target_rel_error=1e-9, max_matvecs=25)
     assert B.num_columns == 25
 
 

@@ -31,7 +31,7 @@ def test_leave_one_out_estimates_match_explicit_formula(growth):
         torch.diagonal(Q_i @ Q_i.T @ M) + w * (P @ M @ w)
         for Q_i, P, w in explicit_leave_one_out(M, Omega)
     ]
-    torch.testing.assert_close(_xdiag_samples(sketch), torch.stack(expected, dim=1))
+    torch.testing.assert_close(_xdiag_samples(sketch)[0], torch.stack(expected, dim=1))
 
 
 @pytest.mark.parametrize("c", [1.0, 3.0])
@@ -40,8 +40,9 @@ def test_unbiased_and_error_estimate_covers(c):
     estimates, errors = fig4_trials("xdiag", c, 30, seed=0)
     truth = torch.diagonal(M)
     assert_unbiased_entrywise(estimates, truth)
-    # jackknife-style error estimate, a bit optimistic (measured ~0.86-0.92 coverage)
-    assert ((estimates - truth).abs() <= 2 * errors).double().mean() >= 0.75
+    # entrywise 2 * error intervals (NOTE [estimator error bars]); tests/linalg/estimators/
+    # test_error_bars.py checks >= 0.93 at 12 products
+    assert ((estimates - truth).abs() <= 2 * errors).double().mean() >= 0.93
 
 
 @pytest.mark.parametrize("c, factor", [(2.0, 10.0), (3.0, 100.0)])

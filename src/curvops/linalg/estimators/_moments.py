@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvops.linalg.estimators._error_bars import student_t_factor
+
 
 class RunningMoments:
     """Mean and sample variance of samples that arrive in batches along the last axis.
@@ -34,23 +36,15 @@ class RunningMoments:
         self._m2 = self._m2 + batch_m2 + delta**2 * (self.count * n / total)
         self.count = total
 
-    def standard_error(self) -> Tensor:
-        """Standard error of the mean, :math:`\\sqrt{s^2 / n}` with the unbiased :math:`s^2`.
+    def error(self) -> Tensor:
+        """The ``error`` of the mean, :math:`(t_{0.975, n-1} / z_{0.975}) \\sqrt{s^2 / n}`.
+
+        :math:`s^2` is the unbiased sample variance; the Student-t factor makes
+        ``mean ± 2 * error`` an approximate 95% interval at small :math:`n` (NOTE [estimator
+        error bars] in :mod:`curvops.linalg.estimators._error_bars`).
 
         Returns:
-            The standard error (same shape as :attr:`mean`); requires two or more samples.
+            The error (same shape as :attr:`mean`); requires two or more samples.
         """
-        return torch.sqrt(self._m2 / (self.count - 1) / self.count)
-
-    def result(self, return_error: bool) -> Tensor | tuple[Tensor, Tensor]:
-        """The mean, and with ``return_error`` also its standard error (what estimators return).
-
-        Args:
-            return_error: Whether to also return :meth:`standard_error`.
-
-        Returns:
-            :attr:`mean`, or ``(mean, standard_error)``.
-        """
-        if return_error:
-            return self.mean, self.standard_error()
-        return self.mean
+        standard_error = torch.sqrt(self._m2 / (self.count - 1) / self.count)
+        return student_t_factor(self.count - 1) * standard_error

@@ -1,9 +1,10 @@
-"""Validated options of the trace and diagonal estimators (private).
+"""Validated options of the randomized estimators (private).
 
-Every square estimator (Hutchinson, Hutch++, XTrace, XDiag) starts the same way: wrap ``A``,
-check it is square, parse the distribution, check the budget of products and the adaptive
-stopping options. :meth:`EstimatorRules.setup` does this once, in the order the public
-functions document their errors, and returns the result as an :class:`EstimatorSetup`.
+Every estimator (Hutchinson, Hutch++, XTrace, XDiag, the squared Frobenius norms) starts the
+same way: wrap ``A``, check it is square (all but the squared Frobenius norms), parse the
+distribution, check the budget of products and the adaptive stopping options.
+:meth:`EstimatorRules.setup` does this once, in the order the public functions document
+their errors, and returns the result as an :class:`EstimatorSetup`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ class EstimatorSetup:
     """Checked inputs of a square estimator.
 
     Attributes:
-        A: The square operator.
-        dim: Its dimension :math:`D`.
+        method: Name of the estimator, used in messages.
+        A: The operator.
+        dim: Dimension :math:`D` of the test vectors.
         distribution: Distribution of the test-vector entries.
         generator: Random number generator (NOTE [estimator randomness] in
             :mod:`curvops.linalg._sampling`).
@@ -34,6 +36,7 @@ class EstimatorSetup:
         budget: Largest number of products to spend (``num_matvecs`` without a target).
     """
 
+    method: str
     A: LinearOperator
     dim: int
     distribution: Distribution
@@ -51,7 +54,7 @@ class EstimatorSetup:
 
 @dataclass(frozen=True)
 class EstimatorRules:
-    """How a trace or diagonal estimator checks its options.
+    """How an estimator checks its options.
 
     An error estimate (``return_error`` or ``target_rel_error``) needs at least two samples,
     so the smallest budget doubles then; the error message then names the method "with an
@@ -63,11 +66,18 @@ class EstimatorRules:
             into, one of which is the sketch size (at most :math:`D`); ``None`` otherwise.
         always_estimates_error: Whether the method needs two samples even without an error
             estimate.
+        products_per_sample: Products per sample; the budget must be divisible by it.
+        test_vectors: ``"in"`` (square estimators: the operator's input dimension) or
+            ``"out"`` (test vectors of the output dimension, for :math:`A A^\\top`).
+        square: Whether ``A`` must be square.
     """
 
     method: str
     sketch_parts: int | None = None
     always_estimates_error: bool = False
+    products_per_sample: int = 1
+    test_vectors: str = "in"
+    square: bool = True
 
     def setup(
         self,
@@ -99,12 +109,18 @@ class EstimatorRules:
             ValueError: If ``A`` is not square or an option is invalid.
         """
         A = as_linear_operator(A)
-        D = require_square(A, self.method)
+        if self.square:
+            require_square(A, self.method)
+        D = A.shape[1] if self.test_vectors == "in" else A.shape[0]
         distribution = parse_enum(distribution, Distribution, "distribution")
         always_two = self.always_estimates_error
         needs_two = always_two or return_error or target_rel_error is not None
-        method = self.method + (" with an error estimate" if needs_two and not always_two else "")
-        parts = 1 if self.sketch_parts is None else self.sketch_parts
+        method = self.method
+        if self.products_per_sample == 2:
+            method += " (two products per sample)"
+        if needs_two and not always_two:
+            method += " with an error estimate"
+        parts = self.products_per_sample if self.sketch_parts is None else self.sketch_parts
         limits = {}
         if self.sketch_parts is not None:
             limits = {
@@ -121,4 +137,6 @@ class EstimatorRules:
             **limits,
         )
         target, budget = check_adaptive(target_rel_error, max_matvecs, num_matvecs)
-        return EstimatorSetup(A, D, distribution, generator, num_matvecs, target, budget)
+        return EstimatorSetup(
+            self.method, A, D, distribution, generator, num_matvecs, target, budget
+        )

@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from curvops.linalg.estimators._adaptive import sample_in_rounds
+from curvops.linalg.estimators._error_bars import QuadraticFormSamples
 from curvops.linalg.estimators._setup import EstimatorRules
+from curvops.linalg.estimators.result import EstimateWithError
 from curvops.linear_operator import LinearOperator
 
 _RULES = EstimatorRules("hutchinson_trace")
@@ -21,7 +23,7 @@ def hutchinson_trace(
     return_error: bool = False,
     target_rel_error: float | None = None,
     max_matvecs: int | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | EstimateWithError:
     """Estimate :math:`\\operatorname{tr}(A)` with the Girard-Hutchinson estimator.
 
     For test vectors with :math:`\\mathbb{E}[v v^\\top] = I`,
@@ -34,28 +36,36 @@ def hutchinson_trace(
     .. math::
         \\widehat{\\operatorname{tr}}(A) = \\frac{1}{N} \\sum_{i=1}^N v_i^\\top A v_i.
 
-    Its error estimate is the standard error of the mean, :math:`s / \\sqrt{N}` with
-    :math:`s` the sample standard deviation of the :math:`v_i^\\top A v_i`. All products
-    of a batch are one block product ``A @ V``.
+    Its ``error`` is the standard error of the mean from the variance formula of the
+    quadratic form (e.g. :math:`2(\\|A\\|_F^2 - \\sum_j A_{jj}^2) / N` for Rademacher
+    vectors, estimated from the products :math:`A v_i`), widened by a Student-t factor, so
+    that ``estimate ± 2 * error`` is an approximate 95% interval even at small :math:`N`
+    (NOTE [estimator error bars] in :mod:`curvops.linalg.estimators._error_bars`). All
+    products of a batch are one block product ``A @ V``.
 
     Args:
         A: Square operator (or dense matrix).
         num_matvecs: Number of test vectors :math:`N` (one product each); with
             ``target_rel_error``, the batch size of each round.
-        distribution: ``"rademacher"`` or ``"normal"`` test vectors.
+        distribution: ``"rademacher"``, ``"normal"`` or ``"sphere"`` test vectors.
         generator: Random number generator (NOTE [estimator randomness] in
             :mod:`curvops.linalg._sampling`).
-        return_error: Whether to also return the standard error (needs
-            ``num_matvecs >= 2``).
+        return_error: Whether to return an :class:`~curvops.linalg.EstimateWithError`
+            (needs ``num_matvecs >= 2``).
         target_rel_error: If given, keep adding batches of ``num_matvecs`` samples until
-            the standard error divided by the absolute estimate is at most this.
+            the error divided by the absolute estimate is at most this.
         max_matvecs: Budget of products when ``target_rel_error`` is given (required then).
 
     Returns:
-        The estimate (a 0-d tensor), and with ``return_error`` also its standard error.
+        The estimate (a 0-d tensor), or with ``return_error`` the pair ``(estimate,
+        error)`` as an :class:`~curvops.linalg.EstimateWithError` (which also holds the
+        products spent and whether the target was reached).
 
     Raises:
         ValueError: If ``A`` is not square or an option is invalid.
+
+    Warns:
+        BudgetExhaustedWarning: If ``max_matvecs`` is spent before ``target_rel_error``.
 
     Examples:
         >>> import torch
@@ -67,4 +77,8 @@ def hutchinson_trace(
     setup = _RULES.setup(
         A, num_matvecs, distribution, generator, return_error, target_rel_error, max_matvecs
     )
-    return sample_in_rounds(setup, lambda V, AV: (V * AV).sum(0)).result(return_error)
+    stats = QuadraticFormSamples(setup.distribution)
+    rounds = sample_in_rounds(
+        setup, stats, lambda s, V: s.update(V, setup.A @ V), return_error=return_error
+    )
+    return rounds.result(setup, return_error)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvops.linalg.estimators._adaptive import Rounds
 from curvops.linalg.estimators._checks import relative
-from curvops.linalg.estimators._moments import RunningMoments
+from curvops.linalg.estimators._error_bars import QuadraticFormSamples
 from curvops.linalg.estimators._setup import EstimatorRules
+from curvops.linalg.estimators.result import EstimateWithError
 from curvops.linear_operator import LinearOperator
 
 _RULES = EstimatorRules("hutchpp_trace", sketch_parts=3)
@@ -22,7 +24,7 @@ def hutchpp_trace(
     return_error: bool = False,
     target_rel_error: float | None = None,
     max_matvecs: int | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | EstimateWithError:
     """Estimate :math:`\\operatorname{tr}(A)` with Hutch++.
 
     Hutch++ (Meyer, Musco, Musco, Woodruff (2021). Hutch++: Optimal stochastic trace
@@ -36,26 +38,35 @@ def hutchpp_trace(
 
     with independent test matrices :math:`S, G \\in \\mathbb{R}^{D \\times m}`. It is
     unbiased, and much more accurate than Hutchinson when the spectrum decays fast. The
-    products ``A @ S`` and ``A @ [Q, (I - QQᵀ) G]`` are two block products. The error
-    estimate is the standard error of the Hutchinson part (the only random part given
-    :math:`Q`); adaptive stopping adds further batches of :math:`m` deflated samples.
+    products ``A @ S`` and ``A @ [Q, (I - QQᵀ) G]`` are two block products. The ``error``
+    is that of the Hutchinson part (the only random part given :math:`Q`): the standard
+    error from the variance formula of the quadratic form with :math:`B = (I - QQ^\\top) A
+    (I - QQ^\\top)`, estimated from the products :math:`B g_i`, widened by a Student-t factor
+    with :math:`m - 1` degrees of freedom (NOTE [estimator error bars] in
+    :mod:`curvops.linalg.estimators._error_bars`); adaptive stopping adds further batches
+    of :math:`m` deflated samples.
 
     Args:
         A: Square operator (or dense matrix).
         num_matvecs: Budget :math:`N`, divisible by 3, with :math:`N / 3 \\leq D`.
-        distribution: ``"rademacher"`` or ``"normal"`` test vectors.
+        distribution: ``"rademacher"``, ``"normal"`` or ``"sphere"`` test vectors.
         generator: Random number generator (NOTE [estimator randomness] in
             :mod:`curvops.linalg._sampling`).
-        return_error: Whether to also return the standard error (needs ``N >= 6``).
+        return_error: Whether to return an :class:`~curvops.linalg.EstimateWithError`
+            (needs ``N >= 6``).
         target_rel_error: If given, keep adding batches of :math:`N/3` deflated samples
-            until the standard error divided by the absolute estimate is at most this.
+            until the error divided by the absolute estimate is at most this.
         max_matvecs: Budget of products when ``target_rel_error`` is given (required then).
 
     Returns:
-        The estimate (a 0-d tensor), and with ``return_error`` also its standard error.
+        The estimate (a 0-d tensor), or with ``return_error`` the pair ``(estimate,
+        error)`` as an :class:`~curvops.linalg.EstimateWithError`.
 
     Raises:
         ValueError: If ``A`` is not square or an option is invalid.
+
+    Warns:
+        BudgetExhaustedWarning: If ``max_matvecs`` is spent before ``target_rel_error``.
     """
     setup = _RULES.setup(
         A, num_matvecs, distribution, generator, return_error, target_rel_error, max_matvecs
@@ -68,19 +79,18 @@ def hutchpp_trace(
     G_deflated = G - Q @ (Q.T @ G)
     products = A @ torch.cat([Q, G_deflated], dim=1)
     sketch_trace = (Q * products[:, :m]).sum()
-    moments = RunningMoments()
-    moments.update((G_deflated * products[:, m:]).sum(0))
+    # the samples g^T B g with B = (I - QQ^T) A (I - QQ^T) and the products B g (for the
+    # variance formula) come from A (I - QQ^T) G without further products
+    samples = QuadraticFormSamples(setup.distribution)
+    samples.update(G, products[:, m:] - Q @ (Q.T @ products[:, m:]))
     used = setup.num_matvecs
     while target is not None and used < budget:
-        estimate = sketch_trace + moments.mean
-        if relative(moments.standard_error(), estimate) <= target:
+        if relative(samples.error(), sketch_trace + samples.mean) <= target:
             break
         batch = min(m, budget - used)
         G = setup.draw(batch)
-        G_deflated = G - Q @ (Q.T @ G)
-        moments.update((G_deflated * (A @ G_deflated)).sum(0))
+        AG_deflated = A @ (G - Q @ (Q.T @ G))
+        samples.update(G, AG_deflated - Q @ (Q.T @ AG_deflated))
         used += batch
-    estimate = sketch_trace + moments.mean
-    if return_error:
-        return estimate, moments.standard_error()
-    return estimate
+    error = samples.error() if return_error or target is not None else None
+    return Rounds(sketch_trace + samples.mean, error, used).result(setup, return_error)
