@@ -152,9 +152,7 @@ def _model(arch: str, F: int, H: int, C: int, loss_name: str) -> nn.Module:
             nn.Conv1d(F, H, kernel_size=2, padding=1), nn.Tanh(), nn.Conv1d(H, C, kernel_size=1)
         )
     assert arch == "cnn-flat"
-    return nn.Sequential(
-        nn.Conv1d(F, 2, kernel_size=2), nn.Tanh(), nn.Flatten(), nn.Linear(4, C)
-    )
+    return nn.Sequential(nn.Conv1d(F, 2, kernel_size=2), nn.Tanh(), nn.Flatten(), nn.Linear(4, C))
 
 
 def _inputs(arch: str, N: int, T: int, F: int, gen: torch.Generator) -> Tensor:
@@ -239,7 +237,15 @@ def problems(
         y.view(-1)[0] = 0
         groups[i] = (groups[i][0], y)
     return Problem(
-        arch, loss_name, reduction, model, losses_[loss_name](), groups, split_a, split_b, seed,
+        arch,
+        loss_name,
+        reduction,
+        model,
+        losses_[loss_name](),
+        groups,
+        split_a,
+        split_b,
+        seed,
         lengths,
     )
 
