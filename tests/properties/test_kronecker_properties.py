@@ -13,6 +13,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from curvops import EKFACLinearOperator, KFACLinearOperator
+from curvops.testing import dense_ef, dense_ggn
 
 SPLIT_RTOL = 1e-12
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
@@ -105,3 +106,44 @@ def test_kfac_padding_with_ignore_index_changes_nothing(problem, fisher_type, kf
     K = kfac(KFACLinearOperator, problem, problem.whole(), **options)
     P = kfac(KFACLinearOperator, problem, problem.padded_batches(), **options)
     assert_factors_equal(K.factors, P.factors)
+
+
+def _ekfac_target(problem, data, fisher_type, kfac_approx):
+    """The exact matrix EKFAC's correction reads its eigenvalues from."""
+    args = (problem.model, problem.loss_func, problem.params, data)
+    if fisher_type == "type-2":
+        return dense_ggn(*args)
+    gradient_of = "loss-term" if kfac_approx == "expand" else "datum"
+    return dense_ef(*args, gradient_of=gradient_of)
+
+
+@given(
+    problem=problems(),
+    fisher_type=st.sampled_from(("type-2", "empirical")),
+    kfac_approx=st.sampled_from(APPROX),
+    separate=st.booleans(),
+)
+def test_ekfac_is_the_projection_of_its_target(problem, fisher_type, kfac_approx, separate):
+    r"""EKFAC's eigenvalues are the target's diagonal in the Kronecker eigenbasis.
+
+    So EKFAC :math:`E` is the Frobenius projection of the exact matrix :math:`G` onto the
+    matrices diagonal in its basis, which holds for every choice of eigenvectors (repeated
+    eigenvalues): :math:`\langle G - E, E^p \rangle_F = 0` for :math:`p = 0, 1, 2`.
+    """
+    options = {
+        "fisher_type": fisher_type,
+        "kfac_approx": kfac_approx,
+        "separate_weight_and_bias": separate,
+    }
+    describe(problem, **options)
+    data = problem.batches(problem.split_a)
+    E = kfac(EKFACLinearOperator, problem, data, **options).to_dense()
+    G = _ekfac_target(problem, data, fisher_type, kfac_approx)
+    # E is block-diagonal, so only G's diagonal blocks enter the inner products
+    scale = float((G * G).sum().sqrt()) + 1e-300
+    P = torch.eye(E.shape[0], dtype=E.dtype)
+    for p in range(3):
+        residual = float(((G - E) * P).sum())
+        norm = float((P * P).sum().sqrt())
+        assert abs(residual) <= 1e-9 * scale * norm, f"<G - E, E^{p}> = {residual:.3e}"
+        P = P @ E
