@@ -2,14 +2,14 @@
 
 A :class:`Problem` is a float64 model, a loss and *groups* of data: every group holds
 ``N_g`` data of one sequence length ``T_g`` (lengths differ between groups, ``T_g = 0`` is
-allowed for the position-wise sequence model). A *split* cuts every group into batches of
+allowed for the position-wise sequence models). A *split* cuts every group into batches of
 sizes ``1..N_g`` (uneven); two splits of the same problem describe the same data set, so
 every curvature matrix must be the same for both (the batch-split invariance of NOTE [risk
 scaling] in :mod:`curvops.testing.dense`). For cross-entropy, targets are randomly
-``ignore_index`` (padding), and :meth:`Problem.padded_batches` merges the groups of the
-position-wise sequence model into one batch padded to the longest length with
-``ignore_index`` targets (and random inputs at the padded positions), which must give the
-same matrices as the unpadded groups because that model acts position-wise.
+``ignore_index`` (padding), and :meth:`Problem.padded_batches` merges the groups of a
+position-wise sequence model (``"seq"``, ``"lm"``) into one batch padded to the longest
+length with ``ignore_index`` targets (and random inputs at the padded positions), which must
+give the same matrices as the unpadded groups because that model acts position-wise.
 
 The strategy :func:`problems` draws the architecture, the loss, the reduction, the sizes and a
 seed; everything random is built from that seed without touching the global RNG.
@@ -19,6 +19,8 @@ Architectures:
 * ``"mlp"``: ``Linear-Tanh-Linear`` on ``[N, F]`` (outputs ``[N, C]``).
 * ``"seq"``: the same MLP acting on every position of ``[N, T, F]`` (outputs ``[N, T, C]``;
   cross-entropy gets them as ``[N, C, T]``).
+* ``"lm"``: ``Embedding-Tanh-Linear`` on token ids ``[N, T]`` (a tiny language model;
+  outputs ``[N, T, C]``, ``[N, C, T]`` for cross-entropy; position-wise).
 * ``"cnn"``: ``Conv1d(k=2, padding=1)-Tanh-Conv1d(k=1)`` on ``[N, F, T]`` (outputs
   ``[N, C, T + 1]``; not position-wise).
 * ``"cnn-flat"``: ``Conv1d(k=2)-Tanh-Flatten-Linear`` on ``[N, F, 3]`` (outputs ``[N, C]``).
@@ -37,7 +39,9 @@ from torch import Tensor, nn
 
 DTYPE = torch.float64
 IGNORE = -100
-ARCHS = ("mlp", "seq", "cnn", "cnn-flat")
+ARCHS = ("mlp", "seq", "lm", "cnn", "cnn-flat")
+POSITION_WISE = ("seq", "lm")
+VOCAB = 5
 LOSSES = ("mse", "ce", "bce")
 REDUCTIONS = ("mean", "sum")
 
@@ -84,7 +88,7 @@ class Problem:
     @property
     def position_wise(self) -> bool:
         """Whether the model acts on every sequence position separately."""
-        return self.arch == "seq"
+        return self.arch in POSITION_WISE
 
     def batches(self, split: list[list[int]]) -> list[tuple[Tensor, Tensor]]:
         """The data cut into batches of the given sizes, group by group."""
@@ -101,17 +105,20 @@ class Problem:
         return [(X, y) for X, y in self.groups]
 
     def padded_batches(self) -> list[tuple[Tensor, Tensor]]:
-        """All groups in one batch, padded to the longest length (``"seq"`` + ``"ce"`` only).
+        """All groups in one batch, padded to the longest length (position-wise + ``"ce"``).
 
         Padded positions get random inputs and ``ignore_index`` targets.
         """
-        assert self.arch == "seq" and self.loss_name == "ce"
+        assert self.position_wise and self.loss_name == "ce"
         T_max = max(X.shape[1] for X, _ in self.groups)
         gen = torch.Generator().manual_seed(self.seed + 1)
         Xs, ys = [], []
         for X, y in self.groups:
-            N, T, F = X.shape
-            pad_X = torch.randn(N, T_max - T, F, generator=gen, dtype=X.dtype)
+            N, T = X.shape[:2]
+            if X.is_floating_point():
+                pad_X = torch.randn(N, T_max - T, X.shape[2], generator=gen, dtype=X.dtype)
+            else:
+                pad_X = torch.randint(0, VOCAB, (N, T_max - T), generator=gen)
             pad_y = torch.full((N, T_max - T), IGNORE, dtype=y.dtype)
             Xs.append(torch.cat([X, pad_X], dim=1))
             ys.append(torch.cat([y, pad_y], dim=1))
@@ -147,6 +154,11 @@ def _model(arch: str, F: int, H: int, C: int, loss_name: str) -> nn.Module:
         if loss_name == "ce":
             layers.append(ChannelsFirst())
         return nn.Sequential(*layers)
+    if arch == "lm":
+        layers = [nn.Embedding(VOCAB, F), nn.Tanh(), nn.Linear(F, C)]
+        if loss_name == "ce":
+            layers.append(ChannelsFirst())
+        return nn.Sequential(*layers)
     if arch == "cnn":
         return nn.Sequential(
             nn.Conv1d(F, H, kernel_size=2, padding=1), nn.Tanh(), nn.Conv1d(H, C, kernel_size=1)
@@ -160,6 +172,8 @@ def _inputs(arch: str, N: int, T: int, F: int, gen: torch.Generator) -> Tensor:
         return torch.randn(N, F, generator=gen, dtype=DTYPE)
     if arch == "seq":
         return torch.randn(N, T, F, generator=gen, dtype=DTYPE)
+    if arch == "lm":
+        return torch.randint(0, VOCAB, (N, T), generator=gen)
     return torch.randn(N, F, T, generator=gen, dtype=DTYPE)  # channels first
 
 
@@ -202,9 +216,9 @@ def problems(
     reduction = draw(st.sampled_from(reductions))
     seed = draw(st.integers(0, 2**31 - 1))
     F, H, C = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(2, 3))
-    num_groups = draw(st.integers(1, max_groups)) if arch in ("seq", "cnn") else 1
+    num_groups = draw(st.integers(1, max_groups)) if arch in ("seq", "lm", "cnn") else 1
     sizes = [draw(st.integers(1, max_group_size)) for _ in range(num_groups)]
-    if arch == "seq":
+    if arch in POSITION_WISE:
         lengths = [draw(st.integers(0, 3)) for _ in range(num_groups)]
         if max(lengths) == 0:
             lengths[0] = 1  # some loss term

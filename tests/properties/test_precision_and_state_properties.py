@@ -125,7 +125,7 @@ def _assert_same(before: dict, after: dict) -> None:
 
 
 @given(
-    problem=problems(archs=("mlp", "seq", "cnn-flat")),
+    problem=problems(archs=("mlp", "seq", "cnn-flat")),  # float inputs (for Shift)
     kind=st.sampled_from(tuple(CLASSES)),
     data=st.data(),
 )
