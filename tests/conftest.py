@@ -4,8 +4,31 @@
 files anywhere below it can ``from cases import make_case, FISHER_CASES``.
 """
 
+import os
+
 import pytest
 from cases import FISHER_CASES, Case, case_ids, make_case
+from hypothesis import HealthCheck, settings
+
+# property-based tests (tests/properties): a small, reproducible budget in CI (derandomized,
+# no example database), more examples locally with HYPOTHESIS_PROFILE=curvops-dev
+settings.register_profile(
+    "curvops-ci",
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "curvops-dev",
+    max_examples=150,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "curvops-ci"))
 
 
 @pytest.fixture(params=case_ids())

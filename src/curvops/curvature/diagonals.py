@@ -281,6 +281,10 @@ def batch_diagonal(
             "diagonal() needs a leading axis of the output with a multiple of the batch size "
             "(each datum owning the same number of consecutive rows)."
         )
+    if output.numel() == 0:  # no output entries (sequences of length 0): no loss terms
+        for use in linear or []:
+            use.x = use.z = None  # free the graph
+        return out
     factors, coefficients = factors_of_output(output.detach())
     columns = _Columns(factors, coefficients, N)
     done: set[int] = set()

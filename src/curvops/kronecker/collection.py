@@ -239,6 +239,11 @@ def statistics_pass(
             recorder.calls = []
             consume(BatchStatistics(batch, inputs, none, [], term_mask=mask))
             continue
+        if output.numel() == 0:  # no output entries (sequences of length 0): no gradients
+            del output
+            recorder.calls = []
+            consume(BatchStatistics(batch, inputs, none, [], True, mask))
+            continue
         S = loss.shared_output_factors(
             output, batch.y, fisher_type.value, mc_samples=mc_samples, generator=generator
         )

@@ -273,8 +273,11 @@ def _position_means(x: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor |
 
     Returns:
         Rows ``[N, d]`` (a view for ``T = 1`` without weights) and weights ``[N]``: 1 for a
-        datum with a counting position, 0 for a fully ignored one (``None`` without weights).
+        datum with a counting position, 0 for a fully ignored one or one without positions
+        (``T = 0``, e.g. empty sequences); ``None`` without weights and ``T > 0``.
     """
+    if x.shape[1] == 0:  # no positions: no mean (not 0 / 0), and the data do not count
+        return x.new_zeros(x.shape[0], x.shape[2]), x.new_zeros(x.shape[0])
     if weights is None:
         return (x[:, 0] if x.shape[1] == 1 else x.mean(dim=1)), None
     totals = weights.sum(dim=1)
@@ -380,7 +383,9 @@ class FactorAccumulator:
                 self.bias_column_sum.add_(weighted.sum(dim=tuple(range(rows.ndim - 1))))
         # (weighted) numbers of rows and of data
         T = x.shape[1]
-        if weights is None:
+        if T == 0:  # data without positions (empty sequences) have no loss terms to count
+            rows_count = data_count = 0
+        elif weights is None:
             rows_count = N if self.reduce else N * T
             data_count = N
         else:

@@ -13,7 +13,11 @@ import torch
 from torch import Tensor
 
 from curvops.losses.base import ElementwiseLossSpec
-from curvops.losses.likelihood import LikelihoodLossSpec, identity_columns
+from curvops.losses.likelihood import (
+    LikelihoodLossSpec,
+    datum_major_uniform,
+    identity_columns,
+)
 
 
 class BCEWithLogitsLossSpec(LikelihoodLossSpec, ElementwiseLossSpec):
@@ -29,8 +33,8 @@ class BCEWithLogitsLossSpec(LikelihoodLossSpec, ElementwiseLossSpec):
         self, output: Tensor, y: Tensor, mc_samples: int, generator: torch.Generator | None
     ) -> Tensor:
         p = torch.sigmoid(output)
-        shape = (mc_samples, *output.shape)
-        u = torch.rand(shape, generator=generator, dtype=output.dtype, device=output.device)
+        # datum by datum, so batching does not change the draws (NOTE [MC draw order])
+        u = datum_major_uniform(output, mc_samples, generator)[..., 0]
         return p - (u < p).to(output.dtype)
 
     def hessian_sqrt_columns(self, output: Tensor) -> Tensor:  # noqa: D102

@@ -74,6 +74,7 @@ class CrossEntropyLossSpec(LikelihoodLossSpec, ClassIndexLossSpec):
         flat = rows.reshape(-1, C)  # one row per position
         keep = (y != self.loss_func.ignore_index).reshape(-1)
         # draws at the kept positions only: padding neither gets nor shifts samples
+        # (row by row, so batching does not change the draws: NOTE [MC draw order])
         kept = flat[keep]
         # rows with NaN (from non-finite outputs) are sampled from a uniform instead (which
         # multinomial accepts); their factors stay NaN through `probs` and the operator

@@ -279,6 +279,7 @@ class LikelihoodLossSpec(LossSpec):
         """Would-be gradients of ``mc_samples`` draws per position, ``[S, *output.shape]``.
 
         The targets only tell which positions are ignored (no draws there, zero gradients).
+        The draws are taken datum by datum (NOTE [MC draw order]).
         """
         raise NotImplementedError
 
@@ -299,3 +300,48 @@ def identity_columns(output: Tensor, axis: int | None) -> Tensor:
     shape = [F] + [1] * output.ndim
     shape[1 + axis] = F
     return eye.reshape(shape).expand(F, *output.shape)
+
+
+def datum_major_uniform(
+    output: Tensor, mc_samples: int, generator: torch.Generator | None, draws: int = 1
+) -> Tensor:
+    r"""Uniform numbers in :math:`[0, 1)` for ``mc_samples`` draws per output entry.
+
+    NOTE [MC draw order]: the Monte-Carlo factors draw their random numbers datum by datum
+    (datum, then entry, then sample, then the ``draws`` numbers one sample needs), consuming
+    the generator in that order. A CPU generator hands out uniform numbers one after the
+    other, so with this order the would-be labels of a datum do not depend on how the data
+    are cut into batches: the same seed gives the same MC matrix for every batching (on CPU;
+    CUDA generators offset their streams per call). Normal numbers are formed from uniform
+    ones by the Box-Muller transform for that reason (``torch.randn`` fills tensors of 16 or
+    more entries in interleaved blocks, so its numbers depend on the tensor's size).
+
+    Args:
+        output: Model output of the batch, ``[N, ...]`` (dtype and device of the numbers).
+        mc_samples: Number of samples :math:`S` per entry.
+        generator: Random generator.
+        draws: Numbers per sample.
+
+    Returns:
+        ``[S, *output.shape, draws]``.
+    """
+    u = torch.rand(
+        (*output.shape, mc_samples, draws),
+        generator=generator,
+        dtype=output.dtype,
+        device=output.device,
+    )
+    return u.movedim(-2, 0)
+
+
+def datum_major_normal(
+    output: Tensor, mc_samples: int, generator: torch.Generator | None
+) -> Tensor:
+    r"""Standard normal numbers ``[S, *output.shape]`` in the order of NOTE [MC draw order].
+
+    Box-Muller: :math:`\varepsilon = \sqrt{-2 \log(1 - u_1)} \cos(2 \pi u_2)` with
+    :math:`u_1, u_2 \sim U[0, 1)` (so the logarithm's argument lies in :math:`(0, 1]`).
+    """
+    u = datum_major_uniform(output, mc_samples, generator, draws=2)
+    radius = (-2.0 * torch.log1p(-u[..., 0])).sqrt()
+    return radius * torch.cos((2.0 * torch.pi) * u[..., 1])

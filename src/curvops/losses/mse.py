@@ -14,7 +14,11 @@ import torch
 from torch import Tensor
 
 from curvops.losses.base import ElementwiseLossSpec
-from curvops.losses.likelihood import LikelihoodLossSpec, identity_columns
+from curvops.losses.likelihood import (
+    LikelihoodLossSpec,
+    datum_major_normal,
+    identity_columns,
+)
 
 
 class MSELossSpec(LikelihoodLossSpec, ElementwiseLossSpec):
@@ -29,9 +33,8 @@ class MSELossSpec(LikelihoodLossSpec, ElementwiseLossSpec):
     def sampled_gradients(  # noqa: D102
         self, output: Tensor, y: Tensor, mc_samples: int, generator: torch.Generator | None
     ) -> Tensor:
-        shape = (mc_samples, *output.shape)
-        eps = torch.randn(shape, generator=generator, dtype=output.dtype, device=output.device)
-        return sqrt(2.0) * eps
+        # datum by datum, so batching does not change the draws (NOTE [MC draw order])
+        return sqrt(2.0) * datum_major_normal(output, mc_samples, generator)
 
     def hessian_sqrt_columns(self, output: Tensor) -> Tensor:  # noqa: D102
         return sqrt(2.0) * identity_columns(output, self.feature_axis(output.ndim))
