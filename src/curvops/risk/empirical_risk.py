@@ -174,6 +174,7 @@ class EmpiricalRisk:
     def _bind(self, params, data: Iterable, num_data: int | None) -> dict[str, Any]:
         """Bind parameters and data, count this shard; return a summary for the other ranks."""
         self.params, self.param_names, self._params_as_dict = self._bind_params(params)
+        self._param_ids = {id(p) for p in self.params}
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.in_shapes = [tuple(p.shape) for p in self.params]
@@ -400,10 +401,51 @@ class EmpiricalRisk:
             The model output.
         """
         if self.module is not None:
-            return functional_call(self.module, dict(zip(self.param_names, param_values)), (X,))
+            values = self._fixed_tensors()  # NOTE [fixed parameters]
+            values.update(zip(self.param_names, param_values))
+            return functional_call(self.module, values, (X,))
         if self._params_as_dict:
             return self.model_func(dict(zip(self.param_names, param_values)), X)
         return self.model_func(list(param_values), X)
+
+    def _fixed_tensors(self) -> dict[str, Tensor]:
+        """Detached stand-ins for the module's trainable tensors outside :attr:`params`.
+
+        NOTE [fixed parameters]: the operators differentiate with respect to :attr:`params`
+        only; every other parameter (and buffer) of the module is a constant of the risk.
+        But a module's own parameters require grad, and PyTorch records an autograd graph
+        through every operation that reads them, also inside ``torch.func`` transforms. With
+        a parameter subset (last-layer Laplace: ``params`` = the head's weight and bias while
+        the body still requires grad) the products, dense matrices, gradients and estimates
+        would carry a ``grad_fn`` into the body's parameters, keep its activations alive,
+        and make a client's later ``backward`` fail with "Trying to backward through the
+        graph a second time". So every forward pass substitutes a ``detach()``-ed alias of
+        each such tensor (same storage, no copy, the caller's tensors and their
+        ``requires_grad`` untouched). A tensor tied to one of :attr:`params` (registered
+        under several names) is left to :func:`torch.func.functional_call`'s weight tying;
+        the aliases of a tensor tied to itself under several names are one object, as
+        ``functional_call`` requires. For a callable ``model_func`` that closes over
+        trainable tensors ``curvops`` cannot substitute them; the results are still detached
+        (:meth:`loss_and_gradient`, the operators' products), at the cost of the recorded
+        graph.
+
+        Returns:
+            Name -> detached tensor for the module's trainable parameters and buffers that
+            are not in :attr:`params` (all names of a tied tensor).
+        """
+        fixed: dict[str, Tensor] = {}
+        aliases: dict[int, Tensor] = {}
+        named = [
+            *self.module.named_parameters(remove_duplicate=False),
+            *self.module.named_buffers(remove_duplicate=False),
+        ]
+        for name, t in named:
+            if t is None or not t.requires_grad or id(t) in self._param_ids:
+                continue
+            if id(t) not in aliases:
+                aliases[id(t)] = t.detach()
+            fixed[name] = aliases[id(t)]
+        return fixed
 
     def batch_loss(self, param_values: list[Tensor] | tuple[Tensor, ...], batch: Batch) -> Tensor:
         """The batch loss :math:`\\mathcal{L}_\\mathbb{B}` at ``param_values``."""
@@ -472,7 +514,8 @@ class EmpiricalRisk:
                     acc.add_(gi, alpha=batch.weight)
         require_finite([total], owner=self.owner, what="the loss")  # NOTE [non-finite values]
         require_finite(grads, owner=self.owner, what="the gradient")
-        return total, grads
+        # a callable model_func may close over trainable tensors (NOTE [fixed parameters])
+        return total.detach(), [g.detach() for g in grads]
 
     def _grad_and_value(self, batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
         params = [p.detach() for p in self.params]
