@@ -499,12 +499,38 @@ def _hessian_reverse_over_reverse(
                 o[k].add_(h, alpha=alpha)
 
 
+class _MeanSquaredErrorAsSum(TorchFunctionMode):
+    """Evaluate ``F.mse_loss(..., reduction="mean")`` as the ``"sum"`` loss over its size.
+
+    NOTE [forward-mode mse_loss]: PyTorch's forward-mode derivative of the backward of
+    ``mse_loss`` with ``reduction="mean"`` raises "ZeroTensors are immutable" (torch 2.13), so
+    forward-over-reverse Hessian products of any model or loss calling it (``nn.MSELoss()``)
+    failed. ``"sum"`` has a working rule; the mean is that sum divided by the number of
+    entries (of the broadcast shape), the same function, so the product is unchanged.
+    Other calls (``weight``, the legacy ``size_average``/``reduce``) pass through.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        plain = all(kwargs.get(k) is None for k in ("size_average", "reduce", "weight"))
+        if func is F.mse_loss and len(args) == 2 and plain:
+            if kwargs.get("reduction", "mean") == "mean":
+                size = torch.broadcast_shapes(args[0].shape, args[1].shape).numel()
+                return func(*args, reduction="sum") / size
+        return func(*args, **kwargs)
+
+
 def _hessian_forward_over_reverse(
     loss: ParamFn, params: list[Tensor], V: list[Tensor], out: list[Tensor], alpha: float
 ) -> None:
     leaves = _detached_leaves(params)
     for k in range(V[0].shape[0]):
-        with torch.enable_grad(), fwAD.dual_level(), differentiable_attention():
+        with (
+            torch.enable_grad(),
+            fwAD.dual_level(),
+            differentiable_attention(),
+            _MeanSquaredErrorAsSum(),  # NOTE [forward-mode mse_loss]
+        ):
             duals = [fwAD.make_dual(p, plain_tangent(v[k])) for p, v in zip(leaves, V)]
             grads = torch.autograd.grad(loss(*duals), duals, allow_unused=True)
             for o, g in zip(out, grads):

@@ -46,7 +46,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from curvops.curvature.attention import attention_jvp
+from curvops.curvature.attention import attention_jvp, without_mha_fast_path
 
 
 class _Rule:
@@ -442,6 +442,12 @@ class _TangentRuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            # this mode does not see the SDPA call inside (a torch function's handler runs
+            # with the mode off): the math backend has native forward-mode rules (NOTE
+            # [nn.MultiheadAttention] of curvops.curvature.attention)
+            with sdpa_kernel([SDPBackend.MATH]):
+                return func(*args, **kwargs)
         bound = _bind(func, args, kwargs) if func in _PARAMETERS else None
         if bound is None or not _has_tangent(bound):
             return func(*args, **kwargs)
@@ -474,5 +480,5 @@ def efficient_tangents() -> Iterator[None]:
     Use inside ``torch.autograd.forward_ad.dual_level()``; not for ``torch.func`` transforms
     (their custom-function rules differ). See the module docstring.
     """
-    with _TangentRuleMode():
+    with _TangentRuleMode(), without_mha_fast_path():
         yield
