@@ -535,11 +535,17 @@ def test_ef_errors():
         dense_ef(lambda ps, X: X @ ps[0], nn.CrossEntropyLoss(), [w], [(X, y)])
 
 
+@pytest.mark.parametrize("layer", ["layernorm", "weight_norm", "weight_norm_whole"])
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_hessian_through_layernorm_matches_finite_differences(loss: str):
-    """NOTE [dense Hessian]: torch.func's Hessian through nn.LayerNorm was off by 0.31."""
+def test_hessian_matches_finite_differences(loss: str, layer: str):
+    """NOTE [dense Hessian]: torch.func's Hessian through nn.LayerNorm was off by 0.31, and
+    PyTorch's second derivative of the fused weight norm is wrong."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    if layer != "layernorm":
+        model[1] = nn.Identity()
+        dim = 0 if layer == "weight_norm" else None
+        torch.nn.utils.parametrizations.weight_norm(model[0], dim=dim)
     X = torch.randn(5, 3, dtype=DTYPE)
     y = torch.randn(5, 3, dtype=DTYPE) if loss == "mse" else torch.randint(0, 3, (5,))
     loss_func = nn.MSELoss() if loss == "mse" else nn.CrossEntropyLoss()

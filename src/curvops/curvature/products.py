@@ -50,7 +50,7 @@ from torch.func import jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
 from curvops.curvature.attention import differentiable_attention
-from curvops.curvature.tangent_rules import efficient_tangents
+from curvops.curvature.tangent_rules import decomposed_weight_norm, efficient_tangents
 
 ParamFn = Callable[..., Tensor]
 OutputMatmat = Callable[[Tensor, Tensor], Tensor]
@@ -174,7 +174,18 @@ def _clear_forward_mode_errors() -> Iterator[None]:
     try:
         yield
     except NotImplementedError as e:
-        if "jvp function for custom autograd.Function" not in str(e):
+        message = str(e)
+        if message.startswith("Trying to use forward AD with "):
+            op = message.removeprefix("Trying to use forward AD with ").split(" that ")[0]
+            raise NotImplementedError(
+                f"The model calls {op}, which has no forward-mode derivative in PyTorch, but "
+                "GGN, Fisher and Jacobian products (and the Hessian's forward-over-reverse "
+                "mode) differentiate the model in forward mode. If it is spectral_norm in "
+                "training mode (its power iteration writes with out=), call model.eval(); "
+                "otherwise use HessianLinearOperator with its default reverse-over-reverse "
+                "mode, or replace the operation."
+            ) from e
+        if "jvp function for custom autograd.Function" not in message:
             raise
         raise NotImplementedError(
             "The model runs a custom autograd.Function without a forward-mode (jvp) rule, "
@@ -210,12 +221,12 @@ def jacobian_matmat(f: ParamFn, params: list[Tensor], V: list[Tensor]) -> Tensor
     """
     params = [p.detach() for p in params]
     if V[0].shape[0] == 1:
-        with torch.no_grad(), fwAD.dual_level(), efficient_tangents():
+        with torch.no_grad(), fwAD.dual_level(), efficient_tangents(), _clear_forward_mode_errors():
             duals = [fwAD.make_dual(p, plain_tangent(v[0])) for p, v in zip(params, V)]
             out, tangent = fwAD.unpack_dual(f(*duals))
             tangent = torch.zeros_like(out) if tangent is None else tangent
         return tangent.unsqueeze(0)
-    with differentiable_attention():
+    with differentiable_attention(), _ForwardModeFixes(), _clear_forward_mode_errors():
         return vmap(lambda *v: jvp(f, tuple(params), v)[1])(*V)
 
 
@@ -340,7 +351,7 @@ def linearized_matmat(
         _vjp_into(result, leaves, u if alpha == 1.0 else alpha * u, [o[0] for o in out])
         return out
     params = tuple(p.detach() for p in params)
-    with differentiable_attention():
+    with differentiable_attention(), _ForwardModeFixes(), _clear_forward_mode_errors():
         if plan is not None and plan.batched_backward is not None:
             batched = plan.batched_backward
             result, vjp_fn = vjp(f, *params)
@@ -480,7 +491,8 @@ def _hessian_reverse_over_reverse(
     loss: ParamFn, params: list[Tensor], V: list[Tensor], out: list[Tensor], alpha: float
 ) -> None:
     leaves = _detached_leaves(params)
-    with torch.enable_grad(), differentiable_attention():
+    # NOTE [weight norm]: PyTorch's double backward of the fused weight norm is wrong too
+    with torch.enable_grad(), differentiable_attention(), _ForwardModeFixes():
         grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True, allow_unused=True)
     pairs = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not pairs:  # the loss is at most linear in the parameters
@@ -499,8 +511,12 @@ def _hessian_reverse_over_reverse(
                 o[k].add_(h, alpha=alpha)
 
 
-class _MeanSquaredErrorAsSum(TorchFunctionMode):
-    """Evaluate ``F.mse_loss(..., reduction="mean")`` as the ``"sum"`` loss over its size.
+class _ForwardModeFixes(TorchFunctionMode):
+    """Route two functions without working derivative rules through equal formulas.
+
+    ``torch._weight_norm``: NOTE [weight norm] of :mod:`curvops.curvature.tangent_rules`
+    (no forward-mode rule, and a wrong double backward).
+    ``F.mse_loss(..., reduction="mean")``: evaluated as the ``"sum"`` loss over its size.
 
     NOTE [forward-mode mse_loss]: PyTorch's forward-mode derivative of the backward of
     ``mse_loss`` with ``reduction="mean"`` raises "ZeroTensors are immutable" (torch 2.13), so
@@ -512,6 +528,8 @@ class _MeanSquaredErrorAsSum(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch._weight_norm:
+            return decomposed_weight_norm(*args, **kwargs)
         plain = all(kwargs.get(k) is None for k in ("size_average", "reduce", "weight"))
         if func is F.mse_loss and len(args) == 2 and plain:
             if kwargs.get("reduction", "mean") == "mean":
@@ -529,7 +547,8 @@ def _hessian_forward_over_reverse(
             torch.enable_grad(),
             fwAD.dual_level(),
             differentiable_attention(),
-            _MeanSquaredErrorAsSum(),  # NOTE [forward-mode mse_loss]
+            _ForwardModeFixes(),  # NOTE [forward-mode mse_loss], NOTE [weight norm]
+            _clear_forward_mode_errors(),
         ):
             duals = [fwAD.make_dual(p, plain_tangent(v[k])) for p, v in zip(leaves, V)]
             grads = torch.autograd.grad(loss(*duals), duals, allow_unused=True)

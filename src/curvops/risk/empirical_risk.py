@@ -49,6 +49,7 @@ from curvops.risk.module_state import (
     BufferGuard,
     explained_buffer_updates,
     refuse_batchnorm_in_training,
+    refuse_in_place_parameter_updates,
 )
 
 _SUMMARY_LABELS = {
@@ -57,6 +58,33 @@ _SUMMARY_LABELS = {
     "loss": "loss functions",
     "reduction": "loss reductions",
 }
+
+
+def refuse_inference_mode(owner: str) -> None:
+    """Raise a clear error inside ``torch.inference_mode()``.
+
+    NOTE [inference mode]: every pass over the data differentiates the model (products,
+    gradients, KFAC's factors), and tensors made under ``torch.inference_mode()`` can never
+    take part in automatic differentiation, so PyTorch failed deep inside a product with
+    "element 0 of tensors does not require grad" or "Inference tensors do not track version
+    counter". ``torch.no_grad()`` is fine: the passes enable gradients where they need them
+    and return detached results. Checked when an operator is built and at the start of
+    every data pass (a product of a structured operator with factors already computed
+    needs no pass and works in inference mode).
+
+    Args:
+        owner: The operator's name, for the message.
+
+    Raises:
+        RuntimeError: If inference mode is enabled.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{owner} was used inside torch.inference_mode(), which forbids the automatic "
+            "differentiation its passes over the data need. Build and apply curvops operators "
+            "outside inference mode; torch.no_grad() is fine (curvops enables gradients "
+            "internally and returns detached results)."
+        )
 
 
 @dataclass
@@ -143,6 +171,7 @@ class EmpiricalRisk:
         owner: str = "EmpiricalRisk",
     ):
         self.owner = owner
+        refuse_inference_mode(owner)  # NOTE [inference mode]
         self.model_func = model_func
         self.module = model_func if isinstance(model_func, nn.Module) else None
         if self.module is None and not callable(model_func):
@@ -151,6 +180,7 @@ class EmpiricalRisk:
                 f"{type(model_func)}."
             )
         refuse_batchnorm_in_training(self.module, owner)  # NOTE [module buffers]
+        refuse_in_place_parameter_updates(self.module, owner)
         if num_data is not None:
             num_data = check_positive_int(num_data, "num_data")
         self.loss_func = loss_func
@@ -351,6 +381,7 @@ class EmpiricalRisk:
         Raises:
             ValueError: If a pass yields a different number of data than counted.
         """
+        refuse_inference_mode(self.owner)  # NOTE [inference mode]
         total = len(self.data) if hasattr(self.data, "__len__") else None
         mean = self._reduction == "mean"
         seen, seen_normaliser = 0, 0.0

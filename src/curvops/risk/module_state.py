@@ -50,6 +50,35 @@ def refuse_batchnorm_in_training(module: nn.Module | None, owner: str) -> None:
             )
 
 
+def refuse_in_place_parameter_updates(module: nn.Module | None, owner: str) -> None:
+    """Raise for layers that change their own parameters during the forward pass.
+
+    NOTE [in-place parameter updates]: ``nn.Embedding(max_norm=...)`` (and
+    ``nn.EmbeddingBag``) renormalise the looked-up rows of their weight *in place* in every
+    forward pass (``torch.embedding_renorm_``). An operator's passes would change the
+    caller's weights (measured: by up to 1.98 in one GGN), and the matrix would not be the
+    one of the model the caller holds. Refused for every operator, with the fix.
+
+    Args:
+        module: The model (``None`` for a plain function, which cannot be inspected).
+        owner: The operator, for the message.
+
+    Raises:
+        NotImplementedError: Naming the first such layer.
+    """
+    if module is None:
+        return
+    for name, sub in module.named_modules():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.max_norm is not None:
+            raise NotImplementedError(
+                f"{type(sub).__name__} '{name or '<root>'}' uses max_norm={sub.max_norm}: it "
+                "renormalises rows of its weight in place in every forward pass, so "
+                f"{owner}'s passes would change your model's weights. Renormalise once "
+                "yourself (`with torch.no_grad(): torch.embedding_renorm_(emb.weight, ids, "
+                "max_norm, 2.0)` for the ids of your data), then set `emb.max_norm = None`."
+            )
+
+
 class BufferGuard:
     """Context that snapshots a module's buffers on entry and restores them on exit.
 

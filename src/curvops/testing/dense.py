@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 Params = Sequence[Tensor] | Mapping[str, Tensor]
 Data = Iterable[tuple[Any, Tensor]]
@@ -268,10 +269,29 @@ def _risk_weighted_sum(
     total = torch.zeros(D, D, dtype=model.dtype, device=model.device)
     # attention in the math backend, the only one with forward-mode and second derivatives
     # (PyTorch's fused CPU kernels have neither); it is the exact formula
-    with sdpa_kernel([SDPBackend.MATH]):
+    with sdpa_kernel([SDPBackend.MATH]), _UnfusedWeightNorm():
         for X, y, _ in batches:
             total = total + batch_matrix(model, X, y, loss_sum)
     return total / Z
+
+
+class _UnfusedWeightNorm(TorchFunctionMode):
+    r"""Weight normalisation :math:`w = g\, v / \|v\|` from elementary operations.
+
+    PyTorch's fused ``torch._weight_norm`` has no forward-mode derivative and a wrong second
+    derivative (torch 2.13, tested against finite differences in tests/testing/test_dense.py),
+    so the references evaluate its formula (norms over every axis but ``dim``) instead.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = kwargs.get("dim", rest[0] if rest else 0)
+            # dim=-1 (weight_norm(dim=None)) means one norm of the whole tensor
+            axes = [a for a in range(v.ndim) if dim == -1 or a != dim]
+            return v * (g / v.pow(2).sum(dim=axes, keepdim=True).sqrt())
+        return func(*args, **kwargs)
 
 
 # ==================================================================== references
@@ -452,9 +472,7 @@ def _datum_losses(loss_func: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
 
     def datums(output: Tensor, y: Tensor) -> Tensor:
         n = output.shape[0]
-        return torch.stack([loss_sum(output[j : j + 1], y[j : j + 1]) for j in range(n)])[
-            :, None
-        ]
+        return torch.stack([loss_sum(output[j : j + 1], y[j : j + 1]) for j in range(n)])[:, None]
 
     return datums
 
