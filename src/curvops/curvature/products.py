@@ -78,11 +78,15 @@ class ProductPlan:
             chunk of columns by one vectorised backward pass (``True``) or by one plain
             backward pass per column through the same graph (``False``); ``None``: not
             decided yet (NOTE [batched or looped backward]).
+        derivative_fixes: Whether the passes must reroute functions with broken derivative
+            rules (:class:`_ForwardModeFixes`), learnt at the first product; ``None``: not
+            known yet (the reroute is on).
     """
 
     hessian_mode: HessianMode | None = None
     probe_seconds: dict[str, float] | None = None
     batched_backward: bool | None = None
+    derivative_fixes: bool | None = None
 
 
 # ==================================================================== building blocks
@@ -351,7 +355,7 @@ def linearized_matmat(
         _vjp_into(result, leaves, u if alpha == 1.0 else alpha * u, [o[0] for o in out])
         return out
     params = tuple(p.detach() for p in params)
-    with differentiable_attention(), _ForwardModeFixes(), _clear_forward_mode_errors():
+    with differentiable_attention(), _derivative_fixes(plan), _clear_forward_mode_errors():
         if plan is not None and plan.batched_backward is not None:
             batched = plan.batched_backward
             result, vjp_fn = vjp(f, *params)
@@ -488,11 +492,16 @@ def factor_ggn_matmat(
 
 # ==================================================================== Hessian
 def _hessian_reverse_over_reverse(
-    loss: ParamFn, params: list[Tensor], V: list[Tensor], out: list[Tensor], alpha: float
+    loss: ParamFn,
+    params: list[Tensor],
+    V: list[Tensor],
+    out: list[Tensor],
+    alpha: float,
+    plan: ProductPlan | None = None,
 ) -> None:
     leaves = _detached_leaves(params)
     # NOTE [weight norm]: PyTorch's double backward of the fused weight norm is wrong too
-    with torch.enable_grad(), differentiable_attention(), _ForwardModeFixes():
+    with torch.enable_grad(), differentiable_attention(), _derivative_fixes(plan):
         grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True, allow_unused=True)
     pairs = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not pairs:  # the loss is at most linear in the parameters
@@ -526,20 +535,49 @@ class _ForwardModeFixes(TorchFunctionMode):
     Other calls (``weight``, the legacy ``size_average``/``reduce``) pass through.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.used = False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch._weight_norm:
+            self.used = True
             return decomposed_weight_norm(*args, **kwargs)
         plain = all(kwargs.get(k) is None for k in ("size_average", "reduce", "weight"))
         if func is F.mse_loss and len(args) == 2 and plain:
             if kwargs.get("reduction", "mean") == "mean":
+                self.used = True
                 size = torch.broadcast_shapes(args[0].shape, args[1].shape).numel()
                 return func(*args, reduction="sum") / size
         return func(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def _derivative_fixes(plan: ProductPlan | None) -> Iterator[None]:
+    """:class:`_ForwardModeFixes` where needed.
+
+    The mode costs Python dispatch on every operation (measured 5% of a Hessian-vector
+    product of a small MLP), so it is dropped once the first successful pass of an
+    operator (``plan``) has called neither function; without a plan it is always on.
+    """
+    if plan is not None and plan.derivative_fixes is False:
+        yield
+        return
+    mode = _ForwardModeFixes()
+    with mode:
+        yield
+    if plan is not None and plan.derivative_fixes is None:
+        plan.derivative_fixes = mode.used
+
+
 def _hessian_forward_over_reverse(
-    loss: ParamFn, params: list[Tensor], V: list[Tensor], out: list[Tensor], alpha: float
+    loss: ParamFn,
+    params: list[Tensor],
+    V: list[Tensor],
+    out: list[Tensor],
+    alpha: float,
+    plan: ProductPlan | None = None,
 ) -> None:
     leaves = _detached_leaves(params)
     for k in range(V[0].shape[0]):
@@ -547,7 +585,7 @@ def _hessian_forward_over_reverse(
             torch.enable_grad(),
             fwAD.dual_level(),
             differentiable_attention(),
-            _ForwardModeFixes(),  # NOTE [forward-mode mse_loss], NOTE [weight norm]
+            _derivative_fixes(plan),  # NOTE [forward-mode mse_loss], NOTE [weight norm]
             _clear_forward_mode_errors(),
         ):
             duals = [fwAD.make_dual(p, plain_tangent(v[k])) for p, v in zip(leaves, V)]
@@ -587,7 +625,7 @@ def _probe_hessian_mode(
             start = time.perf_counter()
             column = _output_buffers(params, V1, None)
             try:
-                fn(loss, params, V1, column, 1.0)
+                fn(loss, params, V1, column, 1.0, plan)
             except RuntimeError:
                 results[mode] = None
                 continue
@@ -605,7 +643,7 @@ def _probe_hessian_mode(
         HessianMode.FORWARD_OVER_REVERSE if fast else HessianMode.REVERSE_OVER_REVERSE
     )
     plan.probe_seconds = seconds
-    _HESSIAN_PASSES[plan.hessian_mode](loss, params, V, out, alpha)
+    _HESSIAN_PASSES[plan.hessian_mode](loss, params, V, out, alpha, plan)
 
 
 def hessian_matmat(
@@ -649,5 +687,5 @@ def hessian_matmat(
             _probe_hessian_mode(loss, params, V, plan, out, alpha)
             return out
         mode = plan.hessian_mode
-    _HESSIAN_PASSES[mode](loss, params, V, out, alpha)
+    _HESSIAN_PASSES[mode](loss, params, V, out, alpha, plan)
     return out
