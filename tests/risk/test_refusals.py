@@ -11,6 +11,7 @@ from curvops import (
     JacobianLinearOperator,
     KFACLinearOperator,
 )
+from curvops.testing import dense_ggn, dense_hessian
 
 
 def _problem():
@@ -69,3 +70,59 @@ def test_embedding_max_norm_is_refused_without_mutating_the_weight(kind):
     with pytest.raises(NotImplementedError, match=r"Embedding '0' uses max_norm=0.5.*emb.max_norm"):
         _all(model, nn.CrossEntropyLoss(), list(model.parameters()), data)[kind]()
     assert torch.equal(model[0].weight, before)
+
+
+class _DictModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2).double()
+
+    def forward(self, X):
+        return self.linear(X["x"])
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "kfac"])
+def test_dict_batches_with_missing_keys(kind):
+    """Was a bare KeyError('x') from inside the model."""
+    model, y = _DictModel(), torch.randint(0, 2, (4,))
+    params = list(model.parameters())
+    right = {"x": torch.randn(4, 3, dtype=torch.float64)}
+    wrong = {"input": torch.randn(4, 3, dtype=torch.float64)}
+
+    def build(data, batch_size_fn):
+        cls = {"ggn": GGNLinearOperator, "hessian": HessianLinearOperator}.get(kind)
+        cls = KFACLinearOperator if cls is None else cls
+        A = cls(model, nn.CrossEntropyLoss(), params, data, batch_size_fn=batch_size_fn)
+        return A @ torch.zeros(8, dtype=torch.float64)  # KFAC's factors: at the first product
+
+    with pytest.raises(KeyError, match=r"batch_size_fn reads the input key 'x'.*\['input'\]"):
+        build([(wrong, y)], lambda X: X["x"].shape[0])
+    with pytest.raises(KeyError, match=r"The model reads the input key 'x'.*\['input'\]"):
+        build([(wrong, y)], lambda X: 4)
+    with pytest.raises(KeyError, match=r"The model reads the input key 'x'.*\['input'\]"):
+        build([(right, y), (wrong, y)], lambda X: 4)  # the keys differ between batches
+    build([(right, y)], lambda X: X["x"].shape[0])  # the right keys work
+
+
+@pytest.mark.parametrize("hook", ["full_backward", "full_backward_pre"])
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "ef", "kfac", "jacobian"])
+def test_backward_hooks_are_refused(kind, hook):
+    """NOTE [module hooks]: was PyTorch's message about setup_context."""
+    model, loss_func, params, data = _problem()
+    register = getattr(model[0], f"register_{hook}_hook")
+    handle = register(lambda *args: None)
+    with pytest.raises(ValueError, match=r"Linear '0' has a backward hook.*handle.remove\(\)"):
+        _all(model, loss_func, params, data)[kind]()
+    handle.remove()
+    _all(model, loss_func, params, data)[kind]()
+
+
+def test_forward_hooks_are_part_of_the_model():
+    """NOTE [module hooks]: forward (pre-)hooks run in every pass, as in the references."""
+    model, loss_func, params, data = _problem()
+    model[0].register_forward_hook(lambda module, inputs, output: 2 * output)
+    model[2].register_forward_pre_hook(lambda module, inputs: (inputs[0] + 1,))
+    G = GGNLinearOperator(model, loss_func, params, data)
+    H = HessianLinearOperator(model, loss_func, params, data)
+    torch.testing.assert_close(G.to_dense(), dense_ggn(model, loss_func, params, data))
+    torch.testing.assert_close(H.to_dense(), dense_hessian(model, loss_func, params, data))

@@ -48,6 +48,7 @@ from curvops.risk.finite import require_finite
 from curvops.risk.module_state import (
     BufferGuard,
     explained_buffer_updates,
+    refuse_backward_hooks,
     refuse_batchnorm_in_training,
     refuse_in_place_parameter_updates,
 )
@@ -58,6 +59,26 @@ _SUMMARY_LABELS = {
     "loss": "loss functions",
     "reduction": "loss reductions",
 }
+
+
+@contextlib.contextmanager
+def _explained_missing_keys(X: Any, reader: str) -> Iterator[None]:
+    """Explain a ``KeyError`` for a key missing from a mapping input batch.
+
+    Raises:
+        KeyError: Naming the missing key and the keys the batch has.
+    """
+    try:
+        yield
+    except KeyError as e:
+        key = e.args[0] if e.args else None
+        if not isinstance(X, Mapping) or key in X:
+            raise
+        raise KeyError(
+            f"{reader} reads the input key {key!r}, but this batch's input mapping has the "
+            f"keys {sorted(map(str, X.keys()))}. Make every batch's X hold the keys the model "
+            "(and batch_size_fn) read."
+        ) from e
 
 
 def refuse_inference_mode(owner: str) -> None:
@@ -181,6 +202,7 @@ class EmpiricalRisk:
             )
         refuse_batchnorm_in_training(self.module, owner)  # NOTE [module buffers]
         refuse_in_place_parameter_updates(self.module, owner)
+        refuse_backward_hooks(self.module, owner)  # NOTE [module hooks]
         if num_data is not None:
             num_data = check_positive_int(num_data, "num_data")
         self.loss_func = loss_func
@@ -308,7 +330,9 @@ class EmpiricalRisk:
     def batch_size(self, X: Any) -> int:
         """Number of data in the input batch ``X``."""
         if self.batch_size_fn is not None:
-            return check_positive_int(self.batch_size_fn(X), "batch_size_fn(X)", minimum=0)
+            with _explained_missing_keys(X, "batch_size_fn"):
+                n = self.batch_size_fn(X)
+            return check_positive_int(n, "batch_size_fn(X)", minimum=0)
         if isinstance(X, Mapping):
             raise ValueError(
                 "X is a mapping (e.g. a HuggingFace BatchEncoding): pass batch_size_fn, e.g. "
@@ -431,13 +455,14 @@ class EmpiricalRisk:
         Returns:
             The model output.
         """
-        if self.module is not None:
-            values = self._fixed_tensors()  # NOTE [fixed parameters]
-            values.update(zip(self.param_names, param_values))
-            return functional_call(self.module, values, (X,))
-        if self._params_as_dict:
-            return self.model_func(dict(zip(self.param_names, param_values)), X)
-        return self.model_func(list(param_values), X)
+        with _explained_missing_keys(X, "The model"):
+            if self.module is not None:
+                values = self._fixed_tensors()  # NOTE [fixed parameters]
+                values.update(zip(self.param_names, param_values))
+                return functional_call(self.module, values, (X,))
+            if self._params_as_dict:
+                return self.model_func(dict(zip(self.param_names, param_values)), X)
+            return self.model_func(list(param_values), X)
 
     def _fixed_tensors(self) -> dict[str, Tensor]:
         """Detached stand-ins for the module's trainable tensors outside :attr:`params`.
