@@ -535,8 +535,9 @@ class _ForwardModeFixes(TorchFunctionMode):
     Other calls (``weight``, the legacy ``size_average``/``reduce``) pass through.
     """
 
-    def __init__(self):
+    def __init__(self, second_order_forward: bool = False):
         super().__init__()
+        self.second_order_forward = second_order_forward
         self.used = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -544,6 +545,11 @@ class _ForwardModeFixes(TorchFunctionMode):
         if func is torch._weight_norm:
             self.used = True
             return decomposed_weight_norm(*args, **kwargs)
+        if self.second_order_forward and func in _UNFUSED:  # NOTE [unfused layers]
+            unfused = _UNFUSED[func](*args, **kwargs)
+            if unfused is not None:
+                self.used = True
+                return unfused
         plain = all(kwargs.get(k) is None for k in ("size_average", "reduce", "weight"))
         if func is F.mse_loss and len(args) == 2 and plain:
             if kwargs.get("reduction", "mean") == "mean":
@@ -553,8 +559,45 @@ class _ForwardModeFixes(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _unfused_silu(input: Tensor, inplace: bool = False) -> Tensor | None:
+    return None if inplace else input * torch.sigmoid(input)
+
+
+def _unfused_mish(input: Tensor, inplace: bool = False) -> Tensor | None:
+    return None if inplace else input * torch.tanh(F.softplus(input))
+
+
+def _unfused_group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    x = input.reshape(input.shape[0], num_groups, -1)
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    out = ((x - mean) / torch.sqrt(var + eps)).reshape(input.shape)
+    affine_shape = (1, -1) + (1,) * (input.ndim - 2)
+    if weight is not None:
+        out = out * weight.reshape(affine_shape)
+    if bias is not None:
+        out = out + bias.reshape(affine_shape)
+    return out
+
+
+_UNFUSED = {F.silu: _unfused_silu, F.mish: _unfused_mish, F.group_norm: _unfused_group_norm}
+"""NOTE [unfused layers]: the fused backward kernels of SiLU, Mish and GroupNorm have no
+forward-mode derivative (torch 2.13: "Trying to use forward AD with aten::silu_backward"), so
+forward-over-reverse Hessian products evaluate these layers from elementary operations (the
+same functions; ``None``: an in-place call, left to PyTorch). Only that pass reroutes them:
+the other passes keep the fused kernels."""
+
+
 @contextlib.contextmanager
-def _derivative_fixes(plan: ProductPlan | None) -> Iterator[None]:
+def _derivative_fixes(
+    plan: ProductPlan | None, second_order_forward: bool = False
+) -> Iterator[None]:
     """:class:`_ForwardModeFixes` where needed.
 
     The mode costs Python dispatch on every operation (measured 5% of a Hessian-vector
@@ -564,7 +607,7 @@ def _derivative_fixes(plan: ProductPlan | None) -> Iterator[None]:
     if plan is not None and plan.derivative_fixes is False:
         yield
         return
-    mode = _ForwardModeFixes()
+    mode = _ForwardModeFixes(second_order_forward)
     with mode:
         yield
     if plan is not None and plan.derivative_fixes is None:
@@ -585,7 +628,8 @@ def _hessian_forward_over_reverse(
             torch.enable_grad(),
             fwAD.dual_level(),
             differentiable_attention(),
-            _derivative_fixes(plan),  # NOTE [forward-mode mse_loss], NOTE [weight norm]
+            # NOTE [forward-mode mse_loss], NOTE [weight norm], NOTE [unfused layers]
+            _derivative_fixes(plan, second_order_forward=True),
             _clear_forward_mode_errors(),
         ):
             duals = [fwAD.make_dual(p, plain_tangent(v[k])) for p, v in zip(leaves, V)]

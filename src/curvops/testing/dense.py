@@ -347,7 +347,10 @@ def dense_hessian(
         # through native ``nn.LayerNorm`` is wrong on torch 2.13 (0.31 absolute error on a
         # Hessian of norm 2.5 against central finite differences; tested in
         # tests/testing/test_dense.py), while the autograd engine's agrees to 1e-9.
-        return torch.autograd.functional.hessian(batch_loss, model.theta, vectorize=True)
+        try:
+            return torch.autograd.functional.hessian(batch_loss, model.theta, vectorize=True)
+        except RuntimeError:  # an operation without a batching rule (e.g. GroupNorm's)
+            return torch.autograd.functional.hessian(batch_loss, model.theta)
 
     return _risk_weighted_sum(batch_hessian, model_func, loss_func, params, data, batch_size_fn)
 
