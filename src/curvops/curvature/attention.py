@@ -129,7 +129,32 @@ def attention_jvp(
 
 
 @contextlib.contextmanager
+def without_mha_fast_path() -> Iterator[None]:
+    """Context in which ``nn.MultiheadAttention`` takes its differentiable path.
+
+    NOTE [nn.MultiheadAttention]: in eval mode, ``nn.MultiheadAttention`` calls the fused
+    ``torch._native_multi_head_attention`` whenever no argument requires grad, which is the
+    case inside ``torch.func`` transforms; that kernel has no forward-mode derivative, so
+    GGN, Fisher and Jacobian products failed with PyTorch's "Trying to use forward AD with
+    aten::_native_multi_head_attention". Its composite path (``F.multi_head_attention_forward``,
+    the same function) is differentiable, so the passes switch the fast path off
+    (``torch.backends.mha``, a process-wide flag, restored on exit; the passes run one at a
+    time, NOTE [threads]). ``F.multi_head_attention_forward`` itself runs SDPA in the math
+    backend (:mod:`curvops.curvature.tangent_rules`).
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@contextlib.contextmanager
 def differentiable_attention() -> Iterator[None]:
-    """Context in which SDPA uses the math backend (double backward, ``torch.func``)."""
-    with sdpa_kernel([SDPBackend.MATH]):
+    """Context in which SDPA uses the math backend (double backward, ``torch.func``).
+
+    ``nn.MultiheadAttention`` also avoids its fused fast path (NOTE [nn.MultiheadAttention]).
+    """
+    with sdpa_kernel([SDPBackend.MATH]), without_mha_fast_path():
         yield

@@ -204,6 +204,9 @@ class CurvatureLinearOperator(LinearOperator):
             self._accumulate(out, V)
         if self._check_finite:  # NOTE [non-finite values]
             require_finite([buffer], owner=type(self).__name__, what="the product")
+        if buffer.requires_grad:  # a callable closing over trainable tensors (NOTE [fixed
+            buffer = buffer.detach()  # parameters] of curvops.risk.empirical_risk)
+            out = _row_views(buffer, self.out_shapes)
         return FlatBackedList([o.movedim(0, -1) for o in out], buffer.T, fresh=True)
 
     def _accumulate(self, out: list[Tensor], V: list[Tensor]) -> None:
@@ -267,7 +270,7 @@ class CurvatureLinearOperator(LinearOperator):
                         )
         if self._check_finite:  # NOTE [non-finite values]
             require_finite([buffer], owner=name, what="the diagonal")
-        return buffer
+        return buffer.detach()  # NOTE [fixed parameters] of curvops.risk.empirical_risk
 
     # ---------------------------------------------------------------- safeguards
     def _check_deterministic(self) -> None:

@@ -108,7 +108,7 @@ class JacobianLinearOperator(CurvatureLinearOperator):
                 self._check_output_shape(blocks[-1].shape[2:], i)
         result = torch.cat(blocks, dim=1).movedim(0, -1)
         require_finite([result], owner=owner, what="the product")  # NOTE [non-finite values]
-        return [result]
+        return [result.detach()]  # NOTE [fixed parameters] of curvops.risk.empirical_risk
 
     def _adjoint_matmat(self, X: list[Tensor]) -> list[Tensor]:
         owner = type(self).__name__
@@ -125,7 +125,8 @@ class JacobianLinearOperator(CurvatureLinearOperator):
                 for o, r in zip(out, jacobian_t_matmat(self._f(batch), params, U_b)):
                     o.add_(r)
         require_finite(out, owner=owner, what="the product")  # NOTE [non-finite values]
-        return [o.movedim(0, -1) for o in out]
+        # detached: NOTE [fixed parameters] of curvops.risk.empirical_risk
+        return [o.detach().movedim(0, -1) for o in out]
 
 
 class TransposedJacobianLinearOperator(LinearOperator):

@@ -51,7 +51,7 @@ from torch.func import jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
 from curvops.curvature.attention import differentiable_attention
-from curvops.curvature.tangent_rules import efficient_tangents
+from curvops.curvature.tangent_rules import decomposed_weight_norm, efficient_tangents
 
 ParamFn = Callable[..., Tensor]
 OutputMatmat = Callable[[Tensor, Tensor], Tensor]
@@ -82,12 +82,16 @@ class ProductPlan:
             chunk of columns by one vectorised backward pass (``True``) or by one plain
             backward pass per column through the same graph (``False``); ``None``: not
             decided yet (NOTE [batched or looped backward]).
+        derivative_fixes: Whether the passes must reroute functions with broken derivative
+            rules (:class:`_ForwardModeFixes`), learnt at the first product; ``None``: not
+            known yet (the reroute is on).
     """
 
     hessian_mode: HessianMode | None = None
     probe_seconds: dict[str, float] | None = None
     hessian_reason: str | None = None
     batched_backward: bool | None = None
+    derivative_fixes: bool | None = None
 
 
 # ==================================================================== building blocks
@@ -179,7 +183,18 @@ def _clear_forward_mode_errors() -> Iterator[None]:
     try:
         yield
     except NotImplementedError as e:
-        if "jvp function for custom autograd.Function" not in str(e):
+        message = str(e)
+        if message.startswith("Trying to use forward AD with "):
+            op = message.removeprefix("Trying to use forward AD with ").split(" that ")[0]
+            raise NotImplementedError(
+                f"The model calls {op}, which has no forward-mode derivative in PyTorch, but "
+                "GGN, Fisher and Jacobian products (and the Hessian's forward-over-reverse "
+                "mode) differentiate the model in forward mode. If it is spectral_norm in "
+                "training mode (its power iteration writes with out=), call model.eval(); "
+                "otherwise use HessianLinearOperator with its default reverse-over-reverse "
+                "mode, or replace the operation."
+            ) from e
+        if "jvp function for custom autograd.Function" not in message:
             raise
         raise NotImplementedError(
             "The model runs a custom autograd.Function without a forward-mode (jvp) rule, "
@@ -215,12 +230,12 @@ def jacobian_matmat(f: ParamFn, params: list[Tensor], V: list[Tensor]) -> Tensor
     """
     params = [p.detach() for p in params]
     if V[0].shape[0] == 1:
-        with torch.no_grad(), fwAD.dual_level(), efficient_tangents():
+        with torch.no_grad(), fwAD.dual_level(), efficient_tangents(), _clear_forward_mode_errors():
             duals = [fwAD.make_dual(p, plain_tangent(v[0])) for p, v in zip(params, V)]
             out, tangent = fwAD.unpack_dual(f(*duals))
             tangent = torch.zeros_like(out) if tangent is None else tangent
         return tangent.unsqueeze(0)
-    with differentiable_attention():
+    with differentiable_attention(), _ForwardModeFixes(), _clear_forward_mode_errors():
         return vmap(lambda *v: jvp(f, tuple(params), v)[1])(*V)
 
 
@@ -345,7 +360,7 @@ def linearized_matmat(
         _vjp_into(result, leaves, u if alpha == 1.0 else alpha * u, [o[0] for o in out])
         return out
     params = tuple(p.detach() for p in params)
-    with differentiable_attention():
+    with differentiable_attention(), _derivative_fixes(plan), _clear_forward_mode_errors():
         if plan is not None and plan.batched_backward is not None:
             batched = plan.batched_backward
             result, vjp_fn = vjp(f, *params)
@@ -482,10 +497,16 @@ def factor_ggn_matmat(
 
 # ==================================================================== Hessian
 def _hessian_reverse_over_reverse(
-    loss: ParamFn, params: list[Tensor], V: list[Tensor], out: list[Tensor], alpha: float
+    loss: ParamFn,
+    params: list[Tensor],
+    V: list[Tensor],
+    out: list[Tensor],
+    alpha: float,
+    plan: ProductPlan | None = None,
 ) -> None:
     leaves = _detached_leaves(params)
-    with torch.enable_grad(), differentiable_attention():
+    # NOTE [weight norm]: PyTorch's double backward of the fused weight norm is wrong too
+    with torch.enable_grad(), differentiable_attention(), _derivative_fixes(plan):
         grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True, allow_unused=True)
     pairs = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not pairs:  # the loss is at most linear in the parameters
@@ -504,12 +525,118 @@ def _hessian_reverse_over_reverse(
                 o[k].add_(h, alpha=alpha)
 
 
+class _ForwardModeFixes(TorchFunctionMode):
+    """Route two functions without working derivative rules through equal formulas.
+
+    ``torch._weight_norm``: NOTE [weight norm] of :mod:`curvops.curvature.tangent_rules`
+    (no forward-mode rule, and a wrong double backward).
+    ``F.mse_loss(..., reduction="mean")``: evaluated as the ``"sum"`` loss over its size.
+
+    NOTE [forward-mode mse_loss]: PyTorch's forward-mode derivative of the backward of
+    ``mse_loss`` with ``reduction="mean"`` raises "ZeroTensors are immutable" (torch 2.13), so
+    forward-over-reverse Hessian products of any model or loss calling it (``nn.MSELoss()``)
+    failed. ``"sum"`` has a working rule; the mean is that sum divided by the number of
+    entries (of the broadcast shape), the same function, so the product is unchanged.
+    Other calls (``weight``, the legacy ``size_average``/``reduce``) pass through.
+    """
+
+    def __init__(self, second_order_forward: bool = False):
+        super().__init__()
+        self.second_order_forward = second_order_forward
+        self.used = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch._weight_norm:
+            self.used = True
+            return decomposed_weight_norm(*args, **kwargs)
+        if self.second_order_forward and func in _UNFUSED:  # NOTE [unfused layers]
+            unfused = _UNFUSED[func](*args, **kwargs)
+            if unfused is not None:
+                self.used = True
+                return unfused
+        plain = all(kwargs.get(k) is None for k in ("size_average", "reduce", "weight"))
+        if func is F.mse_loss and len(args) == 2 and plain:
+            if kwargs.get("reduction", "mean") == "mean":
+                self.used = True
+                size = torch.broadcast_shapes(args[0].shape, args[1].shape).numel()
+                return func(*args, reduction="sum") / size
+        return func(*args, **kwargs)
+
+
+def _unfused_silu(input: Tensor, inplace: bool = False) -> Tensor | None:
+    return None if inplace else input * torch.sigmoid(input)
+
+
+def _unfused_mish(input: Tensor, inplace: bool = False) -> Tensor | None:
+    return None if inplace else input * torch.tanh(F.softplus(input))
+
+
+def _unfused_group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    x = input.reshape(input.shape[0], num_groups, -1)
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    out = ((x - mean) / torch.sqrt(var + eps)).reshape(input.shape)
+    affine_shape = (1, -1) + (1,) * (input.ndim - 2)
+    if weight is not None:
+        out = out * weight.reshape(affine_shape)
+    if bias is not None:
+        out = out + bias.reshape(affine_shape)
+    return out
+
+
+_UNFUSED = {F.silu: _unfused_silu, F.mish: _unfused_mish, F.group_norm: _unfused_group_norm}
+"""NOTE [unfused layers]: the fused backward kernels of SiLU, Mish and GroupNorm have no
+forward-mode derivative (torch 2.13: "Trying to use forward AD with aten::silu_backward"), so
+forward-over-reverse Hessian products evaluate these layers from elementary operations (the
+same functions; ``None``: an in-place call, left to PyTorch). Only that pass reroutes them:
+the other passes keep the fused kernels."""
+
+
+@contextlib.contextmanager
+def _derivative_fixes(
+    plan: ProductPlan | None, second_order_forward: bool = False
+) -> Iterator[None]:
+    """:class:`_ForwardModeFixes` where needed.
+
+    The mode costs Python dispatch on every operation (measured 5% of a Hessian-vector
+    product of a small MLP), so it is dropped once the first successful pass of an
+    operator (``plan``) has called neither function; without a plan it is always on.
+    """
+    if plan is not None and plan.derivative_fixes is False:
+        yield
+        return
+    mode = _ForwardModeFixes(second_order_forward)
+    with mode:
+        yield
+    if plan is not None and plan.derivative_fixes is None:
+        plan.derivative_fixes = mode.used
+
+
 def _hessian_forward_over_reverse(
-    loss: ParamFn, params: list[Tensor], V: list[Tensor], out: list[Tensor], alpha: float
+    loss: ParamFn,
+    params: list[Tensor],
+    V: list[Tensor],
+    out: list[Tensor],
+    alpha: float,
+    plan: ProductPlan | None = None,
 ) -> None:
     leaves = _detached_leaves(params)
     for k in range(V[0].shape[0]):
-        with torch.enable_grad(), fwAD.dual_level(), differentiable_attention():
+        with (
+            torch.enable_grad(),
+            fwAD.dual_level(),
+            differentiable_attention(),
+            # NOTE [forward-mode mse_loss], NOTE [weight norm], NOTE [unfused layers]
+            _derivative_fixes(plan, second_order_forward=True),
+            _clear_forward_mode_errors(),
+        ):
             duals = [fwAD.make_dual(p, plain_tangent(v[k])) for p, v in zip(leaves, V)]
             grads = torch.autograd.grad(loss(*duals), duals, allow_unused=True)
             for o, g in zip(out, grads):
@@ -547,7 +674,7 @@ def _probe_hessian_mode(
             start = time.perf_counter()
             column = _output_buffers(params, V1, None)
             try:
-                fn(loss, params, V1, column, 1.0)
+                fn(loss, params, V1, column, 1.0, plan)
             except RuntimeError:
                 results[mode] = None
                 continue
@@ -565,7 +692,7 @@ def _probe_hessian_mode(
         HessianMode.FORWARD_OVER_REVERSE if fast else HessianMode.REVERSE_OVER_REVERSE
     )
     plan.probe_seconds = seconds
-    _HESSIAN_PASSES[plan.hessian_mode](loss, params, V, out, alpha)
+    _HESSIAN_PASSES[plan.hessian_mode](loss, params, V, out, alpha, plan)
 
 
 _MAX_POOLING = ("max_pool", "adaptive_max_pool", "fractional_max_pool")
@@ -722,5 +849,5 @@ def hessian_matmat(
             decide(loss, params, V, plan, out, alpha)
             return out
         mode = plan.hessian_mode
-    _HESSIAN_PASSES[mode](loss, params, V, out, alpha)
+    _HESSIAN_PASSES[mode](loss, params, V, out, alpha, plan)
     return out

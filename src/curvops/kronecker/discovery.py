@@ -2,8 +2,16 @@
 
 The layers are found from the calls of one forward pass on the first batch (NOTE [weight
 uses] of :mod:`curvops.kronecker.uses`), for ``nn.Module`` s and callables
-``(params, X) -> output`` alike; a module whose parameters all belong to standard layer
-modules needs no forward pass (NOTE [layers of standard modules]). A parameter gets
+``(params, X) -> output`` alike; a module whose parameters all belong to standard linear or
+convolution modules needs no forward pass (NOTE [layers of standard modules]).
+
+NOTE [functional tied head]: an embedding's weight may also be used by a functional
+``F.linear(h, wte.weight)`` output layer (GPT models without an ``nn.Linear`` head), which
+only the forward pass shows; the shortcut skipped it and the statistics pass failed with a
+message about "another kind of layer call". Models with an ``nn.Embedding`` are therefore
+discovered from one forward pass, which finds both uses and makes the weight one tied
+layer (:mod:`curvops.kronecker.tied`), exactly as for an ``nn.Linear`` head sharing the
+weight. A parameter gets
 Kronecker factors if every use of it is the weight or the bias of a recognised layer call
 (``F.linear``, ``F.conv*d``, ``F.embedding``); a weight and a bias form one layer if they are
 always used together. A weight used by several calls (tied weights, a layer applied twice)
@@ -25,6 +33,7 @@ from torch import nn
 
 from curvops.kronecker.layers import (
     LAYER_TYPES,
+    EmbeddingLayer,
     KFACLayer,
     check_call,
     check_layer_options,
@@ -193,6 +202,11 @@ def _module_layers(risk: EmpiricalRisk) -> list[KFACLayer] | None:
         mod_name, module, attr = where[0]
         layer_type = supported_layer_type(module)
         if layer_type is None or attr not in ("weight", "bias"):
+            return None
+        if layer_type is EmbeddingLayer:
+            # NOTE [functional tied head]: a GPT-style model may also call
+            # F.linear(h, wte.weight) with an embedding's weight (no nn.Linear module holds
+            # it); only the forward pass shows it, so embeddings are found from the calls
             return None
         if mod_name not in layers:
             layers[mod_name] = layer_type(mod_name, module, None, None)

@@ -48,7 +48,9 @@ from curvops.risk.finite import require_finite
 from curvops.risk.module_state import (
     BufferGuard,
     explained_buffer_updates,
+    refuse_backward_hooks,
     refuse_batchnorm_in_training,
+    refuse_in_place_parameter_updates,
 )
 
 _SUMMARY_LABELS = {
@@ -57,6 +59,53 @@ _SUMMARY_LABELS = {
     "loss": "loss functions",
     "reduction": "loss reductions",
 }
+
+
+@contextlib.contextmanager
+def _explained_missing_keys(X: Any, reader: str) -> Iterator[None]:
+    """Explain a ``KeyError`` for a key missing from a mapping input batch.
+
+    Raises:
+        KeyError: Naming the missing key and the keys the batch has.
+    """
+    try:
+        yield
+    except KeyError as e:
+        key = e.args[0] if e.args else None
+        if not isinstance(X, Mapping) or key in X:
+            raise
+        raise KeyError(
+            f"{reader} reads the input key {key!r}, but this batch's input mapping has the "
+            f"keys {sorted(map(str, X.keys()))}. Make every batch's X hold the keys the model "
+            "(and batch_size_fn) read."
+        ) from e
+
+
+def refuse_inference_mode(owner: str) -> None:
+    """Raise a clear error inside ``torch.inference_mode()``.
+
+    NOTE [inference mode]: every pass over the data differentiates the model (products,
+    gradients, KFAC's factors), and tensors made under ``torch.inference_mode()`` can never
+    take part in automatic differentiation, so PyTorch failed deep inside a product with
+    "element 0 of tensors does not require grad" or "Inference tensors do not track version
+    counter". ``torch.no_grad()`` is fine: the passes enable gradients where they need them
+    and return detached results. Checked when an operator is built and at the start of
+    every data pass (a product of a structured operator with factors already computed
+    needs no pass and works in inference mode).
+
+    Args:
+        owner: The operator's name, for the message.
+
+    Raises:
+        RuntimeError: If inference mode is enabled.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{owner} was used inside torch.inference_mode(), which forbids the automatic "
+            "differentiation its passes over the data need. Build and apply curvops operators "
+            "outside inference mode; torch.no_grad() is fine (curvops enables gradients "
+            "internally and returns detached results)."
+        )
 
 
 @dataclass
@@ -143,6 +192,7 @@ class EmpiricalRisk:
         owner: str = "EmpiricalRisk",
     ):
         self.owner = owner
+        refuse_inference_mode(owner)  # NOTE [inference mode]
         self.model_func = model_func
         self.module = model_func if isinstance(model_func, nn.Module) else None
         if self.module is None and not callable(model_func):
@@ -151,6 +201,8 @@ class EmpiricalRisk:
                 f"{type(model_func)}."
             )
         refuse_batchnorm_in_training(self.module, owner)  # NOTE [module buffers]
+        refuse_in_place_parameter_updates(self.module, owner)
+        refuse_backward_hooks(self.module, owner)  # NOTE [module hooks]
         if num_data is not None:
             num_data = check_positive_int(num_data, "num_data")
         self.loss_func = loss_func
@@ -174,6 +226,7 @@ class EmpiricalRisk:
     def _bind(self, params, data: Iterable, num_data: int | None) -> dict[str, Any]:
         """Bind parameters and data, count this shard; return a summary for the other ranks."""
         self.params, self.param_names, self._params_as_dict = self._bind_params(params)
+        self._param_ids = {id(p) for p in self.params}
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.in_shapes = [tuple(p.shape) for p in self.params]
@@ -277,7 +330,9 @@ class EmpiricalRisk:
     def batch_size(self, X: Any) -> int:
         """Number of data in the input batch ``X``."""
         if self.batch_size_fn is not None:
-            return check_positive_int(self.batch_size_fn(X), "batch_size_fn(X)", minimum=0)
+            with _explained_missing_keys(X, "batch_size_fn"):
+                n = self.batch_size_fn(X)
+            return check_positive_int(n, "batch_size_fn(X)", minimum=0)
         if isinstance(X, Mapping):
             raise ValueError(
                 "X is a mapping (e.g. a HuggingFace BatchEncoding): pass batch_size_fn, e.g. "
@@ -350,6 +405,7 @@ class EmpiricalRisk:
         Raises:
             ValueError: If a pass yields a different number of data than counted.
         """
+        refuse_inference_mode(self.owner)  # NOTE [inference mode]
         total = len(self.data) if hasattr(self.data, "__len__") else None
         mean = self._reduction == "mean"
         seen, seen_normaliser = 0, 0.0
@@ -399,11 +455,53 @@ class EmpiricalRisk:
         Returns:
             The model output.
         """
-        if self.module is not None:
-            return functional_call(self.module, dict(zip(self.param_names, param_values)), (X,))
-        if self._params_as_dict:
-            return self.model_func(dict(zip(self.param_names, param_values)), X)
-        return self.model_func(list(param_values), X)
+        with _explained_missing_keys(X, "The model"):
+            if self.module is not None:
+                values = self._fixed_tensors()  # NOTE [fixed parameters]
+                values.update(zip(self.param_names, param_values))
+                return functional_call(self.module, values, (X,))
+            if self._params_as_dict:
+                return self.model_func(dict(zip(self.param_names, param_values)), X)
+            return self.model_func(list(param_values), X)
+
+    def _fixed_tensors(self) -> dict[str, Tensor]:
+        """Detached stand-ins for the module's trainable tensors outside :attr:`params`.
+
+        NOTE [fixed parameters]: the operators differentiate with respect to :attr:`params`
+        only; every other parameter (and buffer) of the module is a constant of the risk.
+        But a module's own parameters require grad, and PyTorch records an autograd graph
+        through every operation that reads them, also inside ``torch.func`` transforms. With
+        a parameter subset (last-layer Laplace: ``params`` = the head's weight and bias while
+        the body still requires grad) the products, dense matrices, gradients and estimates
+        would carry a ``grad_fn`` into the body's parameters, keep its activations alive,
+        and make a client's later ``backward`` fail with "Trying to backward through the
+        graph a second time". So every forward pass substitutes a ``detach()``-ed alias of
+        each such tensor (same storage, no copy, the caller's tensors and their
+        ``requires_grad`` untouched). A tensor tied to one of :attr:`params` (registered
+        under several names) is left to :func:`torch.func.functional_call`'s weight tying;
+        the aliases of a tensor tied to itself under several names are one object, as
+        ``functional_call`` requires. For a callable ``model_func`` that closes over
+        trainable tensors ``curvops`` cannot substitute them; the results are still detached
+        (:meth:`loss_and_gradient`, the operators' products), at the cost of the recorded
+        graph.
+
+        Returns:
+            Name -> detached tensor for the module's trainable parameters and buffers that
+            are not in :attr:`params` (all names of a tied tensor).
+        """
+        fixed: dict[str, Tensor] = {}
+        aliases: dict[int, Tensor] = {}
+        named = [
+            *self.module.named_parameters(remove_duplicate=False),
+            *self.module.named_buffers(remove_duplicate=False),
+        ]
+        for name, t in named:
+            if t is None or not t.requires_grad or id(t) in self._param_ids:
+                continue
+            if id(t) not in aliases:
+                aliases[id(t)] = t.detach()
+            fixed[name] = aliases[id(t)]
+        return fixed
 
     def batch_loss(self, param_values: list[Tensor] | tuple[Tensor, ...], batch: Batch) -> Tensor:
         """The batch loss :math:`\\mathcal{L}_\\mathbb{B}` at ``param_values``."""
@@ -472,7 +570,8 @@ class EmpiricalRisk:
                     acc.add_(gi, alpha=batch.weight)
         require_finite([total], owner=self.owner, what="the loss")  # NOTE [non-finite values]
         require_finite(grads, owner=self.owner, what="the gradient")
-        return total, grads
+        # a callable model_func may close over trainable tensors (NOTE [fixed parameters])
+        return total.detach(), [g.detach() for g in grads]
 
     def _grad_and_value(self, batch: Batch) -> tuple[tuple[Tensor, ...], Tensor]:
         params = [p.detach() for p in self.params]

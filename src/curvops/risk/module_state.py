@@ -50,6 +50,75 @@ def refuse_batchnorm_in_training(module: nn.Module | None, owner: str) -> None:
             )
 
 
+def refuse_in_place_parameter_updates(module: nn.Module | None, owner: str) -> None:
+    """Raise for layers that change their own parameters during the forward pass.
+
+    NOTE [in-place parameter updates]: ``nn.Embedding(max_norm=...)`` (and
+    ``nn.EmbeddingBag``) renormalise the looked-up rows of their weight *in place* in every
+    forward pass (``torch.embedding_renorm_``). An operator's passes would change the
+    caller's weights (measured: by up to 1.98 in one GGN), and the matrix would not be the
+    one of the model the caller holds. Refused for every operator, with the fix.
+
+    Args:
+        module: The model (``None`` for a plain function, which cannot be inspected).
+        owner: The operator, for the message.
+
+    Raises:
+        NotImplementedError: Naming the first such layer.
+    """
+    if module is None:
+        return
+    for name, sub in module.named_modules():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.max_norm is not None:
+            raise NotImplementedError(
+                f"{type(sub).__name__} '{name or '<root>'}' uses max_norm={sub.max_norm}: it "
+                "renormalises rows of its weight in place in every forward pass, so "
+                f"{owner}'s passes would change your model's weights. Renormalise once "
+                "yourself (`with torch.no_grad(): torch.embedding_renorm_(emb.weight, ids, "
+                "max_norm, 2.0)` for the ids of your data), then set `emb.max_norm = None`."
+            )
+
+
+def refuse_backward_hooks(module: nn.Module | None, owner: str) -> None:
+    """Raise for backward hooks, which ``torch.func`` transforms cannot run.
+
+    NOTE [module hooks]: forward hooks and forward pre-hooks are part of the model's forward
+    pass and run in every pass of an operator (the matrix is that of the hooked model, as in
+    the dense references; a hook that stores outputs receives the passes' tensors). Backward
+    hooks (``register_full_backward_hook``, ``register_full_backward_pre_hook``, and their
+    global versions) wrap the module in an ``autograd.Function`` that ``torch.func`` cannot
+    transform; PyTorch failed with a message about ``setup_context``. Refused, with the fix.
+
+    Args:
+        module: The model (``None`` for a plain function, which cannot be inspected).
+        owner: The operator, for the message.
+
+    Raises:
+        ValueError: Naming the first module with a backward hook.
+    """
+    if module is None:
+        return
+    from torch.nn.modules import module as module_globals
+
+    fix = (
+        "Remove it while using curvops (`handle.remove()` on the handle the register call "
+        "returned) and register it again afterwards."
+    )
+    if module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks:
+        raise ValueError(
+            f"A global module backward hook is registered (torch.nn.modules.module."
+            f"register_module_full_backward_hook or ..._pre_hook); {owner}'s passes use "
+            f"torch.func transforms, which cannot run backward hooks. {fix}"
+        )
+    for name, sub in module.named_modules():
+        if sub._backward_hooks or sub._backward_pre_hooks:
+            raise ValueError(
+                f"{type(sub).__name__} '{name or '<root>'}' has a backward hook "
+                f"(register_full_backward_hook or register_full_backward_pre_hook); {owner}'s "
+                f"passes use torch.func transforms, which cannot run backward hooks. {fix}"
+            )
+
+
 class BufferGuard:
     """Context that snapshots a module's buffers on entry and restores them on exit.
 

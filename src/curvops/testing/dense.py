@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 Params = Sequence[Tensor] | Mapping[str, Tensor]
 Data = Iterable[tuple[Any, Tensor]]
@@ -265,9 +267,31 @@ def _risk_weighted_sum(
     loss_sum = _with_reduction(loss_func, "sum")
     D = model.theta.numel()
     total = torch.zeros(D, D, dtype=model.dtype, device=model.device)
-    for X, y, _ in batches:
-        total = total + batch_matrix(model, X, y, loss_sum)
+    # attention in the math backend, the only one with forward-mode and second derivatives
+    # (PyTorch's fused CPU kernels have neither); it is the exact formula
+    with sdpa_kernel([SDPBackend.MATH]), _UnfusedWeightNorm():
+        for X, y, _ in batches:
+            total = total + batch_matrix(model, X, y, loss_sum)
     return total / Z
+
+
+class _UnfusedWeightNorm(TorchFunctionMode):
+    r"""Weight normalisation :math:`w = g\, v / \|v\|` from elementary operations.
+
+    PyTorch's fused ``torch._weight_norm`` has no forward-mode derivative and a wrong second
+    derivative (torch 2.13, tested against finite differences in tests/testing/test_dense.py),
+    so the references evaluate its formula (norms over every axis but ``dim``) instead.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = kwargs.get("dim", rest[0] if rest else 0)
+            # dim=-1 (weight_norm(dim=None)) means one norm of the whole tensor
+            axes = [a for a in range(v.ndim) if dim == -1 or a != dim]
+            return v * (g / v.pow(2).sum(dim=axes, keepdim=True).sqrt())
+        return func(*args, **kwargs)
 
 
 # ==================================================================== references
@@ -281,7 +305,7 @@ def dense_hessian(
 ) -> Tensor:
     r"""Dense Hessian of the empirical risk, :math:`H = \nabla^2_\theta \mathcal{L}_\mathbb{D}`.
 
-    Accumulates per-batch Hessians (``torch.func.hessian``, forward over reverse mode),
+    Accumulates per-batch Hessians (reverse over reverse mode, see NOTE [dense Hessian]),
 
     .. math::
 
@@ -317,7 +341,16 @@ def dense_hessian(
         def batch_loss(theta: Tensor) -> Tensor:
             return loss_sum(model(theta, X), y)
 
-        return hessian(batch_loss)(model.theta)
+        # NOTE [dense Hessian]: ``torch.autograd.functional.hessian`` (reverse over reverse
+        # through the autograd engine, rows vectorised by batched gradients), not
+        # ``torch.func.hessian`` / ``jacrev(jacrev(.))``: torch.func's second derivative
+        # through native ``nn.LayerNorm`` is wrong on torch 2.13 (0.31 absolute error on a
+        # Hessian of norm 2.5 against central finite differences; tested in
+        # tests/testing/test_dense.py), while the autograd engine's agrees to 1e-9.
+        try:
+            return torch.autograd.functional.hessian(batch_loss, model.theta, vectorize=True)
+        except RuntimeError:  # an operation without a batching rule (e.g. GroupNorm's)
+            return torch.autograd.functional.hessian(batch_loss, model.theta)
 
     return _risk_weighted_sum(batch_hessian, model_func, loss_func, params, data, batch_size_fn)
 
@@ -442,9 +475,7 @@ def _datum_losses(loss_func: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
 
     def datums(output: Tensor, y: Tensor) -> Tensor:
         n = output.shape[0]
-        return torch.stack([loss_sum(output[j : j + 1], y[j : j + 1]) for j in range(n)])[
-            :, None
-        ]
+        return torch.stack([loss_sum(output[j : j + 1], y[j : j + 1]) for j in range(n)])[:, None]
 
     return datums
 
