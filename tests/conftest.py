@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 # no example database), more examples locally with HYPOTHESIS_PROFILE=curvops-dev
 settings.register_profile(
     "curvops-ci",
-    max_examples=6,
+    max_examples=20,
     deadline=None,
     derandomize=True,
     database=None,

@@ -48,12 +48,16 @@ def describe(problem, **extra):
 
 @given(
     problem=problems(),
-    kind=st.sampled_from(("ggn", "hessian", "ef", "kfac", "ekfac")),
+    kind=st.sampled_from(("ggn", "hessian", "ef", "kfac")),
 )
 def test_float32_close_to_float64(problem, kind):
     """The same problem in float32 gives the float64 matrix to float32 accuracy.
 
-    (The MC Fisher is left out: its uniform draws depend on the dtype.)
+    (The MC Fisher is left out: its uniform draws depend on the dtype. EKFAC is too: with
+    repeated factor eigenvalues, e.g. a gradient factor proportional to the identity, its
+    matrix depends on the eigenvectors chosen, which round-off decides; seen as 8% between
+    float32 and float64 on a CNN with MSELoss. Its basis-free property is tested in
+    test_kronecker_properties.py.)
     """
     describe(problem, kind=kind)
     p32 = problem.converted(torch.float32)
