@@ -189,15 +189,21 @@ class CompiledBatchProduct:
         """
         params = tuple(params)
         for start, size, width in column_passes(V[0].shape[0]):
-            chunk = tuple(_padded(v[start : start + size], width) for v in V)
+            chunk = tuple(_pass_columns(v, start, size, width) for v in V)
             result = self._compiled(params, *inputs, chunk)
             for o, r in zip(out, result):
                 o[start : start + size].add_(r[:size], alpha=alpha)
 
 
-def _padded(columns: Tensor, width: int) -> Tensor:
-    """``columns`` ``[C, ...]`` followed by ``width - C`` zero columns."""
-    if columns.shape[0] == width:
-        return columns
-    padding = columns.new_zeros(width - columns.shape[0], *columns.shape[1:])
-    return torch.cat([columns, padding])
+def _pass_columns(V: Tensor, start: int, size: int, width: int) -> Tensor:
+    """Columns ``start : start + size`` of ``V`` as a fresh ``[width, ...]`` tensor.
+
+    Zero-padded to ``width`` columns, and always with the same (contiguous) strides: Dynamo
+    guards on strides, and the slices of a product's column buffer have strides that depend
+    on the number of columns and on the other parameters' sizes (each stride would compile
+    its own graph).
+    """
+    shape = (width, *V.shape[1:])
+    columns = V.new_empty(shape) if size == width else V.new_zeros(shape)
+    columns[:size].copy_(V[start : start + size])
+    return columns
