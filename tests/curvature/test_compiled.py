@@ -171,3 +171,32 @@ def test_compile_options_are_checked():
         GGNLinearOperator(model, loss, params, data, compile_options={"mode": "default"})
     with pytest.raises(ValueError, match=r"torch.compile does not take: \['fast'\]"):
         GGNLinearOperator(model, loss, params, data, compile=True, compile_options={"fast": 1})
+
+
+class _Attention(nn.Module):
+    """One causal self-attention layer on ``F.scaled_dot_product_attention``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(o).flatten(0, 1)
+
+
+def test_compiled_products_through_attention():
+    """SDPA's fused kernels have no forward-mode derivative: traced with the math backend."""
+    gen = torch.Generator().manual_seed(0)
+    model = _Attention().double()
+    data = [
+        (torch.randn(2, 5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    ]
+    loss, params = nn.CrossEntropyLoss(), list(model.parameters())
+    G = GGNLinearOperator(
+        model, loss, params, data, compile=True, compile_options={"backend": "eager"}
+    )
+    v = _columns(G.shape[1], 1)[:, 0]
+    torch.testing.assert_close(G @ v, dense_ggn(model, loss, params, data) @ v, **TOL)

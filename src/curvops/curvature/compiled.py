@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from curvops._compilation import column_passes, compile_function
+from curvops.curvature.attention import differentiable_attention
 
 ParamFn = Callable[..., Tensor]
 Terms = tuple[Callable[[Tensor], Tensor], Callable[[Tensor, tuple], Tensor]]
@@ -190,7 +191,9 @@ class CompiledBatchProduct:
         params = tuple(params)
         for start, size, width in column_passes(V[0].shape[0]):
             chunk = tuple(_pass_columns(v, start, size, width) for v in V)
-            result = self._compiled(params, *inputs, chunk)
+            # fused attention kernels have no forward-mode derivative: trace the math backend
+            with differentiable_attention():
+                result = self._compiled(params, *inputs, chunk)
             for o, r in zip(out, result):
                 o[start : start + size].add_(r[:size], alpha=alpha)
 
