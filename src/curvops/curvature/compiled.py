@@ -17,8 +17,9 @@ NOTE [compiled products]: what the compiled path does differently from the eager
   stay outside the compiled graph (a Python float argument would be specialised on, and
   recompile for every distinct batch weight).
 * The Hessian is forward-over-reverse (``jvp`` of ``grad``); the GGN-type products compute
-  :math:`JV` by ``jvp`` and :math:`J^\top U` by the ``vjp`` of one forward pass, vectorised
-  over the columns. The results agree with the eager products up to round-off, not bitwise.
+  output and :math:`JV` in one forward pass and :math:`J^\top U` by the ``vjp`` of its
+  primal path (NOTE [one forward pass, traced]), vectorised over the columns. The results
+  agree with the eager products up to round-off, not bitwise.
 * The empirical and Monte-Carlo Fisher take their output factors :math:`S` as an input:
   they are computed eagerly from an extra forward pass without graph (the Monte-Carlo draws
   come from the operator's private generator, which a graph cannot hold), so these two
@@ -45,11 +46,6 @@ ParamFn = Callable[..., Tensor]
 Terms = tuple[Callable[[Tensor], Tensor], Callable[[Tensor, tuple], Tensor]]
 
 
-def _jacobian_columns(f: ParamFn, params: tuple[Tensor, ...], V: tuple[Tensor, ...]) -> Tensor:
-    """:math:`J V` ``[K, *output_shape]`` for ``V`` with a leading column axis."""
-    return vmap(lambda *v: jvp(f, params, v)[1])(*V)
-
-
 def compiled_linearized_matmat(
     f: ParamFn,
     output_matmat: Callable[[Tensor, Tensor], Tensor],
@@ -57,6 +53,15 @@ def compiled_linearized_matmat(
     V: tuple[Tensor, ...],
 ) -> tuple[Tensor, ...]:
     r""":math:`J^\top M J V` with the output-space matrix :math:`M` applied by a function.
+
+    NOTE [one forward pass, traced]: ``vjp`` of ``jvp`` with the tangent :math:`Jv` as
+    auxiliary output (``has_aux=True``): ONE forward pass computes output and tangent, and
+    the ``vjp`` differentiates only the output's (primal) path, so no second forward pass is
+    needed for :math:`J^\top u` (the ``torch.func`` twin of the eager products' dual tensors
+    inside an autograd graph). ``vjp`` and ``jvp`` of separate forward passes measured 2.08
+    gradients against 1.67 for this (compiled GGN @ v, MLP 784-512-512-10, CPU, one thread).
+    Several columns: ``vmap`` over the columns, whose primal computations do not depend on
+    the column and run once.
 
     Args:
         f: Maps the parameters (as positional arguments) to the output.
@@ -68,9 +73,14 @@ def compiled_linearized_matmat(
     Returns:
         Tensor tuple ``[K, *param_shape]``.
     """
-    output, vjp_fn = vjp(f, *params)
-    JV = _jacobian_columns(f, params, V)
-    return vmap(vjp_fn)(output_matmat(output, JV))
+
+    def column(*v: Tensor) -> tuple[Tensor, ...]:
+        output, vjp_fn, Jv = vjp(lambda *p: jvp(f, p, v), *params, has_aux=True)
+        return vjp_fn(output_matmat(output, Jv.unsqueeze(0)).squeeze(0))
+
+    if V[0].shape[0] == 1:
+        return tuple(t.unsqueeze(0) for t in column(*(v[0] for v in V)))
+    return vmap(column)(*V)
 
 
 def compiled_ggn_matmat(
