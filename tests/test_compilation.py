@@ -1,5 +1,8 @@
 """``torch.compile`` around operator products, and the compilation helpers."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -86,3 +89,25 @@ def test_check_compile_options_merges_defaults():
         "dynamic": None,
         "mode": "max-autotune",
     }
+
+
+def test_first_product_inside_torch_compile():
+    """No eager product before the compiled call (the eager regions are made lazily)."""
+    model, loss, params, data = _problem()
+    kwargs = {"check_deterministic": False}
+    G = GGNLinearOperator(model, loss, params, data, **kwargs)
+    K = KFACLinearOperator(model, loss, params, data, **kwargs)
+    inner = GGNLinearOperator(
+        model, loss, params, data, compile=True, compile_options={"backend": "eager"}, **kwargs
+    )
+    v = torch.randn(G.shape[1], generator=torch.Generator().manual_seed(0))
+    for A in (G, KFACInverseLinearOperator(K, damping=0.1), inner):
+        torch._dynamo.reset()
+        result = torch.compile(lambda v, A=A: A @ v, backend="eager")(v)
+        torch.testing.assert_close(result, A @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_import_does_not_import_dynamo():
+    """``torch.compiler.disable`` is applied lazily: importing Dynamo takes seconds."""
+    code = "import sys, curvops; assert 'torch._dynamo' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

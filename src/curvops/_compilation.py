@@ -28,6 +28,8 @@ object, every new operator (each guards on its own model) would use up the same 
 
 from __future__ import annotations
 
+import functools
+import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -135,6 +137,26 @@ def eager_region(fn: F) -> F:
     """Run ``fn`` eagerly even inside a compiled function (``torch.compiler.disable``).
 
     Compiled functions called from inside ``fn`` (``compile=True`` products) still run
-    compiled (NOTE [compiling products]).
+    compiled (NOTE [compiling products]). ``torch.compiler.disable`` imports Dynamo (seconds);
+    it is applied at the first call after Dynamo was imported by someone (before that nothing
+    can be compiling), so ``import curvops`` stays as fast as without it.
     """
-    return torch.compiler.disable(fn)  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" not in sys.modules:  # nothing can be compiling
+            return fn(*args, **kwargs)
+        return _disabled(fn)(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_DISABLED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _disabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``, made once per function."""
+    disabled = _DISABLED.get(fn)
+    if disabled is None:
+        disabled = _DISABLED[fn] = torch.compiler.disable(fn)
+    return disabled
