@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops._compilation import check_compile_options, eager_region
 from curvops.curvature.diagonal_linear import linear_layers
 from curvops.curvature.diagonals import batch_diagonal
 from curvops.curvature.products import ProductPlan, plain_tangent
@@ -102,6 +103,12 @@ class CurvatureLinearOperator(LinearOperator):
         num_data: Total number of data (counted if ``None``).
         batch_size_fn: Maps ``X`` to its batch size (required for mapping inputs).
         process_group: See :class:`curvops.risk.EmpiricalRisk`.
+        compile: Compile the per-batch product with ``torch.compile`` once and reuse it for
+            every batch and product (NOTE [compiling products] of
+            :mod:`curvops._compilation`; ``docs/compile.md``). Not every operator has a
+            compiled product (``NotImplementedError`` if not).
+        compile_options: Keyword arguments for ``torch.compile`` (default
+            ``{"dynamic": False}``), only with ``compile=True``.
     """
 
     is_self_adjoint = True
@@ -120,9 +127,18 @@ class CurvatureLinearOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         process_group: Any = None,
         out_shapes: list[tuple[int, ...]] | None = None,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ):
         # strategies learnt at the first products (NOTE [product passes])
         self._product_plan = ProductPlan()
+        self._compiled = None  # NOTE [compiling products]: built at the first product
+        self._compile_options = check_compile_options(compile, compile_options, type(self).__name__)
+        if compile and not self._has_compiled_product():
+            raise NotImplementedError(
+                f"{type(self).__name__} has no compiled per-batch product; construct it "
+                "without compile=True (torch.compile(lambda v: A @ v) still works)."
+            )
         self._risk = EmpiricalRisk(
             model_func,
             loss_func,
@@ -185,9 +201,32 @@ class CurvatureLinearOperator(LinearOperator):
         """
         raise NotImplementedError
 
+    # NOTE [compiling products]: subclasses with a compiled per-batch product override both
+    def _compiled_product(self) -> Callable[..., tuple[Tensor, ...]]:
+        """The pure per-batch product ``(params, *inputs, V) -> [K, *shape]`` to compile."""
+        raise NotImplementedError
+
+    def _compiled_inputs(self, params: list[Tensor], batch: Batch) -> tuple:
+        """The batch's tensor inputs of :meth:`_compiled_product` (computed eagerly)."""
+        raise NotImplementedError
+
+    def _has_compiled_product(self) -> bool:
+        return type(self)._compiled_product is not CurvatureLinearOperator._compiled_product
+
+    def _compiled_batch_matmat(
+        self, params: list[Tensor], batch: Batch, V: list[Tensor], out: list[Tensor], alpha: float
+    ) -> None:
+        """:meth:`_batch_matmat` by the compiled product (compiled at the first call)."""
+        from curvops.curvature.compiled import CompiledBatchProduct
+
+        if self._compiled is None:
+            self._compiled = CompiledBatchProduct(self._compiled_product(), self._compile_options)
+        self._compiled(params, self._compiled_inputs(params, batch), V, out, alpha)
+
     def _before_pass(self) -> None:
         """Hook run before each pass over the data (e.g. to reset a random generator)."""
 
+    @eager_region  # NOTE [compiling products]
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
         K = X[0].shape[-1]
         V = _columns_first(X)
@@ -213,13 +252,16 @@ class CurvatureLinearOperator(LinearOperator):
         """Add this process's weighted per-batch products with ``V`` (``[K, ...]``) to ``out``."""
         params = [p.detach() for p in self._risk.params]
         name = type(self).__name__
+        batch_matmat = self._batch_matmat
+        if self._compile_options is not None:  # NOTE [compiling products]
+            batch_matmat = self._compiled_batch_matmat
         # NOTE [threads]: the lock also covers the operator's per-pass state (its generator);
         # the pass is closed on errors too, so it restores the buffers (NOTE [module buffers])
         with DATA_PASS_LOCK, explained_buffer_updates(name), _explained_randomness(name):
             self._before_pass()
             with closing(self._risk.batches(desc=name)) as batches:
                 for batch in batches:
-                    self._batch_matmat(params, batch, V, out, batch.weight)
+                    batch_matmat(params, batch, V, out, batch.weight)
 
     # ---------------------------------------------------------------- exact diagonals
     def _diagonal_pass(

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from curvops._integer_options import check_positive_int, check_seed
 from curvops.curvature.base import CurvatureLinearOperator
+from curvops.curvature.compiled import compiled_factor_ggn_matmat
 from curvops.curvature.diagonals import DIAGONAL_MEMORY_BUDGET
 from curvops.curvature.products import factor_ggn_matmat
 from curvops.risk import Batch
@@ -60,7 +61,10 @@ class EFLinearOperator(CurvatureLinearOperator):
         data: Re-iterable of ``(X, y)`` batches.
         gradient_of: ``"loss-term"`` (default) or ``"datum"``, see above.
         **kwargs: ``progressbar``, ``check_deterministic``, ``num_data``, ``batch_size_fn``,
-            ``process_group``.
+            ``process_group``, ``compile``, ``compile_options`` (see
+            :class:`~curvops.curvature.base.CurvatureLinearOperator`; compiled products cost
+            one extra forward pass for the output factors, NOTE [compiled products] of
+            :mod:`curvops.curvature.compiled`).
 
     Raises:
         ValueError: For an unknown ``gradient_of``.
@@ -127,6 +131,29 @@ class EFLinearOperator(CurvatureLinearOperator):
         factor_ggn_matmat(
             model, factors, params, V, terms=terms, out=out, alpha=alpha, plan=plan
         )
+
+    def _compiled_product(self):
+        risk, loss = self._risk, self._risk.loss
+        terms = None
+        if self._gradient_of == GradientOf.LOSS_TERM:
+            terms = (
+                lambda t: loss.to_terms(t, lead=1),
+                lambda t, shape: loss.from_terms(t, shape, lead=1),
+            )
+
+        def product(params, X, factors, V):
+            return compiled_factor_ggn_matmat(
+                lambda *p: risk.forward(p, X), factors, params, V, terms
+            )
+
+        return product
+
+    def _compiled_inputs(self, params: list[Tensor], batch: Batch) -> tuple:
+        # NOTE [compiled products]: the factors (MC: the draws of the private generator, in
+        # the same order as the eager products) come from an eager forward pass
+        with torch.no_grad():
+            output = self._risk.forward(params, batch.X)
+        return (batch.X, self._shared_factors(output, batch))
 
     def diagonal(self, *, memory_budget: int = DIAGONAL_MEMORY_BUDGET) -> Tensor:
         r"""The exact diagonal of the matrix, flat ``[D]`` (NOTE [flattening convention]).

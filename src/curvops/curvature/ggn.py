@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from curvops.curvature.base import CurvatureLinearOperator
+from curvops.curvature.compiled import compiled_ggn_matmat
 from curvops.curvature.diagonals import DIAGONAL_MEMORY_BUDGET, loss_hessian_factors
 from curvops.curvature.products import ggn_matmat
 from curvops.risk import Batch
@@ -37,7 +38,8 @@ class GGNLinearOperator(CurvatureLinearOperator):
         params: List of parameter tensors or dict name -> tensor.
         data: Re-iterable of ``(X, y)`` batches.
         **kwargs: ``progressbar``, ``check_deterministic``, ``num_data``, ``batch_size_fn``,
-            ``process_group`` (see :class:`~curvops.curvature.base.CurvatureLinearOperator`).
+            ``process_group``, ``compile``, ``compile_options`` (see
+            :class:`~curvops.curvature.base.CurvatureLinearOperator`).
     """
 
     is_psd = True
@@ -57,6 +59,19 @@ class GGNLinearOperator(CurvatureLinearOperator):
             alpha=alpha,
             plan=self._product_plan,
         )
+
+    def _compiled_product(self):
+        risk = self._risk
+
+        def product(params, X, y, V):
+            return compiled_ggn_matmat(
+                lambda *p: risk.forward(p, X), lambda output: risk.loss(output, y), params, V
+            )
+
+        return product
+
+    def _compiled_inputs(self, params: list[Tensor], batch: Batch) -> tuple:
+        return (batch.X, batch.y)
 
     def diagonal(self, *, memory_budget: int = DIAGONAL_MEMORY_BUDGET) -> Tensor:
         r"""The exact diagonal of the GGN, flat ``[D]`` (NOTE [flattening convention]).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from curvops.curvature.base import CurvatureLinearOperator
+from curvops.curvature.compiled import compiled_hessian_matmat
 from curvops.curvature.products import HessianMode, hessian_matmat
 from curvops.risk import Batch
 
@@ -42,7 +43,10 @@ class HessianLinearOperator(CurvatureLinearOperator):
             on the first batch of the first product and keep the faster one (then products of
             two operator instances may differ by round-off, as the choice depends on timing).
         **kwargs: ``progressbar``, ``check_deterministic``, ``num_data``, ``batch_size_fn``,
-            ``process_group`` (see :class:`~curvops.curvature.base.CurvatureLinearOperator`).
+            ``process_group``, ``compile``, ``compile_options`` (see
+            :class:`~curvops.curvature.base.CurvatureLinearOperator`). With ``compile=True``
+            products are forward-over-reverse whatever ``mode`` says (NOTE [compiled
+            products] of :mod:`curvops.curvature.compiled`).
 
     Raises:
         ValueError: For an unknown ``mode``.
@@ -93,11 +97,25 @@ class HessianLinearOperator(CurvatureLinearOperator):
     def hessian_mode(self) -> HessianMode | None:
         """The mode products use (``None`` before the first product of a deciding mode).
 
-        The explicit ``mode``, or the one that ``"by-model"`` or ``"auto"`` chose.
+        The explicit ``mode``, or the one that ``"by-model"`` or ``"auto"`` chose; always
+        forward-over-reverse with ``compile=True`` (NOTE [compiled products]).
         """
+        if self._compile_options is not None:
+            return HessianMode.FORWARD_OVER_REVERSE
         if self._mode in (HessianMode.AUTO, HessianMode.BY_MODEL):
             return self._product_plan.hessian_mode
         return self._mode
+
+    def _compiled_product(self):
+        risk = self._risk
+
+        def product(params, X, y, V):
+            return compiled_hessian_matmat(lambda *p: risk.loss(risk.forward(p, X), y), params, V)
+
+        return product
+
+    def _compiled_inputs(self, params: list[Tensor], batch: Batch) -> tuple:
+        return (batch.X, batch.y)
 
     def diagonal(self) -> Tensor:
         """Not available for the Hessian: raises an error naming the alternatives.

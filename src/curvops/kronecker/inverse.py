@@ -66,6 +66,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from curvops._compilation import eager_region
 from curvops.kronecker.blocks import RowDiagonalKroneckerLinearOperator, WeightBiasStacking
 from curvops.kronecker.eigen import factor_eigh
 from curvops.kronecker.ekfac import EKFACLinearOperator
@@ -166,6 +167,7 @@ class _BlockInverse(LinearOperator):
         """Factorise the operator's current factors into blocks (then :meth:`_finish`)."""
         raise NotImplementedError
 
+    @eager_region  # NOTE [compiling products]: locks and refactorisation run eagerly
     def _refresh_if_stale(self) -> None:
         """Apply the operator's ``on_stale`` policy (NOTE [stale inverses]).
 

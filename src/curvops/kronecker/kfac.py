@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops._compilation import eager_region
 from curvops._integer_options import check_positive_int, check_seed
 from curvops.kronecker.blocks import EmbeddingKroneckerLinearOperator, WeightBiasStacking
 from curvops.kronecker.collection import statistics_pass
@@ -569,6 +570,7 @@ class KFACLinearOperator(LinearOperator):
             blocks.append(DiagonalBlock((i,), diag))
         return FactoredBlocks(blocks, shapes, dtype=self.dtype, device=self.device, psd=True)
 
+    @eager_region  # NOTE [compiling products]: locks, factors and blocks built eagerly
     def _factored_blocks(self) -> FactoredBlocks:
         """The product's blocks, built on first use (computing the factors if needed)."""
         # under the lock (NOTE [threads]): factors, corrections and the product built from

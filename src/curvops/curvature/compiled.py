@@ -1,0 +1,222 @@
+r"""Per-batch curvature products for ``torch.compile``: pure ``torch.func`` programs.
+
+The eager products of :mod:`curvops.curvature.products` mix forward-mode dual tensors with
+``torch.autograd.grad`` (``create_graph=True`` for the Hessian), plain backward passes into
+``.grad`` buffers and a ``TorchFunctionMode`` spy. Dynamo cannot trace most of that, and
+AOTAutograd cannot differentiate a compiled graph twice ("torch.compile with aot_autograd
+does not currently support double backward"). The functions below compute the same
+matrices with ``torch.func`` transforms only (:func:`~torch.func.jvp`,
+:func:`~torch.func.vjp`, :func:`~torch.func.grad`, :func:`~torch.func.vmap`), which Dynamo
+traces into ONE graph without breaks; Inductor then compiles forward pass, tangent pass and
+backward pass together (and merges the primal computations they share).
+
+NOTE [compiled products]: what the compiled path does differently from the eager one.
+
+* Every function maps ``(params, inputs..., V)`` to the product ``[K, *param_shape]`` with
+  no side effects: the batch weight :math:`w_\mathbb{B}` and the accumulation over batches
+  stay outside the compiled graph (a Python float argument would be specialised on, and
+  recompile for every distinct batch weight).
+* The Hessian is forward-over-reverse (``jvp`` of ``grad``); the GGN-type products compute
+  output and :math:`JV` in one forward pass and :math:`J^\top U` by the ``vjp`` of its
+  primal path (NOTE [one forward pass, traced]), vectorised over the columns. The results
+  agree with the eager products up to round-off, not bitwise.
+* The empirical and Monte-Carlo Fisher take their output factors :math:`S` as an input:
+  they are computed eagerly from an extra forward pass without graph (the Monte-Carlo draws
+  come from the operator's private generator, which a graph cannot hold), so these two
+  products cost one forward pass more than their eager version.
+
+References:
+    Pearlmutter, B. A. (1994). Fast exact multiplication by the Hessian.
+    Schraudolph, N. N. (2002). Fast curvature matrix-vector products for second-order
+    gradient descent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp, vmap
+
+from curvops._compilation import column_passes, compile_function
+from curvops.curvature.attention import differentiable_attention
+
+ParamFn = Callable[..., Tensor]
+Terms = tuple[Callable[[Tensor], Tensor], Callable[[Tensor, tuple], Tensor]]
+
+
+def compiled_linearized_matmat(
+    f: ParamFn,
+    output_matmat: Callable[[Tensor, Tensor], Tensor],
+    params: tuple[Tensor, ...],
+    V: tuple[Tensor, ...],
+) -> tuple[Tensor, ...]:
+    r""":math:`J^\top M J V` with the output-space matrix :math:`M` applied by a function.
+
+    NOTE [one forward pass, traced]: ``vjp`` of ``jvp`` with the tangent :math:`Jv` as
+    auxiliary output (``has_aux=True``): ONE forward pass computes output and tangent, and
+    the ``vjp`` differentiates only the output's (primal) path, so no second forward pass is
+    needed for :math:`J^\top u` (the ``torch.func`` twin of the eager products' dual tensors
+    inside an autograd graph). ``vjp`` and ``jvp`` of separate forward passes measured 2.08
+    gradients against 1.67 for this (compiled GGN @ v, MLP 784-512-512-10, CPU, one thread).
+    Several columns: ``vmap`` over the columns, whose primal computations do not depend on
+    the column and run once.
+
+    Args:
+        f: Maps the parameters (as positional arguments) to the output.
+        output_matmat: Maps the output and columns ``[K, *output_shape]`` to :math:`M` times
+            them (traced into the same graph).
+        params: Parameter values.
+        V: Tensor tuple ``[K, *param_shape]``.
+
+    Returns:
+        Tensor tuple ``[K, *param_shape]``.
+    """
+
+    def column(*v: Tensor) -> tuple[Tensor, ...]:
+        output, vjp_fn, Jv = vjp(lambda *p: jvp(f, p, v), *params, has_aux=True)
+        return vjp_fn(output_matmat(output, Jv.unsqueeze(0)).squeeze(0))
+
+    if V[0].shape[0] == 1:
+        return tuple(t.unsqueeze(0) for t in column(*(v[0] for v in V)))
+    return vmap(column)(*V)
+
+
+def compiled_ggn_matmat(
+    f: ParamFn,
+    loss_of_output: Callable[[Tensor], Tensor],
+    params: tuple[Tensor, ...],
+    V: tuple[Tensor, ...],
+) -> tuple[Tensor, ...]:
+    r"""GGN product :math:`J^\top (\nabla_f^2 \ell) J V` (Schraudolph, 2002), traceable.
+
+    The loss Hessian is applied by forward-over-reverse in output space
+    (``jvp`` of ``grad``), vectorised over the columns.
+
+    Args:
+        f: Maps the parameters (as positional arguments) to the model output.
+        loss_of_output: Maps the model output to the scalar batch loss.
+        params: Parameter values.
+        V: Tensor tuple ``[K, *param_shape]``.
+
+    Returns:
+        Tensor tuple ``[K, *param_shape]``.
+    """
+    loss_gradient = grad(loss_of_output)
+
+    def output_matmat(output: Tensor, U: Tensor) -> Tensor:
+        return vmap(lambda u: jvp(loss_gradient, (output,), (u,))[1])(U)
+
+    return compiled_linearized_matmat(f, output_matmat, params, V)
+
+
+def compiled_factor_ggn_matmat(
+    f: ParamFn,
+    factors: Tensor,
+    params: tuple[Tensor, ...],
+    V: tuple[Tensor, ...],
+    terms: Terms | None = None,
+) -> tuple[Tensor, ...]:
+    r"""Product with :math:`J^\top (\sum_{k,g} s_{k,g} s_{k,g}^\top) J` for given factors.
+
+    The traceable twin of :func:`curvops.curvature.products.factor_ggn_matmat` (empirical
+    and Monte-Carlo Fisher; paper §2.1, "FVPs via GGNVPs"), with the factors computed
+    beforehand (NOTE [compiled products]).
+
+    Args:
+        f: Maps the parameters (as positional arguments) to the model output ``[N, ...]``.
+        factors: Shared output factors ``[J, N, ...]``.
+        params: Parameter values.
+        V: Tensor tuple ``[K, *param_shape]``.
+        terms: ``(to_terms, from_terms)`` grouping the output by loss term, or ``None`` for
+            one group per datum (see :func:`~curvops.curvature.products.factor_ggn_matmat`).
+
+    Returns:
+        Tensor tuple ``[K, *param_shape]``.
+    """
+
+    def grouped(t: Tensor) -> Tensor:  # [L, N, ...] -> [L, N, G, M]
+        if terms is None:
+            return t.reshape(t.shape[0], t.shape[1], 1, -1)
+        return terms[0](t)
+
+    S = grouped(factors)
+
+    def output_matmat(output: Tensor, U: Tensor) -> Tensor:
+        coeff = torch.einsum("jngm,kngm->kjng", S, grouped(U))
+        result = torch.einsum("kjng,jngm->kngm", coeff, S)
+        if terms is None:
+            return result.reshape(U.shape)
+        return terms[1](result, tuple(U.shape[1:]))
+
+    return compiled_linearized_matmat(f, output_matmat, params, V)
+
+
+def compiled_hessian_matmat(
+    loss: ParamFn, params: tuple[Tensor, ...], V: tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
+    r"""Hessian product :math:`\nabla^2_\theta \mathcal{L} V` by forward-over-reverse.
+
+    ``jvp`` of ``grad`` (Pearlmutter, 1994), vectorised over the columns: no second backward
+    pass through a compiled graph, which AOTAutograd does not support.
+
+    Args:
+        loss: Maps the parameters (as positional arguments) to a scalar loss.
+        params: Parameter values.
+        V: Tensor tuple ``[K, *param_shape]``.
+
+    Returns:
+        Tensor tuple ``[K, *param_shape]``.
+    """
+    gradient = grad(loss, argnums=tuple(range(len(params))))
+    return vmap(lambda *v: jvp(gradient, params, v)[1])(*V)
+
+
+class CompiledBatchProduct:
+    """A pure per-batch product, compiled once and applied in column passes.
+
+    Args:
+        product: ``(params, *inputs, V) -> [K, *param_shape]`` tensors, one of the functions
+            above bound to a model and loss (no side effects, no Python-scalar arguments).
+        options: ``torch.compile`` keyword arguments.
+    """
+
+    def __init__(self, product: Callable[..., tuple[Tensor, ...]], options: dict):
+        self._compiled = compile_function(product, options)
+
+    def __call__(
+        self,
+        params: list[Tensor],
+        inputs: tuple,
+        V: list[Tensor],
+        out: list[Tensor],
+        alpha: float,
+    ) -> None:
+        """Add ``alpha`` times the product with ``V`` ``[K, ...]`` to ``out`` ``[K, ...]``.
+
+        The columns go through passes 1, 2, 4 or 8 wide, zero-padded
+        (:func:`~curvops._compilation.column_passes`; NOTE [compiling products]).
+        """
+        params = tuple(params)
+        for start, size, width in column_passes(V[0].shape[0]):
+            chunk = tuple(_pass_columns(v, start, size, width) for v in V)
+            # fused attention kernels have no forward-mode derivative: trace the math backend
+            with differentiable_attention():
+                result = self._compiled(params, *inputs, chunk)
+            for o, r in zip(out, result):
+                o[start : start + size].add_(r[:size], alpha=alpha)
+
+
+def _pass_columns(V: Tensor, start: int, size: int, width: int) -> Tensor:
+    """Columns ``start : start + size`` of ``V`` as a fresh ``[width, ...]`` tensor.
+
+    Zero-padded to ``width`` columns, and always with the same (contiguous) strides: Dynamo
+    guards on strides, and the slices of a product's column buffer have strides that depend
+    on the number of columns and on the other parameters' sizes (each stride would compile
+    its own graph).
+    """
+    shape = (width, *V.shape[1:])
+    columns = V.new_empty(shape) if size == width else V.new_zeros(shape)
+    columns[:size].copy_(V[start : start + size])
+    return columns
