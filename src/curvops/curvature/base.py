@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops._integer_options import check_positive_int
 from curvops.curvature.diagonal_linear import linear_layers
 from curvops.curvature.diagonals import batch_diagonal
-from curvops.curvature.products import ProductPlan, plain_tangent
+from curvops.curvature.products import COLUMN_MEMORY_BUDGET, ProductPlan, plain_tangent
 from curvops.linear_operator import FlatBackedList, LinearOperator
 from curvops.risk import Batch, EmpiricalRisk
 from curvops.risk.concurrency import DATA_PASS_LOCK
@@ -102,6 +103,12 @@ class CurvatureLinearOperator(LinearOperator):
         num_data: Total number of data (counted if ``None``).
         batch_size_fn: Maps ``X`` to its batch size (required for mapping inputs).
         process_group: See :class:`curvops.risk.EmpiricalRisk`.
+        max_columns_per_pass: Most columns of a multi-column product (``A @ V``,
+            :meth:`to_dense`) pushed through one linearisation of the model at once; ``None``
+            (default): as many as ``column_memory_budget`` allows.
+        column_memory_budget: Bytes the columns of one such pass may hold (estimated from the
+            parameter count and the forward pass's intermediate results; NOTE [columns per
+            pass] of :mod:`curvops.curvature.products`). Default 128 MiB.
     """
 
     is_self_adjoint = True
@@ -120,9 +127,17 @@ class CurvatureLinearOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         process_group: Any = None,
         out_shapes: list[tuple[int, ...]] | None = None,
+        max_columns_per_pass: int | None = None,
+        column_memory_budget: int = COLUMN_MEMORY_BUDGET,
     ):
-        # strategies learnt at the first products (NOTE [product passes])
-        self._product_plan = ProductPlan()
+        # strategies learnt at the first products (NOTE [product passes]) and the limits of
+        # multi-column products (NOTE [columns per pass])
+        if max_columns_per_pass is not None:
+            max_columns_per_pass = check_positive_int(max_columns_per_pass, "max_columns_per_pass")
+        self._product_plan = ProductPlan(
+            max_columns_per_pass=max_columns_per_pass,
+            column_memory_budget=check_positive_int(column_memory_budget, "column_memory_budget"),
+        )
         self._risk = EmpiricalRisk(
             model_func,
             loss_func,
