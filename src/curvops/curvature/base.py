@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from curvops._integer_options import check_positive_int
+from curvops.curvature.dense import batch_gram
 from curvops.curvature.diagonal_linear import linear_layers
 from curvops.curvature.diagonals import batch_diagonal
 from curvops.curvature.products import COLUMN_MEMORY_BUDGET, ProductPlan, plain_tangent
@@ -232,6 +233,71 @@ class CurvatureLinearOperator(LinearOperator):
             with closing(self._risk.batches(desc=name)) as batches:
                 for batch in batches:
                     self._batch_matmat(params, batch, V, out, batch.weight)
+
+    # ---------------------------------------------------------------- dense matrix
+    def _factors_of_batch(
+        self, batch: Batch
+    ) -> Callable[[Tensor], tuple[Tensor, Tensor | None]] | None:
+        """The output-space factor columns of a batch (NOTE [exact diagonals]), or ``None``.
+
+        Operators that are sums of per-row outer products (GGN, Fishers) return the function
+        of the batch output that :meth:`diagonal` and :meth:`to_dense` share.
+        """
+        return None
+
+    def to_dense(self) -> Tensor:
+        r"""The dense ``[D, D]`` matrix (flattening convention of the parameters).
+
+        Per batch, the fastest exact path: the Gram matrix of per-datum gradients where the
+        factor columns per datum are few (GGN, empirical and MC Fisher; NOTE [dense Gram
+        matrices] of :mod:`curvops.curvature.dense`), otherwise the product with the
+        identity, whose columns go through one linearisation of the model in chunks as large
+        as ``column_memory_budget`` allows (NOTE [columns per pass]). Same batching, batch
+        weights, Monte-Carlo draws (one per batch, as in a product) and sum across processes
+        as the products.
+
+        Returns:
+            The dense matrix ``[D, D]``.
+        """
+        if not self.is_self_adjoint or self.shape[0] != self.shape[1]:
+            return super().to_dense()
+        name = type(self).__name__
+        D = self.shape[1]
+        buffer = torch.zeros(D, D, dtype=self.dtype, device=self.device)
+        eye = torch.eye(D, dtype=self.dtype, device=self.device)
+        V = _row_views(eye, self.in_shapes)  # the identity's columns, [D, *shape]
+        rows = _row_views(buffer, self.out_shapes)  # symmetric: row k of A is A e_k
+        risk = self._risk
+        params = [p.detach() for p in risk.params]
+        budget = self._product_plan.column_memory_budget
+        with risk.partial_sums([buffer], what=f"{name}.to_dense()"):
+            # as in _accumulate (NOTE [threads], NOTE [module buffers])
+            with DATA_PASS_LOCK, explained_buffer_updates(name), _explained_randomness(name):
+                self._before_pass()
+                with closing(risk.batches(desc=f"{name} to_dense")) as batches:
+                    for batch in batches:
+                        factors = self._factors_of_batch(batch)
+                        # a declined Gram pass may have drawn the MC Fisher's labels: the
+                        # product then draws the same ones again (NOTE [MC seeding])
+                        gen = getattr(self, "_generator", None)
+                        state = None if gen is None else gen.get_state()
+                        done = factors is not None and batch_gram(
+                            risk.forward,
+                            params,
+                            batch.X,
+                            batch.batch_size,
+                            factors,
+                            buffer,
+                            alpha=batch.weight,
+                            memory_budget=budget,
+                        )
+                        if not done:
+                            if state is not None:
+                                gen.set_state(state)
+                            self._batch_matmat(params, batch, V, rows, batch.weight)
+        if self._check_finite:  # NOTE [non-finite values]
+            require_finite([buffer], owner=name, what="the dense matrix")
+        return buffer
 
     # ---------------------------------------------------------------- exact diagonals
     def _diagonal_pass(
