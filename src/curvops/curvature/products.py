@@ -593,12 +593,17 @@ def _hessian_reverse_over_reverse(
     (then one backward per column, NOTE [batched or looped backward]).
     """
     leaves = _detached_leaves(params)
-    with torch.enable_grad(), differentiable_attention(), _CallSpy(_CONVOLUTIONS) as spy:
+    K = V[0].shape[0]
+    spy = _CallSpy(_CONVOLUTIONS)  # one column: no spy (its Python hook costs per operation)
+    with (
+        torch.enable_grad(),
+        differentiable_attention(),
+        spy if K > 1 else contextlib.nullcontext(),
+    ):
         grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True, allow_unused=True)
     pairs = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not pairs:  # the loss is at most linear in the parameters
         return
-    K = V[0].shape[0]
     if K > 1 and not spy.called:
         plan = ProductPlan() if plan is None else plan
         size = plan.columns_for(K, spy.bytes_per_column(params))
