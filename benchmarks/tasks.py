@@ -21,7 +21,8 @@ Task definitions (what the closure does):
   the correction pass over the data), with the KFAC factors already computed.
 * ``ggn_diag``, ``ef_diag``, ``mc_diag``: the exact diagonal ``A.diagonal()`` of the GGN,
   empirical and Monte-Carlo Fisher (curvlinops 3.0.1 has no exact diagonal).
-* ``ggn_dense``: ``G.to_dense()`` (``D`` products), only on problems with at most
+* ``ggn_dense``: ``G.to_dense()`` (the identity's ``D`` columns through the chunked products,
+  or the Gram matrix of per-datum gradients where cheaper), only on problems with at most
   :data:`DENSE_MAX_PARAMS` parameters: the reference for the diagonal's cost.
 * ``sleep``: sleeps :data:`SLEEP_SECONDS` per call, run only on request: a task that
   outlasts ``--task-timeout``, to check (in tests, or by hand) that the suite records it as

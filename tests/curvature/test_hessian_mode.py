@@ -150,7 +150,8 @@ def test_default_products_are_bitwise_reproducible_across_instances(name):
     a, b = first @ v, second @ v
     assert torch.equal(a, b) and torch.equal(a, first @ v)
     assert torch.equal(first @ V, second @ V)
-    assert torch.equal((first @ V)[:, 0], first @ V[:, 0])
+    # a multi-column pass may batch its backward (NOTE [columns per pass]): equal to round-off
+    torch.testing.assert_close((first @ V)[:, 0], first @ V[:, 0], rtol=1e-12, atol=1e-14)
     explicit = HessianLinearOperator(model, loss_func, params, data, mode=CASES[name].value)
     assert torch.equal(explicit @ v, a)  # the default is exactly the chosen mode
 

@@ -52,8 +52,8 @@ def _dense_ggn(flat_f, theta, loss_of_output):
 
 @pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("loss_name", ["ce", "mse"])
-def test_ggn_matmat(K, loss_name, monkeypatch):
-    monkeypatch.setattr(P, "COLUMN_CHUNK", 2)  # K = 3 runs two vectorised chunks
+def test_ggn_matmat(K, loss_name):
+    plan = P.ProductPlan(max_columns_per_pass=2)  # K = 3 runs two vectorised chunks
     _, f, flat_f, theta, params, _, y, loss_func = _problem(loss_name)
 
     def loss_of_output(out):
@@ -61,9 +61,10 @@ def test_ggn_matmat(K, loss_name, monkeypatch):
 
     G = _dense_ggn(flat_f, theta, loss_of_output)
     V = _columns(params, K)
-    result = P.ggn_matmat(f, loss_of_output, params, V)
+    result = P.ggn_matmat(f, loss_of_output, params, V, plan=plan)
     assert [r.shape for r in result] == [v.shape for v in V]
     torch.testing.assert_close(_flat(result), _flat(V) @ G.T, **TOL)
+    assert plan.column_passes == (0 if K == 1 else 2)
 
 
 @pytest.mark.parametrize("K", [1, 3])
@@ -232,20 +233,22 @@ def test_model_without_forward_mode_rule_gets_a_clear_error():
 
 @pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("which", ["ggn", "hessian"])
-def test_products_accumulate_into_out(which, K, monkeypatch):
+def test_products_accumulate_into_out(which, K):
     """``out=`` receives ``alpha`` times the product on top of its content, in place."""
-    monkeypatch.setattr(P, "COLUMN_CHUNK", 2)
+    plan = P.ProductPlan(max_columns_per_pass=2)
     _, f, _, _, params, _, y, loss_func = _problem()
     V = _columns(params, K)
     start = _columns(params, K, seed=7)
     out = [s.clone() for s in start]
     if which == "ggn":
         expected = P.ggn_matmat(f, lambda o: loss_func(o, y), params, V)
-        returned = P.ggn_matmat(f, lambda o: loss_func(o, y), params, V, out=out, alpha=0.25)
+        returned = P.ggn_matmat(
+            f, lambda o: loss_func(o, y), params, V, out=out, alpha=0.25, plan=plan
+        )
     else:
         loss = lambda *p: loss_func(f(*p), y)  # noqa: E731
         expected = P.hessian_matmat(loss, params, V)
-        returned = P.hessian_matmat(loss, params, V, out=out, alpha=0.25)
+        returned = P.hessian_matmat(loss, params, V, out=out, alpha=0.25, plan=plan)
     assert returned is out
     for o, s, e in zip(out, start, expected):
         torch.testing.assert_close(o, s + 0.25 * e, **TOL)
@@ -263,9 +266,8 @@ def test_tangent_with_shared_storage_is_copied_once():
 
 
 @pytest.mark.parametrize("preset", [None, True, False])
-def test_multi_column_backward_strategies_agree(preset, monkeypatch):
+def test_multi_column_backward_strategies_agree(preset):
     """NOTE [batched or looped backward]: both strategies are exact; the choice is recorded."""
-    monkeypatch.setattr(P, "COLUMN_CHUNK", 2)  # K = 5: three chunks, the last one ragged
     _, f, flat_f, theta, params, _, y, loss_func = _problem()
 
     def loss_of_output(out):
@@ -273,10 +275,13 @@ def test_multi_column_backward_strategies_agree(preset, monkeypatch):
 
     G = _dense_ggn(flat_f, theta, loss_of_output)
     V = _columns(params, 5)
-    plan = P.ProductPlan(batched_backward=preset)
+    # K = 5 with at most 2 columns per pass: three passes, the last one ragged (2, 2, 1 ->
+    # evened out to 2, 2, 1)
+    plan = P.ProductPlan(batched_backward=preset, max_columns_per_pass=2)
     result = P.ggn_matmat(f, loss_of_output, params, V, plan=plan)
     torch.testing.assert_close(_flat(result), _flat(V) @ G.T, **TOL)
     assert plan.batched_backward is (True if preset is None else preset)  # no convolution
+    assert plan.column_passes == 3
 
 
 def test_convolutions_get_a_looped_backward():

@@ -11,9 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from curvops._compilation import check_compile_options, eager_region
+from curvops._integer_options import check_positive_int
+from curvops.curvature.dense import batch_gram
 from curvops.curvature.diagonal_linear import linear_layers
 from curvops.curvature.diagonals import batch_diagonal
-from curvops.curvature.products import ProductPlan, plain_tangent
+from curvops.curvature.products import COLUMN_MEMORY_BUDGET, ProductPlan, plain_tangent
 from curvops.linear_operator import FlatBackedList, LinearOperator
 from curvops.risk import Batch, EmpiricalRisk
 from curvops.risk.concurrency import DATA_PASS_LOCK
@@ -103,6 +105,12 @@ class CurvatureLinearOperator(LinearOperator):
         num_data: Total number of data (counted if ``None``).
         batch_size_fn: Maps ``X`` to its batch size (required for mapping inputs).
         process_group: See :class:`curvops.risk.EmpiricalRisk`.
+        max_columns_per_pass: Most columns of a multi-column product (``A @ V``,
+            :meth:`to_dense`) pushed through one linearisation of the model at once; ``None``
+            (default): as many as ``column_memory_budget`` allows.
+        column_memory_budget: Bytes the columns of one such pass may hold (estimated from the
+            parameter count and the forward pass's intermediate results; NOTE [columns per
+            pass] of :mod:`curvops.curvature.products`). Default 128 MiB.
         compile: Compile the per-batch product with ``torch.compile`` once and reuse it for
             every batch and product (NOTE [compiling products] of
             :mod:`curvops._compilation`; ``docs/compile.md``). Not every operator has a
@@ -127,11 +135,19 @@ class CurvatureLinearOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         process_group: Any = None,
         out_shapes: list[tuple[int, ...]] | None = None,
+        max_columns_per_pass: int | None = None,
+        column_memory_budget: int = COLUMN_MEMORY_BUDGET,
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
     ):
-        # strategies learnt at the first products (NOTE [product passes])
-        self._product_plan = ProductPlan()
+        # strategies learnt at the first products (NOTE [product passes]) and the limits of
+        # multi-column products (NOTE [columns per pass])
+        if max_columns_per_pass is not None:
+            max_columns_per_pass = check_positive_int(max_columns_per_pass, "max_columns_per_pass")
+        self._product_plan = ProductPlan(
+            max_columns_per_pass=max_columns_per_pass,
+            column_memory_budget=check_positive_int(column_memory_budget, "column_memory_budget"),
+        )
         self._compiled = None  # NOTE [compiling products]: built at the first product
         self._compile_options = check_compile_options(compile, compile_options, type(self).__name__)
         if compile and not self._has_compiled_product():
@@ -262,6 +278,71 @@ class CurvatureLinearOperator(LinearOperator):
             with closing(self._risk.batches(desc=name)) as batches:
                 for batch in batches:
                     batch_matmat(params, batch, V, out, batch.weight)
+
+    # ---------------------------------------------------------------- dense matrix
+    def _factors_of_batch(
+        self, batch: Batch
+    ) -> Callable[[Tensor], tuple[Tensor, Tensor | None]] | None:
+        """The output-space factor columns of a batch (NOTE [exact diagonals]), or ``None``.
+
+        Operators that are sums of per-row outer products (GGN, Fishers) return the function
+        of the batch output that :meth:`diagonal` and :meth:`to_dense` share.
+        """
+        return None
+
+    def to_dense(self) -> Tensor:
+        r"""The dense ``[D, D]`` matrix (flattening convention of the parameters).
+
+        Per batch, the fastest exact path: the Gram matrix of per-datum gradients where the
+        factor columns per datum are few (GGN, empirical and MC Fisher; NOTE [dense Gram
+        matrices] of :mod:`curvops.curvature.dense`), otherwise the product with the
+        identity, whose columns go through one linearisation of the model in chunks as large
+        as ``column_memory_budget`` allows (NOTE [columns per pass]). Same batching, batch
+        weights, Monte-Carlo draws (one per batch, as in a product) and sum across processes
+        as the products.
+
+        Returns:
+            The dense matrix ``[D, D]``.
+        """
+        if not self.is_self_adjoint or self.shape[0] != self.shape[1]:
+            return super().to_dense()
+        name = type(self).__name__
+        D = self.shape[1]
+        buffer = torch.zeros(D, D, dtype=self.dtype, device=self.device)
+        eye = torch.eye(D, dtype=self.dtype, device=self.device)
+        V = _row_views(eye, self.in_shapes)  # the identity's columns, [D, *shape]
+        rows = _row_views(buffer, self.out_shapes)  # symmetric: row k of A is A e_k
+        risk = self._risk
+        params = [p.detach() for p in risk.params]
+        budget = self._product_plan.column_memory_budget
+        with risk.partial_sums([buffer], what=f"{name}.to_dense()"):
+            # as in _accumulate (NOTE [threads], NOTE [module buffers])
+            with DATA_PASS_LOCK, explained_buffer_updates(name), _explained_randomness(name):
+                self._before_pass()
+                with closing(risk.batches(desc=f"{name} to_dense")) as batches:
+                    for batch in batches:
+                        factors = self._factors_of_batch(batch)
+                        # a declined Gram pass may have drawn the MC Fisher's labels: the
+                        # product then draws the same ones again (NOTE [MC seeding])
+                        gen = getattr(self, "_generator", None)
+                        state = None if gen is None else gen.get_state()
+                        done = factors is not None and batch_gram(
+                            risk.forward,
+                            params,
+                            batch.X,
+                            batch.batch_size,
+                            factors,
+                            buffer,
+                            alpha=batch.weight,
+                            memory_budget=budget,
+                        )
+                        if not done:
+                            if state is not None:
+                                gen.set_state(state)
+                            self._batch_matmat(params, batch, V, rows, batch.weight)
+        if self._check_finite:  # NOTE [non-finite values]
+            require_finite([buffer], owner=name, what="the dense matrix")
+        return buffer
 
     # ---------------------------------------------------------------- exact diagonals
     def _diagonal_pass(

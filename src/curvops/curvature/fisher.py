@@ -128,9 +128,7 @@ class EFLinearOperator(CurvatureLinearOperator):
                 lambda t, shape: loss.from_terms(t, shape, lead=1),
             )
         plan = self._product_plan
-        factor_ggn_matmat(
-            model, factors, params, V, terms=terms, out=out, alpha=alpha, plan=plan
-        )
+        factor_ggn_matmat(model, factors, params, V, terms=terms, out=out, alpha=alpha, plan=plan)
 
     def _compiled_product(self):
         risk, loss = self._risk, self._risk.loss
@@ -182,20 +180,21 @@ class EFLinearOperator(CurvatureLinearOperator):
             ValueError: If the model output's rows do not belong to single data (e.g.
                 BatchNorm in training mode).
         """
+        return self._diagonal_pass(self._factors_of_batch, memory_budget)
+
+    def _factors_of_batch(self, batch: Batch):
+        """Factor columns of a batch, for :meth:`diagonal` and ``to_dense``."""
         loss = self._risk.loss
         split = self._gradient_of == GradientOf.LOSS_TERM
 
-        def factors_of_batch(batch: Batch):
-            # the same factors (for the MC Fisher: the same draws) as a product's pass, split
-            # into one column per position for loss-term gradients (NOTE [output factors])
-            def factors(output: Tensor) -> tuple[Tensor, None]:
-                shared = self._shared_factors(output, batch)
-                columns = loss.factor_columns(shared, split_positions=split)
-                return columns(0, columns.num_columns), None
+        # the same factors (for the MC Fisher: the same draws) as a product's pass, split
+        # into one column per position for loss-term gradients (NOTE [output factors])
+        def factors(output: Tensor) -> tuple[Tensor, None]:
+            shared = self._shared_factors(output, batch)
+            columns = loss.factor_columns(shared, split_positions=split)
+            return columns(0, columns.num_columns), None
 
-            return factors
-
-        return self._diagonal_pass(factors_of_batch, memory_budget)
+        return factors
 
     def trace(self) -> Tensor:
         """The exact trace, the sum of :meth:`diagonal`."""

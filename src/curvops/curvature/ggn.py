@@ -97,13 +97,11 @@ class GGNLinearOperator(CurvatureLinearOperator):
             ValueError: If the model output's rows do not belong to single data (e.g.
                 BatchNorm in training mode) or the loss couples data.
         """
+        return self._diagonal_pass(self._factors_of_batch, memory_budget)
 
-        def factors_of_batch(batch: Batch):
-            return lambda output: loss_hessian_factors(
-                lambda o: self._risk.loss(o, batch.y), output
-            )
-
-        return self._diagonal_pass(factors_of_batch, memory_budget)
+    def _factors_of_batch(self, batch: Batch):
+        """Eigen-factors of the batch's loss Hessian (for :meth:`diagonal`, ``to_dense``)."""
+        return lambda output: loss_hessian_factors(lambda o: self._risk.loss(o, batch.y), output)
 
     def trace(self) -> Tensor:
         """The exact trace, the sum of :meth:`diagonal`."""
