@@ -9,7 +9,7 @@ batching (to 1e-12 relative in float64), match the dense ``torch.func`` referenc
 
 import torch
 from helpers.property_problems import flat, problems, rel_error
-from hypothesis import assume, given, note
+from hypothesis import given, note
 from hypothesis import strategies as st
 
 from curvops import (
@@ -30,16 +30,6 @@ PSD_KINDS = ("ggn", "ef", "ef-datum", "mc")
 
 def build(kind, problem, data, **kwargs):
     """The exact operator ``kind`` over ``data``."""
-    # known bug (tests/properties/test_known_bugs.py): the Hessian through nn.Embedding with a
-    # batch of empty sequences and reduction="sum" fails in PyTorch's double backward
-    assume(
-        not (
-            kind == "hessian"
-            and problem.arch == "lm"
-            and problem.reduction == "sum"
-            and any(y.numel() == 0 for _, y in data)
-        )
-    )
     args = (problem.model, problem.loss_func, problem.params, data)
     kwargs = {"check_deterministic": False} | kwargs
     if kind == "ggn":

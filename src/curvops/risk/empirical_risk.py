@@ -392,7 +392,9 @@ class EmpiricalRisk:
 
         NOTE [empty batches]: a batch without data (``batch_size(X) == 0``, e.g. the last
         batch of a filtered loader) is skipped: it has no loss terms, so it contributes
-        nothing to any matrix, while evaluating it would give a ``nan`` mean loss.
+        nothing to any matrix, while evaluating it would give a ``nan`` mean loss. So is a
+        batch whose targets have no entries (sequences of length 0): it has no loss terms
+        either, and some double-backward kernels (the embedding's) fail on empty tensors.
 
         The pass holds the process-wide lock of NOTE [threads] and restores the model's
         buffers after every batch (NOTE [module buffers]).
@@ -419,6 +421,8 @@ class EmpiricalRisk:
                 if n == 0:  # NOTE [empty batches]
                     continue
                 seen += n
+                if isinstance(y, Tensor) and y.numel() == 0:  # NOTE [empty batches]
+                    continue  # e.g. sequences of length 0: no loss terms
                 weight = 1.0
                 if mean:  # NOTE [batch weights]
                     z = self.loss.normaliser(y, n)
