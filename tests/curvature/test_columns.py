@@ -120,6 +120,7 @@ def test_gram_and_products_give_the_same_dense_matrix(name, kind, monkeypatch):
     gram = _build(kind, case, column_memory_budget=2_000).to_dense()
     torch.testing.assert_close(gram, reference, **TOL)
     monkeypatch.setattr(dense_module, "GRAM_MAX_COLUMNS_PER_DATUM", 0)
+    monkeypatch.setattr(dense_module, "GRAM_MAX_COLUMN_ENTRIES", 0)
     # declined after the MC labels were drawn: the products draw the same labels again
     products = _build(kind, case, max_columns_per_pass=4).to_dense()
     torch.testing.assert_close(products, reference, **TOL)
@@ -137,3 +138,14 @@ def test_mc_fisher_is_one_matrix_across_columns_and_chunks():
         torch.testing.assert_close(op @ V[:, 0], dense @ V[:, 0], **TOL)
     other = _build("mc", case, seed=4).to_dense()
     assert (other - dense).abs().max() > 1e-6 * dense.abs().max()
+
+
+def test_small_operators_take_the_gram_matrix_with_many_columns_per_datum():
+    """A last layer of 10 classes (D = 50): the Gram matrix, though 10 columns > 8 per datum."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 10).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 10, (6,))
+    G = GGNLinearOperator(layer, torch.nn.CrossEntropyLoss(), list(layer.parameters()), [(X, y)])
+    dense = G.to_dense()
+    assert G._product_plan.column_passes == 0  # no product with the identity ran
+    torch.testing.assert_close(dense, G @ torch.eye(50, dtype=torch.float64))
