@@ -79,8 +79,10 @@ def reference(likelihood: str, subset: str, kind: str, structure: str) -> torch.
     """Dense curvature of the whole data set in laplace's scaling (``factor`` x sum loss)."""
     model, X, y, _ = problem(likelihood)
     params = laplace_params(model, subset)
-    loss = nn.CrossEntropyLoss(reduction="sum") if likelihood == "classification" else (
-        nn.MSELoss(reduction="sum")
+    loss = (
+        nn.CrossEntropyLoss(reduction="sum")
+        if likelihood == "classification"
+        else (nn.MSELoss(reduction="sum"))
     )
     data = [(X, y)]
     if structure == "kron":
@@ -264,6 +266,7 @@ def test_backends_leave_the_caller_state_alone():
         backend.diag(X, y)
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
+    assert not model._forward_hooks  # NOTE [one forward pass per batch]: the hook is removed
     assert model.training == training and all(p.requires_grad for p in model.parameters())
 
 
@@ -364,3 +367,25 @@ def test_last_layer_with_reduced_features_uses_the_whole_model(structure):
     else:
         expected = dense_ggn(net, loss, params, [(X, y)])
     torch.testing.assert_close(laplace_matrix(la, structure), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_kron_loss_is_the_batch_loss(likelihood, subset):
+    """The loss next to KFAC comes from KFAC's own forward pass (NOTE [one forward pass per
+    batch]); it is laplace's loss of the batch."""
+    model, X, y, _ = problem(likelihood)
+    la = Laplace(
+        model, likelihood, subset_of_weights=subset, hessian_structure="kron", backend=CurvopsEF
+    )
+    la.fit(loader(likelihood))  # sets up the last-layer feature extractor
+    loss, _ = la.backend.kron(X[:BATCH], y[:BATCH], N=N)
+    with torch.no_grad():
+        f = model(X[:BATCH])
+    expected = (
+        nn.functional.cross_entropy(f, y[:BATCH], reduction="sum")
+        if likelihood == "classification"
+        else 0.5 * nn.functional.mse_loss(f, y[:BATCH], reduction="sum")
+    )
+    torch.testing.assert_close(loss, expected)
+    assert not model._forward_hooks

@@ -111,3 +111,15 @@ def test_non_finite_inputs_of_kronecker_operators():
         v[3] = float("nan")
         with pytest.raises(ValueError, match=f"input to {type(A).__name__} contains NaN or Inf"):
             A @ v
+
+
+def test_all_finite_one_check_for_many_tensors():
+    from curvops.risk.finite import all_finite
+
+    big = torch.full((4,), 3e38)  # finite entries whose float32 sum overflows
+    assert all_finite([big, torch.ones(3, dtype=torch.float64)])
+    assert all_finite([]) and all_finite([torch.zeros(0)])
+    assert all_finite([torch.tensor([1, 2]), torch.ones(2, 2)])  # integer and float
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not all_finite([big, torch.tensor([1.0, bad]), torch.ones(2)])
+    assert not all_finite([torch.tensor([complex(1.0, float("nan"))])])

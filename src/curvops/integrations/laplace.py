@@ -48,6 +48,13 @@ forward pass through the network per batch) unless laplace-torch reduces the fea
 parameters. Jacobians for the predictive come from laplace-torch's own ``torch.func``
 implementation, which does not depend on the backend.
 
+NOTE [one forward pass per batch]: laplace-torch wants each batch's loss next to its
+curvature. For ``"kron"`` over the whole network the loss is computed from the output of
+KFAC's own forward pass (caught by a forward hook on the model while the factors are
+computed, removed afterwards) instead of a second forward pass; the loss itself is evaluated
+without autograd (:func:`curvops.losses.cross_entropy.loss_value`). Both matter
+for small networks, where a KFAC pass over a batch takes about a millisecond.
+
 NOTE [diagonal path]: ``"diag"`` takes the operator's exact ``diagonal()`` where it has
 one (computed from per-datum quantities, without forming the matrix), and otherwise the
 diagonal of its dense matrix (:math:`P` matrix-vector products, batched), which gives the
@@ -73,6 +80,7 @@ from curvops.curvature import (
 from curvops.kronecker import KFACLinearOperator
 from curvops.linalg import SubmatrixLinearOperator
 from curvops.linear_operator import LinearOperator
+from curvops.losses.cross_entropy import loss_value
 
 
 def _import_laplace() -> tuple[type, type, type, type]:
@@ -91,8 +99,7 @@ def _import_laplace() -> tuple[type, type, type, type]:
         else:
             hint = 'Install it with `pip install "curvops[laplace]"` (see the docs).'
         raise ImportError(
-            f"curvops.integrations.laplace needs laplace-torch, whose import failed: {e}. "
-            f"{hint}"
+            f"curvops.integrations.laplace needs laplace-torch, whose import failed: {e}. {hint}"
         ) from e
     return CurvatureInterface, GGNInterface, EFInterface, Kron
 
@@ -119,12 +126,15 @@ class CurvopsInterface(CurvatureInterface):
             return lambda X: X[key].shape[0]
         return None
 
-    def _bind(self, x: Any, y: Tensor) -> tuple[nn.Module, Any, list, dict[str, Any], Tensor]:
+    def _bind(
+        self, x: Any, y: Tensor, *, output: bool = True
+    ) -> tuple[nn.Module, Any, list, dict[str, Any], Tensor | None]:
         """Model, parameters, data and options of the operators for one batch, and the output.
 
         For last-layer Laplace without feature reduction: the last layer on its input
-        features, else the model with laplace-torch's parameters (only those requiring
-        gradients, in laplace's order).
+        features (and the output, from the same forward pass), else the model with
+        laplace-torch's parameters (only those requiring gradients, in laplace's order) and,
+        if ``output``, the output of a forward pass.
         """
         options = {"check_deterministic": False, "batch_size_fn": self._batch_size_fn(x)}
         with torch.no_grad():
@@ -132,13 +142,13 @@ class CurvopsInterface(CurvatureInterface):
                 f, features = self.model.forward_with_features(x)
                 layer = self.model.last_layer
                 return layer, self.params_dict, [(features, y)], {"check_deterministic": False}, f
-            f = self.model(x)
+            f = self.model(x) if output else None
         params = self.params if self.last_layer else self.params_dict
         return self.model, params, [(x, y)], options, f
 
     def _loss(self, f: Tensor, y: Tensor) -> Tensor:
         """laplace-torch's batch loss, ``factor`` times the sum-reduced loss."""
-        return self.factor * self.lossfunc(f, y).detach()
+        return self.factor * loss_value(self.lossfunc, f, y)
 
     def _curvature_operator(
         self, x: Any, y: Tensor, **kwargs: Any
@@ -217,7 +227,8 @@ class CurvopsInterface(CurvatureInterface):
                 "hessian_structure='kron' has no subnetwork version in laplace-torch; use "
                 "'full' or 'diag' with subset_of_weights='subnetwork'."
             )
-        model, params, data, options, f = self._bind(x, y)
+        # NOTE [one forward pass per batch]
+        model, params, data, options, f = self._bind(x, y, output=False)
         options = self._kron_options() | options | kwargs
         K = KFACLinearOperator(
             model,
@@ -228,7 +239,18 @@ class CurvopsInterface(CurvatureInterface):
             separate_weight_and_bias=True,
             **options,
         )
-        return self._loss(f, y), Kron(self._kron_factors(K, N))
+        outputs: list[Tensor] = []
+        hook = None
+        if f is None:
+            hook = model.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
+        try:
+            kron = Kron(self._kron_factors(K, N))
+        finally:
+            if hook is not None:
+                hook.remove()
+        if f is None:
+            f = outputs[-1] if outputs else self._bind(x, y)[-1]
+        return self._loss(f, y), kron
 
     def _kron_factors(self, K: KFACLinearOperator, N: int) -> list[list[Tensor]]:
         r"""The per-parameter entries of laplace's ``Kron``, in the operator's parameter order.

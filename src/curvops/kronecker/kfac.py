@@ -54,7 +54,7 @@ from curvops.linear_operator import LinearOperator
 from curvops.risk import EmpiricalRisk
 from curvops.risk.concurrency import DATA_PASS_LOCK
 from curvops.risk.determinism import check_deterministic, loss_and_gradient_probe
-from curvops.risk.finite import require_finite, require_finite_input
+from curvops.risk.finite import all_finite, require_finite, require_finite_input
 from curvops.structured import (
     BlockDiagonalLinearOperator,
     DiagonalLinearOperator,
@@ -453,11 +453,14 @@ class KFACLinearOperator(LinearOperator):
 
     def _set_factors(self, factors: dict[str, LayerFactors], diagonals: dict[str, Tensor]) -> None:
         owner = type(self).__name__
-        for name, f in factors.items():  # NOTE [non-finite values]
-            what = f"the factors of {f.module_type} '{name}'"
-            require_finite(f.tensors().values(), owner=owner, what=what)
-        for name, d in diagonals.items():
-            require_finite([d], owner=owner, what=f"the fallback diagonal of '{name}'")
+        everything = [t for f in factors.values() for t in f.tensors().values()]
+        if not all_finite([*everything, *diagonals.values()]):  # NOTE [non-finite values]
+            # one check for all (one synchronisation); the culprit is looked up only here
+            for name, f in factors.items():
+                what = f"the factors of {f.module_type} '{name}'"
+                require_finite(f.tensors().values(), owner=owner, what=what)
+            for name, d in diagonals.items():
+                require_finite([d], owner=owner, what=f"the fallback diagonal of '{name}'")
         self._operator = None
         self._product = None
         self._eigen_cache = {}

@@ -214,13 +214,29 @@ SUPPORTED_USES = (
 """What counts as a supported use of a parameter (for error messages)."""
 
 
+_OP_NAMES: dict[Any, str] = {}
+
+
 def op_name(func: Any) -> str:
-    """A readable name of a torch function (e.g. ``torch.nn.functional.linear``)."""
+    """A readable name of a torch function (e.g. ``torch.nn.functional.linear``).
+
+    Cached per function: every recorded layer call names its function, and resolving a name
+    costs more than the rest of the record.
+    """
+    try:
+        return _OP_NAMES[func]
+    except (KeyError, TypeError):  # TypeError: an unhashable callable
+        pass
     try:
         name = resolve_name(func)
     except Exception:  # pragma: no cover - resolve_name is best effort
         name = None
-    return name or getattr(func, "__qualname__", None) or repr(func)
+    name = name or getattr(func, "__qualname__", None) or repr(func)
+    try:
+        _OP_NAMES[func] = name
+    except TypeError:  # pragma: no cover - unhashable
+        pass
+    return name
 
 
 def _tensors_in(values: Iterable[Any]) -> Iterable[Tensor]:

@@ -231,6 +231,7 @@ class ClassIndexLossSpec(LossSpec):
     """``NLLLoss`` (and the normaliser shared with ``CrossEntropyLoss``)."""
 
     knows_normaliser = True
+    _last_term_mask: tuple[Tensor, int, Tensor | None] | None = None
 
     def normaliser(self, y: object, batch_size: int) -> float:  # noqa: D102
         if not isinstance(y, Tensor):
@@ -240,5 +241,12 @@ class ClassIndexLossSpec(LossSpec):
     def term_mask(self, y: object) -> Tensor | None:  # noqa: D102
         if not isinstance(y, Tensor) or y.is_floating_point():
             return None
+        # the mask of the last targets is kept: a KFAC pass asks three times per batch, and
+        # each answer costs a comparison and a synchronisation (same tensor, same version)
+        last = self._last_term_mask
+        if last is not None and last[0] is y and last[1] == y._version:
+            return last[2]
         keep = y != self.loss_func.ignore_index
-        return None if bool(keep.all()) else keep
+        mask = None if bool(keep.all()) else keep
+        self._last_term_mask = (y, y._version, mask)
+        return mask

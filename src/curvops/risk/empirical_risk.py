@@ -413,9 +413,10 @@ class EmpiricalRisk:
         mean = self._reduction == "mean"
         seen, seen_normaliser = 0, 0.0
         with DATA_PASS_LOCK, self.rng_isolation(), BufferGuard(self.module) as buffers:
-            for raw in tqdm(
-                self.data, desc=desc, total=total, disable=not self.progressbar, leave=False
-            ):
+            loop = self.data  # (a disabled tqdm still costs tens of microseconds per pass)
+            if self.progressbar:
+                loop = tqdm(self.data, desc=desc, total=total, leave=False)
+            for raw in loop:
                 X, y = self._unpack(raw)
                 n = self.batch_size(X)
                 if n == 0:  # NOTE [empty batches]
