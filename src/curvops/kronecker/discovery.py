@@ -193,7 +193,8 @@ def _module_layers(risk: EmpiricalRisk) -> list[KFACLayer] | None:
     """
     if risk.module is None:
         return None
-    places = _module_places(risk.module)
+    order: dict[str, int] = {}
+    places = _module_places(risk.module, order)
     layers: dict[str, KFACLayer] = {}
     for index, p in enumerate(risk.params):
         where = places[id(p)]
@@ -211,7 +212,6 @@ def _module_layers(risk: EmpiricalRisk) -> list[KFACLayer] | None:
         if mod_name not in layers:
             layers[mod_name] = layer_type(mod_name, module, None, None)
         setattr(layers[mod_name], f"{attr}_index", index)
-    order = {name: i for i, (name, _) in enumerate(risk.module.named_modules())}
     return sorted(layers.values(), key=lambda layer: order.get(layer.name, len(order)))
 
 
@@ -227,11 +227,18 @@ def _unsupported(index: int, unsupported: dict, as_weight: dict, as_bias: dict) 
     return None
 
 
-def _module_places(model: nn.Module | None) -> dict[int, list[tuple[str, nn.Module, str]]]:
-    """Where each parameter sits in the model: ``(module name, module, attribute)``."""
+def _module_places(
+    model: nn.Module | None, order: dict[str, int] | None = None
+) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Where each parameter sits in the model: ``(module name, module, attribute)``.
+
+    If ``order`` is given, it receives each module name's position in the walk.
+    """
     places: dict[int, list[tuple[str, nn.Module, str]]] = defaultdict(list)
     if model is not None:
         for mod_name, module in model.named_modules(remove_duplicate=False):
+            if order is not None:
+                order.setdefault(mod_name, len(order))
             for attr, p in module.named_parameters(recurse=False, remove_duplicate=False):
                 places[id(p)].append((mod_name, module, attr))
     return places

@@ -200,9 +200,10 @@ class EmpiricalRisk:
                 f"model_func must be an nn.Module or a callable (params, X) -> output, got "
                 f"{type(model_func)}."
             )
-        refuse_batchnorm_in_training(self.module, owner)  # NOTE [module buffers]
-        refuse_in_place_parameter_updates(self.module, owner)
-        refuse_backward_hooks(self.module, owner)  # NOTE [module hooks]
+        named = None if self.module is None else list(self.module.named_modules())
+        refuse_batchnorm_in_training(self.module, owner, named)  # NOTE [module buffers]
+        refuse_in_place_parameter_updates(self.module, owner, named)
+        refuse_backward_hooks(self.module, owner, named)  # NOTE [module hooks]
         if num_data is not None:
             num_data = check_positive_int(num_data, "num_data")
         self.loss_func = loss_func

@@ -29,19 +29,23 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def refuse_batchnorm_in_training(module: nn.Module | None, owner: str) -> None:
+def refuse_batchnorm_in_training(
+    module: nn.Module | None, owner: str, named_modules: list | None = None
+) -> None:
     """Raise if a BatchNorm layer of ``module`` is in training mode (NOTE [module buffers]).
 
     Args:
         module: The model (``None`` for a plain function, which cannot be inspected).
         owner: The operator, for the message.
+        named_modules: ``list(module.named_modules())`` if the caller has it already (the
+            checks run for every operator, and one walk of the model serves all three).
 
     Raises:
         ValueError: Naming the first BatchNorm layer in training mode.
     """
     if module is None:
         return
-    for name, sub in module.named_modules():
+    for name, sub in module.named_modules() if named_modules is None else named_modules:
         if isinstance(sub, _BatchNorm) and sub.training:
             raise ValueError(
                 f"{type(sub).__name__} '{name or '<root>'}' is in training mode, which couples "
@@ -50,7 +54,9 @@ def refuse_batchnorm_in_training(module: nn.Module | None, owner: str) -> None:
             )
 
 
-def refuse_in_place_parameter_updates(module: nn.Module | None, owner: str) -> None:
+def refuse_in_place_parameter_updates(
+    module: nn.Module | None, owner: str, named_modules: list | None = None
+) -> None:
     """Raise for layers that change their own parameters during the forward pass.
 
     NOTE [in-place parameter updates]: ``nn.Embedding(max_norm=...)`` (and
@@ -62,13 +68,15 @@ def refuse_in_place_parameter_updates(module: nn.Module | None, owner: str) -> N
     Args:
         module: The model (``None`` for a plain function, which cannot be inspected).
         owner: The operator, for the message.
+        named_modules: ``list(module.named_modules())`` if the caller has it already (the
+            checks run for every operator, and one walk of the model serves all three).
 
     Raises:
         NotImplementedError: Naming the first such layer.
     """
     if module is None:
         return
-    for name, sub in module.named_modules():
+    for name, sub in module.named_modules() if named_modules is None else named_modules:
         if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.max_norm is not None:
             raise NotImplementedError(
                 f"{type(sub).__name__} '{name or '<root>'}' uses max_norm={sub.max_norm}: it "
@@ -79,7 +87,9 @@ def refuse_in_place_parameter_updates(module: nn.Module | None, owner: str) -> N
             )
 
 
-def refuse_backward_hooks(module: nn.Module | None, owner: str) -> None:
+def refuse_backward_hooks(
+    module: nn.Module | None, owner: str, named_modules: list | None = None
+) -> None:
     """Raise for backward hooks, which ``torch.func`` transforms cannot run.
 
     NOTE [module hooks]: forward hooks and forward pre-hooks are part of the model's forward
@@ -92,6 +102,8 @@ def refuse_backward_hooks(module: nn.Module | None, owner: str) -> None:
     Args:
         module: The model (``None`` for a plain function, which cannot be inspected).
         owner: The operator, for the message.
+        named_modules: ``list(module.named_modules())`` if the caller has it already (the
+            checks run for every operator, and one walk of the model serves all three).
 
     Raises:
         ValueError: Naming the first module with a backward hook.
@@ -110,7 +122,7 @@ def refuse_backward_hooks(module: nn.Module | None, owner: str) -> None:
             f"register_module_full_backward_hook or ..._pre_hook); {owner}'s passes use "
             f"torch.func transforms, which cannot run backward hooks. {fix}"
         )
-    for name, sub in module.named_modules():
+    for name, sub in module.named_modules() if named_modules is None else named_modules:
         if sub._backward_hooks or sub._backward_pre_hooks:
             raise ValueError(
                 f"{type(sub).__name__} '{name or '<root>'}' has a backward hook "
