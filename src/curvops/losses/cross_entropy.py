@@ -120,16 +120,15 @@ class CrossEntropyLossSpec(LikelihoodLossSpec, ClassIndexLossSpec):
             return _class_softmax(output) - target
         # softmax minus the one-hot target, subtracting 1 at each kept target in place: a few
         # operations instead of a one-hot tensor's (this runs once per batch and KFAC pass)
+        # (ignored positions keep the softmax: their terms are masked by the caller)
         grad = _class_softmax(output)
         keep = self.term_mask(y)
+        index = (y if keep is None else torch.where(keep, y, 0)).unsqueeze(1)
         if keep is None:
-            index = y.unsqueeze(1)
-            minus_one = torch.full((), -1.0, dtype=grad.dtype, device=grad.device)
-            grad.scatter_add_(1, index, minus_one.expand(index.shape))
-        else:  # ignored positions keep the softmax (their terms are masked by the caller)
-            index = torch.where(keep, y, 0).unsqueeze(1)
-            grad.scatter_add_(1, index, keep.unsqueeze(1).to(grad.dtype).neg_())
-        return grad
+            minus = torch.full((), -1.0, dtype=grad.dtype, device=grad.device).expand(index.shape)
+        else:
+            minus = keep.unsqueeze(1).to(grad.dtype).neg_()
+        return grad.scatter_add_(1, index, minus)
 
     def sampled_gradients(  # noqa: D102
         self, output: Tensor, y: Tensor, mc_samples: int, generator: torch.Generator | None
