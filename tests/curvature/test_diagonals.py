@@ -83,8 +83,6 @@ def test_batching_never_changes_the_diagonal():
         torch.testing.assert_close(split, _build(cls, case, data=whole).diagonal(), **TOL)
 
 
-
-
 # ==================================================================== several rows per datum
 class TinyCausalLM(nn.Module):
     """Embedding, causal self-attention (positions interact) and a head, flattened to
@@ -393,3 +391,96 @@ def test_hessian_points_to_the_estimators():
         H.diagonal()
     with pytest.raises(NotImplementedError, match=r"hutchinson_trace.*xtrace.*GGNLinearOperator"):
         H.trace()
+
+
+# ==================================================================== row-wise models
+class TanhSubclass(nn.Tanh):
+    """A subclass may override ``forward``: never trusted by type."""
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), True),
+        (nn.Linear(3, 2), True),
+        (nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(3, 2), nn.ReLU())), True),
+        (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5).eval()), True),
+        (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5)), False),  # training mode
+        (nn.Sequential(nn.Flatten(start_dim=0), nn.Linear(3, 2)), False),
+        (nn.Sequential(nn.Linear(3, 4), TanhSubclass()), False),
+        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4).eval()), False),
+        (BatchCentred(), False),
+    ],
+)
+def test_row_wise_models_are_recognised_by_their_modules(model, expected):
+    from curvops.curvature.diagonal_linear import row_wise
+
+    assert row_wise(model) is expected
+    assert row_wise(None) is False
+
+
+def test_hooks_make_a_model_untrusted():
+    from curvops.curvature.diagonal_linear import row_wise
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    handle = model[1].register_forward_hook(lambda m, i, o: o - o.mean(dim=0))
+    assert not row_wise(model)
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+    try:
+        assert not row_wise(model)
+    finally:
+        handle.remove()
+    assert row_wise(model)
+
+
+def _ce_mlp(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(DTYPE)
+        data = [(torch.randn(n, 3, dtype=DTYPE), torch.randint(0, 4, (n,))) for n in (3, 5)]
+    return model, data
+
+
+@pytest.mark.parametrize("cls", [GGNLinearOperator, EFLinearOperator, FisherMCLinearOperator])
+def test_row_wise_models_skip_the_safeguards_and_stay_exact(cls, monkeypatch):
+    """NOTE [row-wise models]: no per-datum pass and no probe, same diagonal as the dense one."""
+    import curvops.curvature.diagonal_linear as closed_form
+    import curvops.curvature.diagonals as diagonals
+
+    model, data = _ce_mlp(7)
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    params = list(model.parameters())
+    kwargs = {"seed": 3} if cls is FisherMCLinearOperator else {}
+    reference = cls(model, loss, params, data, **kwargs).to_dense().diagonal()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a safeguard ran for a row-wise model")
+
+    monkeypatch.setattr(diagonals, "_per_datum_pass", must_not_run)
+    monkeypatch.setattr(closed_form, "_verified", must_not_run)
+    d = cls(model, loss, params, data, **kwargs).diagonal()
+    torch.testing.assert_close(d, reference, **TOL)
+    # a hook (which could couple the data) brings the safeguards back
+    model[1].register_forward_hook(lambda m, i, o: o - o.mean(dim=0))
+    with pytest.raises(AssertionError, match="a safeguard ran"):
+        cls(model, loss, params, data, **kwargs).diagonal()
+
+
+def test_a_hook_coupling_the_data_is_still_refused():
+    model, data = _ce_mlp(8)
+    model[1].register_forward_hook(lambda m, i, o: o - o.mean(dim=0))
+    G = GGNLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    with pytest.raises(ValueError, match="depends on other data"):
+        G.diagonal()
+
+
+def test_a_weight_shared_by_two_layers_of_a_sequential_gets_the_exact_diagonal():
+    model, data = _ce_mlp(9)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 4))
+    model = model.to(DTYPE)
+    model[2].weight = model[0].weight  # one parameter, two layers: no closed form for it
+    params = list(model.parameters())
+    for cls in (GGNLinearOperator, EFLinearOperator):
+        op = cls(model, nn.CrossEntropyLoss(), params, data)
+        torch.testing.assert_close(op.diagonal(), op.to_dense().diagonal(), **TOL)

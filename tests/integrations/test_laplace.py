@@ -389,3 +389,28 @@ def test_kron_loss_is_the_batch_loss(likelihood, subset):
     )
     torch.testing.assert_close(loss, expected)
     assert not model._forward_hooks
+
+
+def test_last_layer_operators_see_the_layer_without_laplaces_hook():
+    """NOTE [last layer without laplace's hook]: same parameters, same outputs, no hooks;
+    laplace's own hook stays on its layer."""
+    from curvops.integrations.laplace import _without_hooks
+
+    model, X, y, _ = problem("classification")
+    la = Laplace(model, "classification", subset_of_weights="last_layer", backend=CurvopsEF)
+    la.fit(loader("classification"))
+    layer = la.model.last_layer
+    hooks = dict(layer._forward_hooks)
+    assert hooks  # laplace-torch's feature hook
+    twin = _without_hooks(layer)
+    assert twin is not layer and not twin._forward_hooks
+    assert twin.weight is layer.weight and twin.bias is layer.bias
+    assert twin.training == layer.training
+    features = torch.randn(3, layer.in_features, dtype=DTYPE)
+    torch.testing.assert_close(twin(features), layer(features))
+    loss, diagonal = la.backend.diag(X[:BATCH], y[:BATCH])
+    assert diagonal.shape == (sum(p.numel() for p in layer.parameters()),)
+    assert dict(layer._forward_hooks) == hooks
+    other = nn.Tanh()
+    assert _without_hooks(other) is other
+    assert _without_hooks(model[0]) is model[0]  # no hooks: the layer itself

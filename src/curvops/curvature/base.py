@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from curvops._compilation import check_compile_options, eager_region
 from curvops._integer_options import check_positive_int
 from curvops.curvature.dense import batch_gram
-from curvops.curvature.diagonal_linear import linear_layers
+from curvops.curvature.diagonal_linear import linear_layers, row_wise
 from curvops.curvature.diagonals import batch_diagonal
 from curvops.curvature.products import COLUMN_MEMORY_BUDGET, ProductPlan, plain_tangent
 from curvops.linear_operator import FlatBackedList, LinearOperator
@@ -372,6 +372,7 @@ class CurvatureLinearOperator(LinearOperator):
         linear = None
         if risk.module is not None:  # NOTE [linear closed form]
             linear = linear_layers(risk.module, risk.param_names, risk.params)
+        trusted = row_wise(risk.module)  # NOTE [row-wise models]
         with risk.partial_sums([buffer], what=f"{name}.diagonal()"):
             # as in _accumulate: one pass at a time (NOTE [threads]), buffers restored (NOTE
             # [module buffers]), random forward passes explained
@@ -390,6 +391,7 @@ class CurvatureLinearOperator(LinearOperator):
                             alpha=batch.weight,
                             memory_budget=memory_budget,
                             progressbar=risk.progressbar,
+                            row_wise=trusted,
                         )
         if self._check_finite:  # NOTE [non-finite values]
             require_finite([buffer], owner=name, what="the diagonal")

@@ -19,6 +19,17 @@ batch, and its parameters belong to no other module; for a random output cotange
 closed-form gradient summed over the data is compared with the layer's true batch gradient,
 and a layer whose weight or bias is also used elsewhere in the forward pass (which hooks
 cannot see) falls back to the per-datum pass of :mod:`curvops.curvature.diagonals`.
+
+NOTE [row-wise models]: both safeguards of the closed form (the per-datum outputs compared
+with the batch output, and the probe of the batch gradient above) cost more than the
+closed form itself for small layers, and neither can fail for a model built only from
+modules whose output row :math:`n` depends on input row :math:`n` alone and which use no
+parameters but their own: an ``nn.Linear``, an element-wise activation, ``nn.Identity``,
+``nn.Dropout`` in evaluation mode or ``nn.Flatten`` keeping the leading axis, alone or
+nested in ``nn.Sequential`` (exact types: a subclass may override ``forward``), with no
+forward hooks anywhere, on an input tensor with a leading data axis and one more axis
+at least. :func:`row_wise` decides this from the model once per operator; such models skip
+the safeguards, every other model keeps them.
 """
 
 from __future__ import annotations
@@ -88,6 +99,43 @@ def linear_layers(
         if found:
             uses.append(LinearUse(module, found.get("weight"), found.get("bias")))
     return uses
+
+
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Identity,
+)  # fmt: skip
+
+
+def _row_wise_module(module: nn.Module) -> bool:
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    kind = type(module)
+    if kind is nn.Sequential:
+        return all(_row_wise_module(child) for child in module)
+    if kind is nn.Linear or kind in _ELEMENTWISE:
+        return True
+    if kind is nn.Dropout:
+        return not module.training
+    if kind is nn.Flatten:
+        return module.start_dim >= 1
+    return False
+
+
+def row_wise(model: nn.Module | None) -> bool:
+    """Whether each output row of ``model`` provably depends on its input row alone.
+
+    See NOTE [row-wise models]. ``False`` whenever in doubt (custom modules, hooks,
+    callables).
+    """
+    if model is None:
+        return False
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    return _row_wise_module(model)
 
 
 @contextlib.contextmanager
@@ -182,6 +230,8 @@ def linear_diagonal(
     N: int,
     out: list[Tensor],
     alpha: float,
+    *,
+    row_wise: bool = False,
 ) -> set[int]:
     r"""Add ``alpha`` times the closed-form diagonal of the qualifying layers to ``out``.
 
@@ -196,12 +246,14 @@ def linear_diagonal(
         N: Number of data.
         out: Accumulators shaped like the parameters.
         alpha: Scale.
+        row_wise: The model is row-wise (NOTE [row-wise models]): skip the probe.
 
     Returns:
         The positions of the parameters whose diagonal was added.
     """
     uses = [use for use in uses if _qualifies(use, N)]
-    if uses:  # a random direction: a reused weight shows for any cotangent but a zero one
+    # a random direction: a reused weight shows for any cotangent but a zero one
+    if uses and not row_wise:
         gen = torch.Generator(device="cpu").manual_seed(0)
         probe = torch.randn(output.shape, generator=gen, dtype=output.dtype)
         uses = _verified(uses, output, leaves, probe.to(output.device))
@@ -209,9 +261,13 @@ def linear_diagonal(
         if not uses:
             break
         zs = [use.z for use in uses]
-        grads = torch.autograd.grad(
-            output, zs, U, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
+        if U.shape[0] == 1:  # one column (the empirical Fisher): no vmap over cotangents
+            grads = torch.autograd.grad(output, zs, U[0], retain_graph=True, allow_unused=True)
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        else:
+            grads = torch.autograd.grad(
+                output, zs, U, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
         for use, g in zip(uses, grads):
             if g is None:
                 continue

@@ -173,6 +173,7 @@ class _Columns:
     def __init__(self, factors: Tensor, coefficients: Tensor | None, N: int):
         K, R = factors.shape[0], factors.shape[1]
         self.N, self.T, self.K = N, R // N, K
+        self.factors, self.coefficients = factors, coefficients
         self.rest = tuple(factors.shape[2:])
         self.S = factors.reshape(K, N, self.T, *self.rest).movedim(1, 0)  # [N, K, T, ...]
         self.c = None
@@ -199,6 +200,9 @@ class _Columns:
 
     def batch_chunks(self, size: int) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Whole-batch cotangents ``[C, R, ...]`` and coefficients ``[C, N]`` per chunk."""
+        if self.T == 1 and size >= self.K:  # one chunk of the factors as they are
+            yield self.factors, self.coefficients
+            return
         for k, t in self.chunks(size):
             u = self.S[:, k, t].movedim(1, 0)  # [C, N, ...]
             u = self.place(u.reshape(len(k) * self.N, *self.rest), t.repeat_interleave(self.N))
@@ -227,6 +231,7 @@ def batch_diagonal(
     alpha: float = 1.0,
     memory_budget: int = DIAGONAL_MEMORY_BUDGET,
     progressbar: bool = False,
+    row_wise: bool = False,
 ) -> list[Tensor]:
     r"""Add ``alpha`` :math:`\sum_r \sum_k c_{k,r} (J_r^\top u_k[r])^{\odot 2}` to ``out``.
 
@@ -248,6 +253,9 @@ def batch_diagonal(
         alpha: Scale of the batch's diagonal.
         memory_budget: Bytes of per-datum gradients formed at once.
         progressbar: Show a progress bar over the chunks of columns.
+        row_wise: The model is row-wise (:func:`curvops.curvature.diagonal_linear.row_wise`):
+            the closed form's safeguards are skipped for an input tensor with a data axis
+            and one more (NOTE [row-wise models]).
 
     Returns:
         ``out``.
@@ -287,16 +295,20 @@ def batch_diagonal(
         return out
     factors, coefficients = factors_of_output(output.detach())
     columns = _Columns(factors, coefficients, N)
+    # NOTE [row-wise models] of curvops.curvature.diagonal_linear
+    trusted = row_wise and isinstance(template, Tensor) and template.ndim >= 2
     done: set[int] = set()
     if linear and columns.count:
         size = min(columns.count, DIAGONAL_COLUMN_CHUNK)
         with torch.no_grad():
             chunks = columns.batch_chunks(size)
-            done = linear_diagonal(linear, output, leaves, chunks, N, out, alpha)
+            done = linear_diagonal(linear, output, leaves, chunks, N, out, alpha, row_wise=trusted)
     for use in linear or []:
         use.x = use.z = None  # free the graph
     output = output.detach()
     rest = [i for i in range(len(params)) if i not in done]
+    if trusted and not rest:  # NOTE [row-wise models]: no per-datum pass, not even a check
+        return out
     _per_datum_pass(
         forward,
         leaves,

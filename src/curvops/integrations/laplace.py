@@ -107,6 +107,27 @@ def _import_laplace() -> tuple[type, type, type, type]:
 CurvatureInterface, GGNInterface, EFInterface, Kron = _import_laplace()
 
 
+def _without_hooks(layer: nn.Module) -> nn.Module:
+    """An ``nn.Linear`` holding ``layer``'s own parameters but not its forward hooks.
+
+    NOTE [last layer without laplace's hook]: laplace-torch keeps a forward hook on the last
+    layer (it records the layer's input, the features). The operators get the features as
+    data, so the hook has nothing to do there, and a hooked model is not a row-wise model
+    (NOTE [row-wise models] of :mod:`curvops.curvature.diagonal_linear`): the exact diagonal
+    would run its per-datum safeguards. The twin shares the parameter tensors (gradients and
+    values are the layer's); other layer types are returned as they are.
+    """
+    if type(layer) is not nn.Linear or not (layer._forward_hooks or layer._forward_pre_hooks):
+        return layer
+    twin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(twin)
+    twin.in_features, twin.out_features = layer.in_features, layer.out_features
+    twin.weight = layer.weight
+    twin.bias = layer.bias
+    twin.train(layer.training)
+    return twin
+
+
 class CurvopsInterface(CurvatureInterface):
     """What the curvops backends share: binding a batch, the loss, ``full`` and ``diag``.
 
@@ -140,7 +161,7 @@ class CurvopsInterface(CurvatureInterface):
         with torch.no_grad():
             if self.last_layer and getattr(self.model, "feature_reduction", None) is None:
                 f, features = self.model.forward_with_features(x)
-                layer = self.model.last_layer
+                layer = _without_hooks(self.model.last_layer)
                 return layer, self.params_dict, [(features, y)], {"check_deterministic": False}, f
             f = self.model(x) if output else None
         params = self.params if self.last_layer else self.params_dict
