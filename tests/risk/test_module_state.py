@@ -16,6 +16,7 @@ from helpers.operator_zoo import (
 from torch import nn
 
 from curvops import JacobianLinearOperator
+from curvops.risk.module_state import row_wise
 
 CHECKS = pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
 
@@ -127,3 +128,52 @@ def test_buffer_updates_inside_transforms_are_explained(kind):
     A = build_operator(kind, model, nn.CrossEntropyLoss(), params, data)
     _use(A)
     _assert_same_buffers(model, before)
+
+
+# ==================================================================== row-wise models
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean: output rows depend on other data."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - h.mean(dim=0)
+
+
+class TanhSubclass(nn.Tanh):
+    """A subclass may override ``forward``: never trusted by type."""
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), True),
+        (nn.Linear(3, 2), True),
+        (nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(3, 2), nn.ReLU())), True),
+        (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5).eval()), True),
+        (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5)), False),  # training mode
+        (nn.Sequential(nn.Flatten(start_dim=0), nn.Linear(3, 2)), False),
+        (nn.Sequential(nn.Linear(3, 4), TanhSubclass()), False),
+        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4).eval()), False),
+        (BatchCentred(), False),
+    ],
+)
+def test_row_wise_models_are_recognised_by_their_modules(model, expected):
+    assert row_wise(model) is expected
+    assert row_wise(None) is False
+
+
+def test_hooks_make_a_model_untrusted():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    handle = model[1].register_forward_hook(lambda m, i, o: o - o.mean(dim=0))
+    assert not row_wise(model)
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+    try:
+        assert not row_wise(model)
+    finally:
+        handle.remove()
+    assert row_wise(model)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from curvops._compilation import check_compile_options, eager_region
 from curvops._integer_options import check_positive_int
 from curvops.curvature.dense import batch_gram
-from curvops.curvature.diagonal_linear import linear_layers, row_wise
+from curvops.curvature.diagonal_linear import linear_layers
 from curvops.curvature.diagonals import batch_diagonal
 from curvops.curvature.products import COLUMN_MEMORY_BUDGET, ProductPlan, plain_tangent
 from curvops.linear_operator import FlatBackedList, LinearOperator
@@ -25,7 +25,7 @@ from curvops.risk.determinism import (
     loss_and_gradient_probe,
 )
 from curvops.risk.finite import require_finite, require_finite_input
-from curvops.risk.module_state import explained_buffer_updates
+from curvops.risk.module_state import explained_buffer_updates, row_wise
 
 
 def _row_views(rows: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:

@@ -28,8 +28,8 @@ parameters but their own: an ``nn.Linear``, an element-wise activation, ``nn.Ide
 ``nn.Dropout`` in evaluation mode or ``nn.Flatten`` keeping the leading axis, alone or
 nested in ``nn.Sequential`` (exact types: a subclass may override ``forward``), with no
 forward hooks anywhere, on an input tensor with a leading data axis and one more axis
-at least. :func:`row_wise` decides this from the model once per operator; such models skip
-the safeguards, every other model keeps them.
+at least. :func:`curvops.risk.module_state.row_wise` decides this from the model once per
+pass; such models skip the safeguards, every other model keeps them.
 """
 
 from __future__ import annotations
@@ -99,43 +99,6 @@ def linear_layers(
         if found:
             uses.append(LinearUse(module, found.get("weight"), found.get("bias")))
     return uses
-
-
-_ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
-    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Identity,
-)  # fmt: skip
-
-
-def _row_wise_module(module: nn.Module) -> bool:
-    if module._forward_hooks or module._forward_pre_hooks:
-        return False
-    kind = type(module)
-    if kind is nn.Sequential:
-        return all(_row_wise_module(child) for child in module)
-    if kind is nn.Linear or kind in _ELEMENTWISE:
-        return True
-    if kind is nn.Dropout:
-        return not module.training
-    if kind is nn.Flatten:
-        return module.start_dim >= 1
-    return False
-
-
-def row_wise(model: nn.Module | None) -> bool:
-    """Whether each output row of ``model`` provably depends on its input row alone.
-
-    See NOTE [row-wise models]. ``False`` whenever in doubt (custom modules, hooks,
-    callables).
-    """
-    if model is None:
-        return False
-    from torch.nn.modules import module as module_globals
-
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        return False
-    return _row_wise_module(model)
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ def _agree(first: Tensor, second: Tensor) -> bool:
 
 def _check_locally(risk: EmpiricalRisk, probe: Probe, owner: str, what: str):
     results = []
-    with risk.rng_isolation():
+    with risk.rng_isolation(seeds=True):
         for seed in _SEEDS:
             torch.manual_seed(seed)
             results.append(_named_parts(probe(), what))

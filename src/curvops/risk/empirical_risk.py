@@ -51,6 +51,7 @@ from curvops.risk.module_state import (
     refuse_backward_hooks,
     refuse_batchnorm_in_training,
     refuse_in_place_parameter_updates,
+    row_wise,
 )
 
 _SUMMARY_LABELS = {
@@ -317,6 +318,8 @@ class EmpiricalRisk:
 
     def _check_data(self, data: Iterable) -> Iterable:
         check_data_container(data)
+        if type(data) in (list, tuple):  # iterable many times, and without random draws
+            return data
         try:
             with self.rng_isolation():  # iter() of a shuffling DataLoader draws a seed
                 it = iter(data)
@@ -368,7 +371,7 @@ class EmpiricalRisk:
         if not (count or mean):
             return 0, 0.0, []
         num, normaliser, terms = 0, 0.0, set()
-        with self.rng_isolation():
+        with self.rng_isolation(forward=False):
             for raw in self.data:
                 X, y = self._unpack(raw)
                 n = self.batch_size(X)
@@ -383,10 +386,31 @@ class EmpiricalRisk:
         return num, normaliser, sorted(terms)
 
     # ---------------------------------------------------------------- the data loop
-    def rng_isolation(self) -> contextlib.AbstractContextManager:
-        """Context that restores the global RNG state(s) on exit (dropout, shuffling)."""
+    def rng_isolation(
+        self, *, forward: bool = True, seeds: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """Context that restores the global RNG state(s) on exit (dropout, shuffling).
+
+        NOTE [RNG isolation of plain data]: iterating over a list or tuple of batches draws
+        no random numbers (a shuffling ``DataLoader``'s ``iter()`` does), and neither does a
+        forward pass of a row-wise model (:func:`curvops.risk.module_state.row_wise`:
+        no dropout in training mode, no custom code). Then there is nothing to restore and
+        saving and restoring the generator's state is skipped (it costs as much as a small
+        layer's forward pass).
+
+        Args:
+            forward: The context also covers forward passes of the model.
+            seeds: The context seeds the global generator itself (always isolated).
+        """
+        plain = type(getattr(self, "data", None)) in (list, tuple)
+        if plain and not seeds and (not forward or self._row_wise):
+            return contextlib.nullcontext()
         devices = [self.device] if self.device.type == "cuda" else []
         return torch.random.fork_rng(devices=devices)
+
+    @property
+    def _row_wise(self) -> bool:
+        return row_wise(self.module)
 
     def batches(self, desc: str = "") -> Iterator[Batch]:
         """Iterate over the data (the one data loop of ``curvops``).

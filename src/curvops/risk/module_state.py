@@ -186,3 +186,46 @@ def explained_buffer_updates(owner: str) -> Iterator[None]:
             "of buffers (curvops restores buffers after every batch anyway, NOTE [module "
             "buffers])."
         ) from e
+
+
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Identity,
+)  # fmt: skip
+
+
+def _row_wise_module(module: nn.Module) -> bool:
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    kind = type(module)
+    if kind is nn.Sequential:
+        return all(_row_wise_module(child) for child in module)
+    if kind is nn.Linear or kind in _ELEMENTWISE:
+        return True
+    if kind is nn.Dropout:
+        return not module.training
+    if kind is nn.Flatten:
+        return module.start_dim >= 1
+    return False
+
+
+def row_wise(model: nn.Module | None) -> bool:
+    """Whether each output row of ``model`` provably depends on its input row alone.
+
+    Such a model is ``nn.Linear``, an element-wise activation, ``nn.Identity``,
+    ``nn.Dropout`` in evaluation mode or ``nn.Flatten`` keeping the leading axis, alone or
+    nested in ``nn.Sequential`` (exact types: a subclass may override ``forward``), with no
+    forward hooks anywhere: output row :math:`n` depends on input row :math:`n` alone, each
+    parameter is used by its own layer only, and a forward pass draws no random numbers.
+    ``False`` whenever in doubt (custom modules, hooks, callables). Used by NOTE [row-wise
+    models] of :mod:`curvops.curvature.diagonal_linear` and NOTE [RNG isolation of plain
+    data] of :mod:`curvops.risk.empirical_risk`.
+    """
+    if model is None:
+        return False
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    return _row_wise_module(model)
