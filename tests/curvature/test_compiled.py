@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from cases import make_case
+from cases import FISHER_CASES, make_case
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 from torch.func import functional_call
@@ -16,6 +16,7 @@ from curvops import (
 from curvops.curvature.compiled import (
     compiled_factor_ggn_matmat,
     compiled_ggn_matmat,
+    compiled_gradient_ggn_matmat,
     compiled_hessian_matmat,
 )
 from curvops.testing.dense import dense_ef, dense_ggn, dense_hessian
@@ -65,6 +66,12 @@ def _explained(kind):
             lambda *q: loss(forward(q, X), y), p, V
         )
         args = (params, X, y, V)
+    elif kind == "gradient":
+        scale = torch.tensor(2.0, dtype=torch.float64)
+        fn = lambda p, X, y, scale, V: compiled_gradient_ggn_matmat(  # noqa: E731
+            lambda *q: forward(q, X), lambda o: loss(o, y), scale, p, V
+        )
+        args = (params, X, y, scale, V)
     else:
         S = torch.randn(2, 4, 3, dtype=torch.float64)
         fn = lambda p, X, S, V: compiled_factor_ggn_matmat(  # noqa: E731
@@ -74,7 +81,7 @@ def _explained(kind):
     return fn, args
 
 
-@pytest.mark.parametrize("kind", ["ggn", "hessian", "factor"])
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "factor", "gradient"])
 def test_per_batch_products_trace_without_graph_breaks(kind):
     fn, args = _explained(kind)
     explanation = torch._dynamo.explain(fn)(*args)
@@ -123,6 +130,36 @@ def test_compiled_empirical_fisher_of_loss_terms_matches_dense():
     dense = dense_ef(case.model_func, case.loss_func, case.params, data)
     V = _columns(E.shape[1], 2)
     torch.testing.assert_close(E @ V, dense @ V, **TOL)
+
+
+# both conventions where data have positions (elsewhere they coincide)
+_EF_CASES = [(name, "loss-term") for name in FISHER_CASES] + [
+    (name, "datum") for name in FISHER_CASES if name.startswith("seq")
+]
+
+
+@pytest.mark.parametrize(("name", "gradient_of"), _EF_CASES)
+def test_compiled_empirical_fisher_equals_eager(name, gradient_of):
+    r"""In-graph factors (batch-loss gradients) = the eager factors, on every Fisher case.
+
+    Covers mean and sum reductions, padding (``ignore_index``), label smoothing, positions,
+    uneven and empty batches: the scale :math:`R_\mathbb{B}^{-1/2}` and the zero gradients
+    at ignored targets must reproduce the eager operator's factors.
+    """
+    case = make_case(name)
+    args = (case.model_func, case.loss_func, case.params, case.data)
+    kwargs = {"gradient_of": gradient_of, "batch_size_fn": case.batch_size_fn}
+    eager = EFLinearOperator(*args, **kwargs)
+    compiled = EFLinearOperator(
+        *args,
+        **kwargs,
+        compile=True,
+        compile_options={"backend": "eager"},
+        check_deterministic=False,
+    )
+    V = _columns(eager.shape[1], 2)
+    torch.testing.assert_close(compiled @ V, eager @ V, **TOL)
+    torch.testing.assert_close(compiled @ V[:, 0], eager @ V[:, 0], **TOL)
 
 
 def test_compiled_mc_fisher_equals_eager():

@@ -20,10 +20,14 @@ NOTE [compiled products]: what the compiled path does differently from the eager
   output and :math:`JV` in one forward pass and :math:`J^\top U` by the ``vjp`` of its
   primal path (NOTE [one forward pass, traced]), vectorised over the columns. The results
   agree with the eager products up to round-off, not bitwise.
-* The empirical and Monte-Carlo Fisher take their output factors :math:`S` as an input:
-  they are computed eagerly from an extra forward pass without graph (the Monte-Carlo draws
-  come from the operator's private generator, which a graph cannot hold), so these two
-  products cost one forward pass more than their eager version.
+* The empirical Fisher computes its output factors inside the graph, from the forward
+  pass's own output: the factor of a loss term is its gradient with respect to the output,
+  :math:`\sqrt{R_\mathbb{B}}\,\nabla_f \ell = R_\mathbb{B}^{-1/2} \nabla_f
+  \mathcal{L}_\mathbb{B}` (one ``grad`` of the batch loss in output space; the scale
+  :math:`R_\mathbb{B}^{-1/2}` comes from the targets as a tensor input). The Monte-Carlo
+  Fisher takes its factors :math:`S` as an input: they are computed eagerly from an extra
+  forward pass without graph (the draws come from the operator's private generator, which
+  a graph cannot hold), so that product costs one forward pass more than its eager version.
 
 References:
     Pearlmutter, B. A. (1994). Fast exact multiplication by the Hessian.
@@ -120,8 +124,8 @@ def compiled_factor_ggn_matmat(
 ) -> tuple[Tensor, ...]:
     r"""Product with :math:`J^\top (\sum_{k,g} s_{k,g} s_{k,g}^\top) J` for given factors.
 
-    The traceable twin of :func:`curvops.curvature.products.factor_ggn_matmat` (empirical
-    and Monte-Carlo Fisher; paper §2.1, "FVPs via GGNVPs"), with the factors computed
+    The traceable twin of :func:`curvops.curvature.products.factor_ggn_matmat` (here the
+    Monte-Carlo Fisher; paper §2.1, "FVPs via GGNVPs"), with the factors computed
     beforehand (NOTE [compiled products]).
 
     Args:
@@ -135,22 +139,68 @@ def compiled_factor_ggn_matmat(
     Returns:
         Tensor tuple ``[K, *param_shape]``.
     """
-
-    def grouped(t: Tensor) -> Tensor:  # [L, N, ...] -> [L, N, G, M]
-        if terms is None:
-            return t.reshape(t.shape[0], t.shape[1], 1, -1)
-        return terms[0](t)
-
-    S = grouped(factors)
+    S = _grouped(factors, terms)
 
     def output_matmat(output: Tensor, U: Tensor) -> Tensor:
-        coeff = torch.einsum("jngm,kngm->kjng", S, grouped(U))
-        result = torch.einsum("kjng,jngm->kngm", coeff, S)
-        if terms is None:
-            return result.reshape(U.shape)
-        return terms[1](result, tuple(U.shape[1:]))
+        return _factor_outer_matmat(S, U, terms)
 
     return compiled_linearized_matmat(f, output_matmat, params, V)
+
+
+def compiled_gradient_ggn_matmat(
+    f: ParamFn,
+    loss_of_output: Callable[[Tensor], Tensor],
+    scale: Tensor,
+    params: tuple[Tensor, ...],
+    V: tuple[Tensor, ...],
+    terms: Terms | None = None,
+) -> tuple[Tensor, ...]:
+    r"""Empirical Fisher product, its factors taken from the same forward pass (traceable).
+
+    The factor of each loss term is its gradient with respect to the output,
+    :math:`s = \sqrt{R_\mathbb{B}}\,\nabla_f \ell = R_\mathbb{B}^{-1/2} \nabla_f
+    \mathcal{L}_\mathbb{B}` (the batch loss :math:`\mathcal{L}_\mathbb{B} = R_\mathbb{B}
+    \sum \ell` decouples across data and positions, so one ``grad`` in output space gives
+    every term's gradient, zero at ignored targets), and the product is
+    :math:`J^\top (\sum s s^\top) J V` as in :func:`compiled_factor_ggn_matmat` (paper
+    §2.1, "FVPs via GGNVPs"; NOTE [compiled products]). No forward pass beyond the product's.
+
+    Args:
+        f: Maps the parameters (as positional arguments) to the model output ``[N, ...]``.
+        loss_of_output: Maps the model output to the batch loss :math:`\mathcal{L}_\mathbb{B}`.
+        scale: :math:`R_\mathbb{B}^{-1/2}`, a 0-d tensor (a tensor, so that batches with
+            different normalisers share one graph).
+        params: Parameter values.
+        V: Tensor tuple ``[K, *param_shape]``.
+        terms: ``(to_terms, from_terms)`` grouping the output by loss term, or ``None`` for
+            one group per datum.
+
+    Returns:
+        Tensor tuple ``[K, *param_shape]``.
+    """
+    loss_gradient = grad(loss_of_output)
+
+    def output_matmat(output: Tensor, U: Tensor) -> Tensor:
+        S = _grouped((scale * loss_gradient(output)).unsqueeze(0), terms)
+        return _factor_outer_matmat(S, U, terms)
+
+    return compiled_linearized_matmat(f, output_matmat, params, V)
+
+
+def _grouped(t: Tensor, terms: Terms | None) -> Tensor:
+    """``[L, N, ...]`` -> ``[L, N, G, M]``: one group per loss term (or per datum)."""
+    if terms is None:
+        return t.reshape(t.shape[0], t.shape[1], 1, -1)
+    return terms[0](t)
+
+
+def _factor_outer_matmat(S: Tensor, U: Tensor, terms: Terms | None) -> Tensor:
+    r""":math:`\sum_j s_j s_j^\top` per group applied to ``U`` ``[K, N, ...]``; ``S`` grouped."""
+    coeff = torch.einsum("jngm,kngm->kjng", S, _grouped(U, terms))
+    result = torch.einsum("kjng,jngm->kngm", coeff, S)
+    if terms is None:
+        return result.reshape(U.shape)
+    return terms[1](result, tuple(U.shape[1:]))
 
 
 def compiled_hessian_matmat(

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from curvops._integer_options import check_positive_int, check_seed
 from curvops.curvature.base import CurvatureLinearOperator
-from curvops.curvature.compiled import compiled_factor_ggn_matmat
+from curvops.curvature.compiled import compiled_factor_ggn_matmat, compiled_gradient_ggn_matmat
 from curvops.curvature.diagonals import DIAGONAL_MEMORY_BUDGET
 from curvops.curvature.products import factor_ggn_matmat
 from curvops.risk import Batch
@@ -62,8 +62,8 @@ class EFLinearOperator(CurvatureLinearOperator):
         gradient_of: ``"loss-term"`` (default) or ``"datum"``, see above.
         **kwargs: ``progressbar``, ``check_deterministic``, ``num_data``, ``batch_size_fn``,
             ``process_group``, ``compile``, ``compile_options`` (see
-            :class:`~curvops.curvature.base.CurvatureLinearOperator`; compiled products cost
-            one extra forward pass for the output factors, NOTE [compiled products] of
+            :class:`~curvops.curvature.base.CurvatureLinearOperator`; compiled products take
+            the output factors from their own forward pass, NOTE [compiled products] of
             :mod:`curvops.curvature.compiled`).
 
     Raises:
@@ -139,6 +139,16 @@ class EFLinearOperator(CurvatureLinearOperator):
                 lambda t, shape: loss.from_terms(t, shape, lead=1),
             )
 
+        if self._kind == "empirical":
+            # NOTE [compiled products]: gradients of the batch loss from the product's own
+            # forward pass
+            def product(params, X, y, scale, V):
+                return compiled_gradient_ggn_matmat(
+                    lambda *p: risk.forward(p, X), lambda o: loss(o, y), scale, params, V, terms
+                )
+
+            return product
+
         def product(params, X, factors, V):
             return compiled_factor_ggn_matmat(
                 lambda *p: risk.forward(p, X), factors, params, V, terms
@@ -147,7 +157,11 @@ class EFLinearOperator(CurvatureLinearOperator):
         return product
 
     def _compiled_inputs(self, params: list[Tensor], batch: Batch) -> tuple:
-        # NOTE [compiled products]: the factors (MC: the draws of the private generator, in
+        if self._kind == "empirical":
+            R = self._risk.loss.reduction_factor(batch.y, batch.batch_size)
+            scale = torch.tensor(R**-0.5, dtype=self.dtype, device=self.device)
+            return (batch.X, batch.y, scale)
+        # NOTE [compiled products]: the MC factors (the draws of the private generator, in
         # the same order as the eager products) come from an eager forward pass
         with torch.no_grad():
             output = self._risk.forward(params, batch.X)
