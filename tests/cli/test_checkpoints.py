@@ -157,8 +157,14 @@ def test_weights_errors(factories, tmp_path, capsys):
     err = _error(capsys, factories, tmp_path, model_args, "--weights", str(checkpoint))
     assert "without a state dict among its entries (epoch, net)" in err and "--weights-key" in err
     err = _error(
-        capsys, factories, tmp_path, model_args, "--weights", str(checkpoint),
-        "--weights-key", "opt",
+        capsys,
+        factories,
+        tmp_path,
+        model_args,
+        "--weights",
+        str(checkpoint),
+        "--weights-key",
+        "opt",
     )
     assert "--weights-key 'opt' is not an entry of" in err
 

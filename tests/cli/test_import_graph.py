@@ -18,9 +18,7 @@ def _cli_imports(path: Path) -> set[str]:
             elif node.module.startswith("curvops.cli."):
                 out.add(node.module.split(".")[2])
         elif isinstance(node, ast.Import):
-            out |= {
-                a.name.split(".")[2] for a in node.names if a.name.startswith("curvops.cli.")
-            }
+            out |= {a.name.split(".")[2] for a in node.names if a.name.startswith("curvops.cli.")}
     return out
 
 

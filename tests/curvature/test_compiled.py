@@ -230,9 +230,7 @@ def test_compiled_products_through_attention():
     """SDPA's fused kernels have no forward-mode derivative: traced with the math backend."""
     gen = torch.Generator().manual_seed(0)
     model = _Attention().double()
-    data = [
-        (torch.randn(2, 5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (10,)))
-    ]
+    data = [(torch.randn(2, 5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (10,)))]
     loss, params = nn.CrossEntropyLoss(), list(model.parameters())
     G = GGNLinearOperator(
         model, loss, params, data, compile=True, compile_options={"backend": "eager"}

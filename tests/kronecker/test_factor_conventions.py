@@ -107,9 +107,7 @@ def test_shares_of_batches_add_up_to_the_whole_data_set(reduction, fisher_type):
         parts = total[name]
         torch.testing.assert_close(sum(p.input_factor for p in parts), f.input_factor)
         if f.bias_input_factor is not None:
-            torch.testing.assert_close(
-                sum(p.bias_input_factor for p in parts), f.bias_input_factor
-            )
+            torch.testing.assert_close(sum(p.bias_input_factor for p in parts), f.bias_input_factor)
         torch.testing.assert_close(sum(p.gradient_factor for p in parts), f.gradient_factor)
 
 

@@ -112,9 +112,7 @@ def test_fallback_diagonal_on_sequences_is_exact(fisher_type, kfac_approx, refer
         ("empirical", "reduce", lambda *a: dense_ef(*a, gradient_of="datum")),
     ],
 )
-def test_ekfac_corrections_on_sequences_are_the_exact_diagonal(
-    fisher_type, kfac_approx, reference
-):
+def test_ekfac_corrections_on_sequences_are_the_exact_diagonal(fisher_type, kfac_approx, reference):
     """EKFAC's eigenvalues are diag(Q^T C Q) of the block it approximates, in its basis."""
     model = build(mixing_net)
     params = [p for n, p in model.named_parameters() if not n.startswith("1.")]

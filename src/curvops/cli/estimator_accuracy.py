@@ -130,9 +130,7 @@ def trace_errors(
     def error(estimate: Tensor) -> float:
         return abs(float(estimate) - exact_trace) / abs(exact_trace)
 
-    return _error_table(
-        TRACE_ESTIMATORS, A, error, budgets, runs, generator, progressbar, on_step
-    )
+    return _error_table(TRACE_ESTIMATORS, A, error, budgets, runs, generator, progressbar, on_step)
 
 
 def diagonal_errors(

@@ -114,9 +114,7 @@ def plot_heatmaps(
         ax.set_xticks([])
         ax.set_yticks([])
     if image is not None:
-        fig.colorbar(
-            image, ax=axes, shrink=0.8, label=r"$\log_{10}(|A_{ij}| / \max |A|)$"
-        )
+        fig.colorbar(image, ax=axes, shrink=0.8, label=r"$\log_{10}(|A_{ij}| / \max |A|)$")
     if suptitle:
         fig.suptitle(suptitle)
     return _save(fig, path)

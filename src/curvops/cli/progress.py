@@ -50,9 +50,7 @@ class StepBar:
         file: Stream to write to (default: ``sys.stderr``).
     """
 
-    def __init__(
-        self, total: int, desc: str, *, enabled: bool = True, file: IO[str] | None = None
-    ):
+    def __init__(self, total: int, desc: str, *, enabled: bool = True, file: IO[str] | None = None):
         self._file = sys.stderr if file is None else file
         interactive = is_interactive(self._file)
         self._bar = tqdm(

@@ -313,9 +313,7 @@ def _operators_stage(t: _Tour) -> None:
         # to_dense() of its own) does so in one step, outside the product count
         own = has_own_to_dense(op)
         chunk = t.config.dense_chunk if c in EXACT else t.dim
-        t.dense[c], t_dense = timed(
-            dense_matrix, t.device, op if own else counted, chunk, on_block
-        )
+        t.dense[c], t_dense = timed(dense_matrix, t.device, op if own else counted, chunk, on_block)
         if c in KRONECKER:
             t.step()
         timings[c.value] = {

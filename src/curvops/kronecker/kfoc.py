@@ -299,8 +299,7 @@ class KFOCLinearOperator(KFACLinearOperator):
         if self._fisher_type == FisherType.TYPE2:
             return True
         return (
-            self._fisher_type == FisherType.EMPIRICAL
-            and self._gradient_of == GradientOf.LOSS_TERM
+            self._fisher_type == FisherType.EMPIRICAL and self._gradient_of == GradientOf.LOSS_TERM
         )
 
     # ---------------------------------------------------------------- factors
@@ -448,9 +447,7 @@ class KFOCLinearOperator(KFACLinearOperator):
         """One batch's per-datum statistics of a layer's weight block, in the cheaper layout."""
         if layer.diagonal_input:
             ids = layer.input_rows(inputs)
-            return TokenGradients.from_ids(
-                ids, g, layer.num_embeddings, layer.padding_idx, weight
-            )
+            return TokenGradients.from_ids(ids, g, layer.num_embeddings, layer.padding_idx, weight)
         if new_batch or layer.name not in rows:  # input rows are shared by a batch's chunks
             x = layer.input_rows(inputs)
             if self._joint(layer):

@@ -251,9 +251,7 @@ class LikelihoodLossSpec(LossSpec):
         Returns:
             The factors, ``[K, *output.shape]``.
         """
-        S = self.shared_output_factors(
-            output, y, kind, mc_samples=mc_samples, generator=generator
-        )
+        S = self.shared_output_factors(output, y, kind, mc_samples=mc_samples, generator=generator)
         columns = self.factor_columns(S, split_positions=FactorKind(kind) == FactorKind.TYPE2)
         return columns(0, columns.num_columns)
 

@@ -154,4 +154,3 @@ def check_loss_tensors(loss_func: nn.Module | None, dtype: torch.dtype, device: 
                 f"The {owner}'s {name} is on device {t.device}, but the parameters are on "
                 f"{device}: move the loss with loss_func.to('{device}')."
             )
-
