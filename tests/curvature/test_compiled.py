@@ -16,8 +16,8 @@ from curvops import (
 from curvops.curvature.compiled import (
     compiled_factor_ggn_matmat,
     compiled_ggn_matmat,
-    compiled_gradient_ggn_matmat,
     compiled_hessian_matmat,
+    gradient_factors,
 )
 from curvops.testing.dense import dense_ef, dense_ggn, dense_hessian
 
@@ -68,14 +68,14 @@ def _explained(kind):
         args = (params, X, y, V)
     elif kind == "gradient":
         scale = torch.tensor(2.0, dtype=torch.float64)
-        fn = lambda p, X, y, scale, V: compiled_gradient_ggn_matmat(  # noqa: E731
-            lambda *q: forward(q, X), lambda o: loss(o, y), scale, p, V
+        fn = lambda p, X, y, scale, V: compiled_factor_ggn_matmat(  # noqa: E731
+            lambda *q: forward(q, X), gradient_factors(lambda o: loss(o, y), scale), p, V
         )
         args = (params, X, y, scale, V)
     else:
         S = torch.randn(2, 4, 3, dtype=torch.float64)
         fn = lambda p, X, S, V: compiled_factor_ggn_matmat(  # noqa: E731
-            lambda *q: forward(q, X), S, p, V
+            lambda *q: forward(q, X), lambda o: S * o, p, V
         )
         args = (params, X, S, V)
     return fn, args
@@ -162,16 +162,65 @@ def test_compiled_empirical_fisher_equals_eager(name, gradient_of):
     torch.testing.assert_close(compiled @ V[:, 0], eager @ V[:, 0], **TOL)
 
 
-def test_compiled_mc_fisher_equals_eager():
-    model, loss, params, data = _mlp_problem()
-    kwargs = {"mc_samples": 3, "seed": 5}
-    eager = FisherMCLinearOperator(model, loss, params, data, **kwargs)
+@pytest.mark.parametrize("name", FISHER_CASES)
+def test_compiled_mc_fisher_equals_eager(name):
+    """The same draws of the same private generator (NOTE [compiled products]).
+
+    The random numbers are drawn before the forward pass and turned into would-be gradients
+    inside the graph; padding, uneven batches and every likelihood must give the eager
+    operator's matrix.
+    """
+    case = make_case(name)
+    args = (case.model_func, case.loss_func, case.params, case.data)
+    kwargs = {"mc_samples": 3, "seed": 5, "batch_size_fn": case.batch_size_fn}
+    eager = FisherMCLinearOperator(*args, **kwargs)
     compiled = FisherMCLinearOperator(
-        model, loss, params, data, compile=True, compile_options={"backend": "eager"}, **kwargs
+        *args,
+        compile=True,
+        compile_options={"backend": "eager"},
+        check_deterministic=False,
+        **kwargs,
     )
     V = _columns(eager.shape[1], 2)
-    # the same draws of the same private generator (NOTE [compiled products])
     torch.testing.assert_close(compiled @ V, eager @ V, **TOL)
+    torch.testing.assert_close(compiled @ V[:, 0], eager @ V[:, 0], **TOL)
+
+
+@pytest.mark.parametrize("cls", [EFLinearOperator, FisherMCLinearOperator])
+def test_compiled_fisher_operators_trace_without_graph_breaks(cls):
+    """The operators' own per-batch products (in-graph factors, shape checks) with padding."""
+    case = make_case("seq-ce-padded-mean")
+    A = cls(case.model_func, case.loss_func, case.params, case.data[:1], compile=True)
+    batch_inputs = A._compiled_inputs(A.params, _first_batch(A))
+    V = tuple(torch.randn(2, *p.shape, dtype=p.dtype) for p in A.params)
+    explanation = torch._dynamo.explain(A._compiled_product())(tuple(A.params), *batch_inputs, V)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def _first_batch(A):
+    A._before_pass()
+    return next(iter(A._risk.batches()))
+
+
+def test_compiled_fisher_refuses_mismatched_targets():
+    """A target shape the likelihood cannot read fails as in eager mode, not silently."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    data = [(torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(4, 1))]
+    data = [(X, y.squeeze(1).double()) for X, y in data]  # [N] targets for [N, 1] outputs
+    for cls in (EFLinearOperator, FisherMCLinearOperator):
+        A = cls(
+            model,
+            nn.MSELoss(),
+            list(model.parameters()),
+            data,
+            compile=True,
+            compile_options={"backend": "eager"},
+            check_deterministic=False,
+        )
+        with pytest.raises(ValueError, match="target shape"):
+            A @ torch.ones(A.shape[1], dtype=torch.float64)
 
 
 def test_compiled_product_is_reused_across_batches_and_products():

@@ -62,9 +62,7 @@ def test_mc_kfac_same_for_every_batching(loss_name):
 
 
 def test_datum_major_normal_is_standard_normal():
-    eps = datum_major_normal(
-        torch.zeros(100_000, 4, dtype=DTYPE), 2, torch.Generator().manual_seed(0)
-    )
+    eps = datum_major_normal((100_000, 4), 2, torch.Generator().manual_seed(0), DTYPE, "cpu")
     assert eps.shape == (2, 100_000, 4)
     assert abs(float(eps.mean())) < 0.01
     assert abs(float(eps.var()) - 1) < 0.01

@@ -20,14 +20,17 @@ NOTE [compiled products]: what the compiled path does differently from the eager
   output and :math:`JV` in one forward pass and :math:`J^\top U` by the ``vjp`` of its
   primal path (NOTE [one forward pass, traced]), vectorised over the columns. The results
   agree with the eager products up to round-off, not bitwise.
-* The empirical Fisher computes its output factors inside the graph, from the forward
-  pass's own output: the factor of a loss term is its gradient with respect to the output,
+* The empirical and Monte-Carlo Fisher compute their output factors inside the graph, from
+  the forward pass's own output, so they cost what their eager products do. The factor of
+  an empirical Fisher's loss term is its gradient with respect to the output,
   :math:`\sqrt{R_\mathbb{B}}\,\nabla_f \ell = R_\mathbb{B}^{-1/2} \nabla_f
   \mathcal{L}_\mathbb{B}` (one ``grad`` of the batch loss in output space; the scale
   :math:`R_\mathbb{B}^{-1/2}` comes from the targets as a tensor input). The Monte-Carlo
-  Fisher takes its factors :math:`S` as an input: they are computed eagerly from an extra
-  forward pass without graph (the draws come from the operator's private generator, which
-  a graph cannot hold), so that product costs one forward pass more than its eager version.
+  draws need a generator, which a graph cannot hold: their random numbers are drawn eagerly
+  from the targets alone, before the forward pass, by the operator's private generator in
+  the eager products' order (NOTE [MC noise before the forward pass] of
+  :mod:`curvops.losses.likelihood`), and become would-be gradients inside the graph; the
+  compiled MC Fisher is the same matrix as the eager one.
 
 References:
     Pearlmutter, B. A. (1994). Fast exact multiplication by the Hessian.
@@ -117,20 +120,23 @@ def compiled_ggn_matmat(
 
 def compiled_factor_ggn_matmat(
     f: ParamFn,
-    factors: Tensor,
+    factors_of_output: Callable[[Tensor], Tensor],
     params: tuple[Tensor, ...],
     V: tuple[Tensor, ...],
     terms: Terms | None = None,
 ) -> tuple[Tensor, ...]:
-    r"""Product with :math:`J^\top (\sum_{k,g} s_{k,g} s_{k,g}^\top) J` for given factors.
+    r"""Product with :math:`J^\top (\sum_{k,g} s_{k,g} s_{k,g}^\top) J`, factors from the output.
 
-    The traceable twin of :func:`curvops.curvature.products.factor_ggn_matmat` (here the
-    Monte-Carlo Fisher; paper §2.1, "FVPs via GGNVPs"), with the factors computed
-    beforehand (NOTE [compiled products]).
+    The traceable twin of :func:`curvops.curvature.products.factor_ggn_matmat` (empirical
+    and Monte-Carlo Fisher; paper §2.1, "FVPs via GGNVPs"): the factors are computed inside
+    the graph from the output of the product's own forward pass (treated as a constant, as
+    the eager products detach it), so no forward pass beyond the product's (NOTE [compiled
+    products]).
 
     Args:
         f: Maps the parameters (as positional arguments) to the model output ``[N, ...]``.
-        factors: Shared output factors ``[J, N, ...]``.
+        factors_of_output: Maps the output to the shared output factors ``[J, N, ...]``
+            (e.g. :func:`gradient_factors`).
         params: Parameter values.
         V: Tensor tuple ``[K, *param_shape]``.
         terms: ``(to_terms, from_terms)`` grouping the output by loss term, or ``None`` for
@@ -139,52 +145,34 @@ def compiled_factor_ggn_matmat(
     Returns:
         Tensor tuple ``[K, *param_shape]``.
     """
-    S = _grouped(factors, terms)
 
     def output_matmat(output: Tensor, U: Tensor) -> Tensor:
-        return _factor_outer_matmat(S, U, terms)
+        return _factor_outer_matmat(_grouped(factors_of_output(output), terms), U, terms)
 
     return compiled_linearized_matmat(f, output_matmat, params, V)
 
 
-def compiled_gradient_ggn_matmat(
-    f: ParamFn,
-    loss_of_output: Callable[[Tensor], Tensor],
-    scale: Tensor,
-    params: tuple[Tensor, ...],
-    V: tuple[Tensor, ...],
-    terms: Terms | None = None,
-) -> tuple[Tensor, ...]:
-    r"""Empirical Fisher product, its factors taken from the same forward pass (traceable).
+def gradient_factors(
+    loss_of_output: Callable[[Tensor], Tensor], scale: Tensor
+) -> Callable[[Tensor], Tensor]:
+    r"""The empirical Fisher's output factors as a traceable function of the output.
 
     The factor of each loss term is its gradient with respect to the output,
     :math:`s = \sqrt{R_\mathbb{B}}\,\nabla_f \ell = R_\mathbb{B}^{-1/2} \nabla_f
-    \mathcal{L}_\mathbb{B}` (the batch loss :math:`\mathcal{L}_\mathbb{B} = R_\mathbb{B}
+    \mathcal{L}_\mathbb{B}`: the batch loss :math:`\mathcal{L}_\mathbb{B} = R_\mathbb{B}
     \sum \ell` decouples across data and positions, so one ``grad`` in output space gives
-    every term's gradient, zero at ignored targets), and the product is
-    :math:`J^\top (\sum s s^\top) J V` as in :func:`compiled_factor_ggn_matmat` (paper
-    §2.1, "FVPs via GGNVPs"; NOTE [compiled products]). No forward pass beyond the product's.
+    every term's gradient (zero at ignored targets).
 
     Args:
-        f: Maps the parameters (as positional arguments) to the model output ``[N, ...]``.
         loss_of_output: Maps the model output to the batch loss :math:`\mathcal{L}_\mathbb{B}`.
         scale: :math:`R_\mathbb{B}^{-1/2}`, a 0-d tensor (a tensor, so that batches with
             different normalisers share one graph).
-        params: Parameter values.
-        V: Tensor tuple ``[K, *param_shape]``.
-        terms: ``(to_terms, from_terms)`` grouping the output by loss term, or ``None`` for
-            one group per datum.
 
     Returns:
-        Tensor tuple ``[K, *param_shape]``.
+        A function from the output ``[N, ...]`` to the factors ``[1, N, ...]``.
     """
     loss_gradient = grad(loss_of_output)
-
-    def output_matmat(output: Tensor, U: Tensor) -> Tensor:
-        S = _grouped((scale * loss_gradient(output)).unsqueeze(0), terms)
-        return _factor_outer_matmat(S, U, terms)
-
-    return compiled_linearized_matmat(f, output_matmat, params, V)
+    return lambda output: (scale * loss_gradient(output)).unsqueeze(0)
 
 
 def _grouped(t: Tensor, terms: Terms | None) -> Tensor:

@@ -7,14 +7,16 @@ per-datum outer products (paper §2.1, "FVPs via GGNVPs"); the factors come from
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
+from math import sqrt
 
 import torch
 from torch import Tensor
 
 from curvops._integer_options import check_positive_int, check_seed
 from curvops.curvature.base import CurvatureLinearOperator
-from curvops.curvature.compiled import compiled_factor_ggn_matmat, compiled_gradient_ggn_matmat
+from curvops.curvature.compiled import compiled_factor_ggn_matmat, gradient_factors
 from curvops.curvature.diagonals import DIAGONAL_MEMORY_BUDGET
 from curvops.curvature.products import factor_ggn_matmat
 from curvops.risk import Batch
@@ -139,33 +141,39 @@ class EFLinearOperator(CurvatureLinearOperator):
                 lambda t, shape: loss.from_terms(t, shape, lead=1),
             )
 
-        if self._kind == "empirical":
-            # NOTE [compiled products]: gradients of the batch loss from the product's own
-            # forward pass
-            def product(params, X, y, scale, V):
-                return compiled_gradient_ggn_matmat(
-                    lambda *p: risk.forward(p, X), lambda o: loss(o, y), scale, params, V, terms
-                )
+        def forward(X: Tensor) -> Callable[..., Tensor]:
+            return lambda *p: risk.forward(p, X)
 
-            return product
+        def empirical_product(params, X, y, scale, V):
+            gradients = gradient_factors(lambda o: loss(o, y), scale)
 
-        def product(params, X, factors, V):
-            return compiled_factor_ggn_matmat(
-                lambda *p: risk.forward(p, X), factors, params, V, terms
-            )
+            def factors(o: Tensor) -> Tensor:
+                loss.check_target(o, y)  # (shapes: decided while tracing)
+                return gradients(o)
 
-        return product
+            return compiled_factor_ggn_matmat(forward(X), factors, params, V, terms)
+
+        def mc_product(params, X, y, scale, noise, V):
+            def factors(o: Tensor) -> Tensor:
+                loss.check_target(o, y)
+                return scale * loss.gradients_from_noise(o, y, noise)
+
+            return compiled_factor_ggn_matmat(forward(X), factors, params, V, terms)
+
+        return empirical_product if self._kind == "empirical" else mc_product
 
     def _compiled_inputs(self, params: list[Tensor], batch: Batch) -> tuple:
+        # NOTE [compiled products]: the factors come from the product's own forward pass;
+        # eagerly here, only the scale (and the MC draws' random numbers, NOTE [MC noise
+        # before the forward pass], in the eager products' order)
+        loss = self._risk.loss
+        R = loss.reduction_factor(batch.y, batch.batch_size)
         if self._kind == "empirical":
-            R = self._risk.loss.reduction_factor(batch.y, batch.batch_size)
             scale = torch.tensor(R**-0.5, dtype=self.dtype, device=self.device)
             return (batch.X, batch.y, scale)
-        # NOTE [compiled products]: the MC factors (the draws of the private generator, in
-        # the same order as the eager products) come from an eager forward pass
-        with torch.no_grad():
-            output = self._risk.forward(params, batch.X)
-        return (batch.X, self._shared_factors(output, batch))
+        scale = torch.tensor(sqrt(R / self._mc_samples), dtype=self.dtype, device=self.device)
+        noise = loss.mc_noise(batch.y, self._mc_samples, self._generator, self.dtype, self.device)
+        return (batch.X, batch.y, scale, noise)
 
     def diagonal(self, *, memory_budget: int = DIAGONAL_MEMORY_BUDGET) -> Tensor:
         r"""The exact diagonal of the matrix, flat ``[D]`` (NOTE [flattening convention]).
@@ -239,7 +247,9 @@ class FisherMCLinearOperator(EFLinearOperator):
         mc_samples: Number of would-be labels :math:`S` per datum.
         seed: Seed of the private generator.
         **kwargs: ``progressbar``, ``check_deterministic``, ``num_data``, ``batch_size_fn``,
-            ``process_group``.
+            ``process_group``, ``compile``, ``compile_options`` (compiled products draw the
+            same labels, NOTE [MC noise before the forward pass] of
+            :mod:`curvops.losses.likelihood`).
 
     Raises:
         TypeError: If ``mc_samples`` or ``seed`` is not an integer.

@@ -29,13 +29,21 @@ class BCEWithLogitsLossSpec(LikelihoodLossSpec, ElementwiseLossSpec):
     def term_gradients(self, output: Tensor, y: Tensor) -> Tensor:  # noqa: D102
         return torch.sigmoid(output) - y.to(output.dtype)
 
-    def sampled_gradients(  # noqa: D102
-        self, output: Tensor, y: Tensor, mc_samples: int, generator: torch.Generator | None
+    def mc_noise(  # noqa: D102
+        self,
+        y: Tensor,
+        mc_samples: int,
+        generator: torch.Generator | None,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Tensor:
-        p = torch.sigmoid(output)
+        # one uniform number per entry and sample, [S, *y.shape] (the output's shape),
         # datum by datum, so batching does not change the draws (NOTE [MC draw order])
-        u = datum_major_uniform(output, mc_samples, generator)[..., 0]
-        return p - (u < p).to(output.dtype)
+        return datum_major_uniform(tuple(y.shape), mc_samples, generator, dtype, device)[..., 0]
+
+    def gradients_from_noise(self, output: Tensor, y: Tensor, noise: Tensor) -> Tensor:  # noqa: D102
+        p = torch.sigmoid(output)
+        return p - (noise < p).to(output.dtype)  # would-be label 1 with probability p
 
     def hessian_sqrt_columns(self, output: Tensor) -> Tensor:  # noqa: D102
         p = torch.sigmoid(output)

@@ -130,26 +130,40 @@ class CrossEntropyLossSpec(LikelihoodLossSpec, ClassIndexLossSpec):
             minus = keep.unsqueeze(1).to(grad.dtype).neg_()
         return grad.scatter_add_(1, index, minus)
 
-    def sampled_gradients(  # noqa: D102
-        self, output: Tensor, y: Tensor, mc_samples: int, generator: torch.Generator | None
+    def mc_noise(  # noqa: D102
+        self,
+        y: Tensor,
+        mc_samples: int,
+        generator: torch.Generator | None,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Tensor:
-        C = output.shape[1]
-        probs = _class_softmax(output)
-        rows = probs.movedim(1, -1)  # [N, *positions, C]
-        flat = rows.reshape(-1, C)  # one row per position
+        # one uniform number per kept position and sample, drawn position by position in
+        # data order (NOTE [MC draw order]): padding neither gets nor shifts draws; ignored
+        # positions hold zeros. [S, *y.shape]
         keep = (y != self.loss_func.ignore_index).reshape(-1)
-        # draws at the kept positions only: padding neither gets nor shifts samples
-        # (row by row, so batching does not change the draws: NOTE [MC draw order])
-        kept = flat[keep]
-        # rows with NaN (from non-finite outputs) are sampled from a uniform instead (which
-        # multinomial accepts); their factors stay NaN through `probs` and the operator
-        # reports them (NOTE [non-finite values] in curvops.risk.finite)
-        kept = torch.where(kept.isfinite().all(dim=1, keepdim=True), kept, torch.ones_like(kept))
-        labels = torch.multinomial(kept, mc_samples, replacement=True, generator=generator)
-        onehot = torch.zeros(mc_samples, flat.shape[0], C, dtype=output.dtype, device=output.device)
-        onehot[:, keep] = one_hot(labels.T, C).to(output.dtype)  # [S, M, C]
-        grads = flat.unsqueeze(0) * keep.unsqueeze(-1).to(output.dtype) - onehot
-        return grads.reshape(mc_samples, *rows.shape).movedim(-1, 2)
+        kept = torch.rand(
+            (int(keep.sum()), mc_samples), generator=generator, dtype=dtype, device=device
+        )
+        u = torch.zeros(keep.shape[0], mc_samples, dtype=dtype, device=device)
+        u[keep] = kept
+        return u.T.reshape(mc_samples, *y.shape)
+
+    def gradients_from_noise(self, output: Tensor, y: Tensor, noise: Tensor) -> Tensor:  # noqa: D102
+        # would-be labels by inverting each position's cumulative class distribution, the
+        # number of classes whose cumulative probability is at most u (Devroye, 1986,
+        # "Non-Uniform Random Variate Generation", §III.2.1); the clamp catches round-off of
+        # a last cumulative probability below u. NaN rows (from non-finite outputs) give
+        # NaN gradients through `probs`, which the operator reports (NOTE [non-finite
+        # values] in curvops.risk.finite).
+        C = output.shape[1]
+        rows = _class_softmax(output).movedim(1, -1)  # [N, *positions, C]
+        cumulative = rows.cumsum(dim=-1)
+        labels = (cumulative.unsqueeze(0) <= noise.unsqueeze(-1)).sum(dim=-1).clamp(max=C - 1)
+        classes = torch.arange(C, device=output.device)
+        onehot = (labels.unsqueeze(-1) == classes).to(output.dtype)  # [S, N, *positions, C]
+        keep = (y != self.loss_func.ignore_index).unsqueeze(-1).to(output.dtype)
+        return ((rows.unsqueeze(0) - onehot) * keep).movedim(-1, 2)
 
     def hessian_sqrt_columns(self, output: Tensor) -> Tensor:  # noqa: D102
         C = output.shape[1]

@@ -277,8 +277,43 @@ class LikelihoodLossSpec(LossSpec):
         """Would-be gradients of ``mc_samples`` draws per position, ``[S, *output.shape]``.
 
         The targets only tell which positions are ignored (no draws there, zero gradients).
-        The draws are taken datum by datum (NOTE [MC draw order]).
+        The draws are taken datum by datum (NOTE [MC draw order]): the random numbers of
+        :meth:`mc_noise` turned into gradients by :meth:`gradients_from_noise`.
         """
+        noise = self.mc_noise(y, mc_samples, generator, output.dtype, output.device)
+        return self.gradients_from_noise(output, y, noise)
+
+    def mc_noise(
+        self,
+        y: Tensor,
+        mc_samples: int,
+        generator: torch.Generator | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Tensor:
+        """The random numbers of the would-be labels, drawn from the targets' shape alone.
+
+        NOTE [MC noise before the forward pass]: the numbers depend on the targets (their
+        shape, and which positions are ignored) but not on the model output, so they can be
+        drawn before the forward pass; :meth:`gradients_from_noise` turns them into would-be
+        gradients with plain tensor operations (no generator, no data-dependent shapes),
+        which is what a compiled product traces (NOTE [compiled products] of
+        :mod:`curvops.curvature.compiled`).
+
+        Args:
+            y: The batch's targets.
+            mc_samples: Number of samples :math:`S` per position.
+            generator: Random generator (consumed in the order of NOTE [MC draw order]).
+            dtype: Floating dtype of the model output.
+            device: Device of the model output.
+
+        Returns:
+            The numbers, in the layout :meth:`gradients_from_noise` reads.
+        """
+        raise NotImplementedError
+
+    def gradients_from_noise(self, output: Tensor, y: Tensor, noise: Tensor) -> Tensor:
+        """Would-be gradients ``[S, *output.shape]`` from the numbers of :meth:`mc_noise`."""
         raise NotImplementedError
 
     def hessian_sqrt_columns(self, output: Tensor) -> Tensor:
@@ -301,7 +336,12 @@ def identity_columns(output: Tensor, axis: int | None) -> Tensor:
 
 
 def datum_major_uniform(
-    output: Tensor, mc_samples: int, generator: torch.Generator | None, draws: int = 1
+    shape: tuple[int, ...],
+    mc_samples: int,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    draws: int = 1,
 ) -> Tensor:
     r"""Uniform numbers in :math:`[0, 1)` for ``mc_samples`` draws per output entry.
 
@@ -315,31 +355,32 @@ def datum_major_uniform(
     more entries in interleaved blocks, so its numbers depend on the tensor's size).
 
     Args:
-        output: Model output of the batch, ``[N, ...]`` (dtype and device of the numbers).
+        shape: Shape of the batch's entries, ``(N, ...)``.
         mc_samples: Number of samples :math:`S` per entry.
         generator: Random generator.
+        dtype: Floating dtype of the numbers.
+        device: Device of the numbers.
         draws: Numbers per sample.
 
     Returns:
-        ``[S, *output.shape, draws]``.
+        ``[S, *shape, draws]``.
     """
-    u = torch.rand(
-        (*output.shape, mc_samples, draws),
-        generator=generator,
-        dtype=output.dtype,
-        device=output.device,
-    )
+    u = torch.rand((*shape, mc_samples, draws), generator=generator, dtype=dtype, device=device)
     return u.movedim(-2, 0)
 
 
 def datum_major_normal(
-    output: Tensor, mc_samples: int, generator: torch.Generator | None
+    shape: tuple[int, ...],
+    mc_samples: int,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Tensor:
-    r"""Standard normal numbers ``[S, *output.shape]`` in the order of NOTE [MC draw order].
+    r"""Standard normal numbers ``[S, *shape]`` in the order of NOTE [MC draw order].
 
     Box-Muller: :math:`\varepsilon = \sqrt{-2 \log(1 - u_1)} \cos(2 \pi u_2)` with
     :math:`u_1, u_2 \sim U[0, 1)` (so the logarithm's argument lies in :math:`(0, 1]`).
     """
-    u = datum_major_uniform(output, mc_samples, generator, draws=2)
+    u = datum_major_uniform(shape, mc_samples, generator, dtype, device, draws=2)
     radius = (-2.0 * torch.log1p(-u[..., 0])).sqrt()
     return radius * torch.cos((2.0 * torch.pi) * u[..., 1])

@@ -30,11 +30,20 @@ class MSELossSpec(LikelihoodLossSpec, ElementwiseLossSpec):
     def term_gradients(self, output: Tensor, y: Tensor) -> Tensor:  # noqa: D102
         return 2 * (output - y)
 
-    def sampled_gradients(  # noqa: D102
-        self, output: Tensor, y: Tensor, mc_samples: int, generator: torch.Generator | None
+    def mc_noise(  # noqa: D102
+        self,
+        y: Tensor,
+        mc_samples: int,
+        generator: torch.Generator | None,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Tensor:
-        # datum by datum, so batching does not change the draws (NOTE [MC draw order])
-        return sqrt(2.0) * datum_major_normal(output, mc_samples, generator)
+        # standard normal numbers [S, *y.shape] (the output's shape), datum by datum, so
+        # batching does not change the draws (NOTE [MC draw order])
+        return datum_major_normal(tuple(y.shape), mc_samples, generator, dtype, device)
+
+    def gradients_from_noise(self, output: Tensor, y: Tensor, noise: Tensor) -> Tensor:  # noqa: D102
+        return sqrt(2.0) * noise
 
     def hessian_sqrt_columns(self, output: Tensor) -> Tensor:  # noqa: D102
         return sqrt(2.0) * identity_columns(output, self.feature_axis(output.ndim))
