@@ -150,20 +150,24 @@ class CrossEntropyLossSpec(LikelihoodLossSpec, ClassIndexLossSpec):
         return u.T.reshape(mc_samples, *y.shape)
 
     def gradients_from_noise(self, output: Tensor, y: Tensor, noise: Tensor) -> Tensor:  # noqa: D102
-        # would-be labels by inverting each position's cumulative class distribution, the
+        # would-be labels by inverting each position's cumulative class distribution: the
         # number of classes whose cumulative probability is at most u (Devroye, 1986,
-        # "Non-Uniform Random Variate Generation", §III.2.1); the clamp catches round-off of
-        # a last cumulative probability below u. NaN rows (from non-finite outputs) give
-        # NaN gradients through `probs`, which the operator reports (NOTE [non-finite
-        # values] in curvops.risk.finite).
-        C = output.shape[1]
+        # "Non-Uniform Random Variate Generation", §III.2.1), by binary search; the clamp
+        # catches round-off of a last cumulative probability below u. NaN rows (from
+        # non-finite outputs) give NaN gradients through the probabilities, which the
+        # operator reports (NOTE [non-finite values] in curvops.risk.finite).
+        C, S = output.shape[1], noise.shape[0]
         rows = _class_softmax(output).movedim(1, -1)  # [N, *positions, C]
-        cumulative = rows.cumsum(dim=-1)
-        labels = (cumulative.unsqueeze(0) <= noise.unsqueeze(-1)).sum(dim=-1).clamp(max=C - 1)
-        classes = torch.arange(C, device=output.device)
-        onehot = (labels.unsqueeze(-1) == classes).to(output.dtype)  # [S, N, *positions, C]
+        cumulative = rows.cumsum(dim=-1).contiguous()
+        u = noise.movedim(0, -1).contiguous()  # [N, *positions, S]
+        labels = torch.searchsorted(cumulative, u, right=True).clamp_(max=C - 1)
+        # probabilities minus the one-hot label, [S, N, *positions, C]
+        grads = rows.unsqueeze(0).repeat(S, *([1] * rows.ndim))
+        minus_one = torch.full((), -1.0, dtype=grads.dtype, device=grads.device)
+        index = labels.movedim(-1, 0).unsqueeze(-1)
+        grads.scatter_add_(-1, index, minus_one.expand(index.shape))
         keep = (y != self.loss_func.ignore_index).unsqueeze(-1).to(output.dtype)
-        return ((rows.unsqueeze(0) - onehot) * keep).movedim(-1, 2)
+        return (grads * keep).movedim(-1, 2)
 
     def hessian_sqrt_columns(self, output: Tensor) -> Tensor:  # noqa: D102
         C = output.shape[1]
