@@ -1,9 +1,12 @@
 """Run-time measurement as multiples of one gradient, interleaved to cancel machine load.
 
 Absolute times on a shared machine drift with the load of other processes, so each repeat
-times the gradient right before the task (and before its curvlinops counterpart); the reported
+times the gradient, the task and its curvlinops counterpart back to back; the reported
 multiple is the median over repeats of the per-repeat ratios, after warm-up calls that are
-not timed (they also trigger lazy set-up such as a Hessian strategy probe).
+not timed (they also trigger lazy set-up such as a Hessian strategy probe). The order of the
+three calls rotates from repeat to repeat, so that no closure always runs right after the
+same other one (a call that follows a large allocation or a cache-evicting pass pays for it;
+with a fixed order that cost would always fall on the same side of a comparison).
 
 Clocks: ``"wall"`` (``time.perf_counter``, CUDA synchronised) or ``"cpu"`` (the process's CPU
 time, ``time.process_time``): on a machine shared with other jobs, CPU time with one thread is
@@ -98,11 +101,13 @@ def time_task(
         if other is not None:
             other()
     grads, mine, theirs = [], [], []
-    for _ in range(repeats):
-        grads.append(clock(gradient))
-        mine.append(clock(task))
-        if other is not None:
-            theirs.append(clock(other))
+    timed = [(gradient, grads), (task, mine)]
+    if other is not None:
+        timed.append((other, theirs))
+    for r in range(repeats):
+        # rotate the call order (see the module docstring)
+        for fn, times in timed[r % len(timed) :] + timed[: r % len(timed)]:
+            times.append(clock(fn))
 
     def summary(times: list[float], vs: list[float] | None) -> Timing:
         ratios = [t / g for t, g in zip(times, grads)]
