@@ -89,7 +89,8 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f" --problems {args.problems} --operators {args.operators}`.",
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} thread(s), {args.clock} clock; medians of "
-        f"{args.repeats} interleaved rounds (gradient, compiled, eager).",
+        f"{args.repeats} interleaved rounds (gradient, compiled, eager; the order rotates "
+        "from round to round).",
         "",
         "| problem | operator | eager (gradients) | compiled (gradients) | compiled / eager "
         "| first compiled call (s) | gradient (s) |",

@@ -124,9 +124,10 @@ def markdown(results: Results, notes: list[str] | None = None) -> str:
         "",
         "Multiples of one gradient (`torch.autograd.grad` of the loss, i.e. the cost of "
         "`loss.backward()`) over the same data, measured in the same process run; time is the "
-        "median over repeats of the ratio to the gradient timed right before (± half the "
-        "inter-quartile range), memory the peak increase over the post-set-up baseline, each "
-        'task in its own child process. "CL" is curvlinops-for-pytorch.',
+        "median over repeats of the ratio to the gradient timed in the same repeat (the calls "
+        "in rotating order; ± half the inter-quartile range), memory the peak increase over "
+        'the post-set-up baseline, each task in its own child process. "CL" is '
+        "curvlinops-for-pytorch.",
         "",
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with "
         f"{m['torch_threads']} threads, Python {m['python']}, {m['platform']}",
