@@ -146,20 +146,7 @@ def test_compiled_empirical_fisher_equals_eager(name, gradient_of):
     uneven and empty batches: the scale :math:`R_\mathbb{B}^{-1/2}` and the zero gradients
     at ignored targets must reproduce the eager operator's factors.
     """
-    case = make_case(name)
-    args = (case.model_func, case.loss_func, case.params, case.data)
-    kwargs = {"gradient_of": gradient_of, "batch_size_fn": case.batch_size_fn}
-    eager = EFLinearOperator(*args, **kwargs)
-    compiled = EFLinearOperator(
-        *args,
-        **kwargs,
-        compile=True,
-        compile_options={"backend": "eager"},
-        check_deterministic=False,
-    )
-    V = _columns(eager.shape[1], 2)
-    torch.testing.assert_close(compiled @ V, eager @ V, **TOL)
-    torch.testing.assert_close(compiled @ V[:, 0], eager @ V[:, 0], **TOL)
+    _assert_compiled_equals_eager(EFLinearOperator, name, gradient_of=gradient_of)
 
 
 @pytest.mark.parametrize("name", FISHER_CASES)
@@ -170,16 +157,21 @@ def test_compiled_mc_fisher_equals_eager(name):
     inside the graph; padding, uneven batches and every likelihood must give the eager
     operator's matrix.
     """
+    _assert_compiled_equals_eager(FisherMCLinearOperator, name, mc_samples=3, seed=5)
+
+
+def _assert_compiled_equals_eager(cls, name, **kwargs):
+    """``cls`` with ``compile=True`` equals the eager operator on case ``name``."""
     case = make_case(name)
     args = (case.model_func, case.loss_func, case.params, case.data)
-    kwargs = {"mc_samples": 3, "seed": 5, "batch_size_fn": case.batch_size_fn}
-    eager = FisherMCLinearOperator(*args, **kwargs)
-    compiled = FisherMCLinearOperator(
+    kwargs["batch_size_fn"] = case.batch_size_fn
+    eager = cls(*args, **kwargs)
+    compiled = cls(
         *args,
+        **kwargs,
         compile=True,
         compile_options={"backend": "eager"},
         check_deterministic=False,
-        **kwargs,
     )
     V = _columns(eager.shape[1], 2)
     torch.testing.assert_close(compiled @ V, eager @ V, **TOL)
